@@ -1,0 +1,17 @@
+"""alignkern: fused kernels for LLM self-correction and in-context alignment loops.
+
+Importing the package registers the ``torch.ops.alignkern.*`` ops.
+"""
+
+from ._backend import BACKENDS, backend_status, use_backend
+from .ops.token_logprobs import TokenLogprobs, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "TokenLogprobs",
+    "backend_status",
+    "token_logprobs",
+    "use_backend",
+]

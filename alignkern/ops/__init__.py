@@ -1,0 +1,1 @@
+"""Registered alignkern ops, one op family per module."""

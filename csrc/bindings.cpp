@@ -1,0 +1,34 @@
+// alignkern._C: thin pybind11 bindings. Every function takes raw addresses, sizes and strides (and
+// the CUDA stream for CUDA kernels), writes into buffers the caller allocated, and returns nothing.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+#include "token_logprobs.h"
+
+namespace py = pybind11;
+
+namespace {
+bool has_cuda() {
+#ifdef ALIGNKERN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "alignkern C++/CUDA kernels (raw-pointer interface; use the alignkern package instead)";
+  m.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled into this build");
+
+  m.def("token_logprobs_fwd_cpu", &alignkern::token_logprobs_fwd_cpu,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("token_logprobs_bwd_cpu", &alignkern::token_logprobs_bwd_cpu,
+        py::call_guard<py::gil_scoped_release>());
+#ifdef ALIGNKERN_WITH_CUDA
+  m.def("token_logprobs_fwd_cuda", &alignkern::token_logprobs_fwd_cuda,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("token_logprobs_bwd_cuda", &alignkern::token_logprobs_bwd_cuda,
+        py::call_guard<py::gil_scoped_release>());
+#endif
+}

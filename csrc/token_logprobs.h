@@ -1,0 +1,35 @@
+// Entry points of the token_logprobs kernels. Pointers are raw addresses; strides are in elements.
+// Row r of the logits starts at logits + row_offsets[r] (int64 element offsets, so any view works);
+// rows_aligned (CUDA) promises that every row start is a multiple of 16 bytes from the base.
+// Targets are int64 and contiguous (n_rows, k); out and lse are contiguous in the accumulation type
+// (float64 for float64 logits, float32 otherwise); grad_logits is contiguous (n_rows, vocab) in the
+// logits' dtype. A grad_lse address of 0 means "no gradient for the LSE".
+#pragma once
+#include <cstdint>
+
+namespace alignkern {
+
+void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
+                            uintptr_t row_offsets, uintptr_t targets, int64_t k, uintptr_t out,
+                            uintptr_t lse, double temperature, int64_t ignore_index);
+
+void token_logprobs_bwd_cpu(uintptr_t grad_out, int64_t g_row_stride, int64_t g_col_stride,
+                            uintptr_t grad_lse, int64_t glse_stride, uintptr_t logits, int dtype,
+                            int64_t n_rows, int64_t vocab, uintptr_t row_offsets, uintptr_t targets,
+                            int64_t k, uintptr_t lse, uintptr_t grad_logits, double temperature,
+                            int64_t ignore_index);
+
+#ifdef ALIGNKERN_WITH_CUDA
+void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
+                             uintptr_t row_offsets, int rows_aligned, uintptr_t targets, int64_t k,
+                             uintptr_t out, uintptr_t lse, double temperature, int64_t ignore_index,
+                             uintptr_t stream);
+
+void token_logprobs_bwd_cuda(uintptr_t grad_out, int64_t g_row_stride, int64_t g_col_stride,
+                             uintptr_t grad_lse, int64_t glse_stride, uintptr_t logits, int dtype,
+                             int64_t n_rows, int64_t vocab, uintptr_t row_offsets, int rows_aligned,
+                             uintptr_t targets, int64_t k, uintptr_t lse, uintptr_t grad_logits,
+                             double temperature, int64_t ignore_index, uintptr_t stream);
+#endif
+
+}  // namespace alignkern
