@@ -20,53 +20,103 @@ namespace {
 constexpr int64_t kChunk = 2048;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ALIGNKERN_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define ALIGNKERN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ALIGNKERN_MULTIVERSION
 #endif
+// Helpers must be inlined into each clone to be compiled for its instruction set.
+#define ALIGNKERN_INLINE inline __attribute__((always_inline))
 
-// exp(x) for x <= 0 to ~1 ulp (Cephes' expf polynomial); 0 below -87.3, where exp underflows the
+// Eight floats; GCC lowers the arithmetic to AVX-512/AVX2 or pairs of SSE registers depending on
+// the clone (explicit vectors: the auto-vectoriser would not take the polynomial loop reliably).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+ALIGNKERN_INLINE f32x8 splat(float v) { return f32x8{v, v, v, v, v, v, v, v}; }
+
+ALIGNKERN_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// n < 8 values, the rest filled with `pad`.
+ALIGNKERN_INLINE f32x8 load_partial(const float* p, int64_t n, float pad) {
+  f32x8 v = splat(pad);
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
+// exp(x) for x <= 0 to ~1 ulp (Cephes' expf polynomial); 0 below -87.3, where exp leaves the
 // normal range and every caller adds the result to a sum that is at least 1. NaN stays NaN.
-// Positive x only reaches here when the row maximum is +inf; it returns +inf above 88.
-inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float poly = p * r * r + r + 1.0f;
-  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &exponent_bits, sizeof(scale));
-  float y = poly * scale;
-  y = x < -87.3f ? 0.0f : y;
-  y = x > 88.0f ? std::numeric_limits<float>::infinity() : y;
+// Positive x only arrives when the row maximum is +inf; it returns +inf above 88.
+ALIGNKERN_INLINE f32x8 exp_nonpositive(f32x8 x) {
+  f32x8 clamped = x < splat(-87.3f) ? splat(-87.3f) : x;
+  clamped = clamped > splat(88.0f) ? splat(88.0f) : clamped;
+  const f32x8 fx = clamped * splat(1.44269504088896341f) + splat(0.5f);
+  const f32x8 truncated = __builtin_convertvector(__builtin_convertvector(fx, i32x8), f32x8);
+  const f32x8 n = truncated > fx ? truncated - splat(1.0f) : truncated;  // floor(fx)
+  const f32x8 r = clamped - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+  f32x8 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const f32x8 poly = p * r * r + r + splat(1.0f);
+  const i32x8 exponent_bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  f32x8 y = poly * (f32x8)exponent_bits;  // a vector cast reinterprets the bits
+  y = x < splat(-87.3f) ? splat(0.0f) : y;
+  y = x > splat(88.0f) ? splat(std::numeric_limits<float>::infinity()) : y;
   return y;
 }
 
+inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
+
 ALIGNKERN_MULTIVERSION
 float chunk_max(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;  // NaN is caught later by the sum
-  return m;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  f32x8 m = splat(neg_inf);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const f32x8 v = load8(x + i);
+    m = v > m ? v : m;  // NaN is caught later by the sum
+  }
+  const f32x8 tail = load_partial(x + i, n - i, neg_inf);
+  m = tail > m ? tail : m;
+  float result = m[0];
+  for (int j = 1; j < kLanes; ++j) result = m[j] > result ? m[j] : result;
+  return result;
 }
 
 // sum_i exp(x_i * inv_t - shift)
 ALIGNKERN_MULTIVERSION
 float chunk_sum_exp(const float* x, int64_t n, float inv_t, float shift) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += exp_nonpositive(x[i] * inv_t - shift);
-  return s;
+  f32x8 s = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) s += exp_nonpositive(load8(x + i) * inv_t - shift);
+  if (i < n) {
+    const f32x8 tail = load_partial(x + i, n - i, -std::numeric_limits<float>::infinity());
+    s += exp_nonpositive(tail * inv_t - shift);  // padding adds exp(-inf) = 0
+  }
+  float result = 0.0f;
+  for (int j = 0; j < kLanes; ++j) result += s[j];
+  return result;
 }
 
 // out_i = coef * exp(x_i * inv_t - lse)
 ALIGNKERN_MULTIVERSION
 void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float lse, float coef, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = coef * exp_nonpositive(x[i] * inv_t - lse);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const f32x8 v = coef * exp_nonpositive(load8(x + i) * inv_t - lse);
+    std::memcpy(out + i, &v, sizeof(v));
+  }
+  if (i < n) {
+    const f32x8 v = coef * exp_nonpositive(load_partial(x + i, n - i, 0.0f) * inv_t - lse);
+    for (int64_t j = 0; i + j < n; ++j) out[i + j] = v[j];
+  }
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }

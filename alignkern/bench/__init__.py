@@ -1,0 +1,116 @@
+"""The benchmark runner behind ``alignkern bench``: every op family's cases against its peers on the
+present device; a table on stdout, a CSV and a PNG under the output directory."""
+
+from __future__ import annotations
+
+import gc
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from . import measure, report
+from . import token_logprobs as token_logprobs_cases
+
+MODES = ("fwd", "fwd+bwd")
+OPS = ("token_logprobs",)
+
+
+@dataclass
+class Result:
+    kernel: str
+    provider: str
+    mode: str
+    config: str
+    x: int
+    bytes_moved: int
+    ms: tuple[float, float, float] | None = None  # p50, p20, p80
+    peak_bytes: int | None = None
+    note: str = ""
+
+    @property
+    def gbps(self) -> float | None:
+        return None if self.ms is None else self.bytes_moved / (self.ms[0] * 1e-3) / 1e9
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled and total > 0
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.done // self.total
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label[:60]:<60}")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_token_logprobs(device: torch.device, quick: bool, only: set[str] | None,
+                         progress_enabled: bool) -> list[Result]:
+    mod = token_logprobs_cases
+    cases = mod.cases(device, quick)
+    found = mod.providers(device)
+    if only:
+        found = {k: v for k, v in found.items() if k in only or k == "alignkern"}
+    steps = [(c, m, p) for c in cases for m in MODES for p in found
+             if not (p == mod.CEILING and m != "fwd")]
+    progress = Progress(len(steps), progress_enabled)
+    results: list[Result] = []
+    for case in cases:
+        logits, targets = case.make_inputs(device)
+        for mode in MODES:
+            for name, provider in found.items():
+                if name == mod.CEILING and mode != "fwd":
+                    continue
+                progress.step(f"{case.label} {mode} {name}")
+                result = Result("token_logprobs", name, mode, case.label, case.vocab,
+                                case.bytes_moved(mode))
+                results.append(result)
+                if isinstance(provider, str):
+                    result.note = provider
+                    continue
+                make = mod.forward_fn if mode == "fwd" else mod.forward_backward_fn
+                fn = make(provider, logits, targets)
+                try:
+                    result.ms = measure.time_ms(fn, device)
+                    result.peak_bytes = measure.peak_memory_bytes(fn, device)
+                except Exception as exc:  # a peer that fails here (OOM, compile error) is reported
+                    result.ms = None
+                    result.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                del fn
+                _release(device)
+        del logits, targets
+        _release(device)
+    return results
+
+
+def run(device: torch.device, *, quick: bool = False, ops: tuple[str, ...] = OPS,
+        providers: set[str] | None = None, out_dir: str = "benchmarks/results",
+        plot: bool = True, progress: bool = True) -> list[Result]:
+    """Run the benchmarks, print the table, write the CSV (and the PNG when matplotlib exists)."""
+    results: list[Result] = []
+    for op in ops:
+        if op == "token_logprobs":
+            results += bench_token_logprobs(device, quick, providers, progress)
+        else:
+            raise ValueError(f"alignkern bench: unknown op {op!r}; expected one of {OPS}")
+    print(report.table(results, device))
+    csv_path = report.write_csv(results, device, out_dir)
+    print(f"\nwrote {csv_path}")
+    if plot:
+        png = report.write_plot(results, device, out_dir)
+        print(f"wrote {png}" if png.endswith(".png") else png)
+    return results

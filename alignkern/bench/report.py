@@ -1,0 +1,162 @@
+"""Output of `alignkern bench`: the table, the CSV (benchmarks/results/<device>.csv) and a PNG."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import re
+import subprocess
+from collections import defaultdict
+
+import torch
+
+CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config",
+              "device", "torch", "triton", "git_sha", "timestamp"]
+CEILING = "read-ceiling"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def device_slug(device: torch.device) -> str:
+    """File-name form: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', CPU -> 'cpu'."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "missing"
+
+
+def _is_ours(provider: str) -> bool:
+    return provider.startswith("alignkern")
+
+
+def _best_peer_ms(results, result) -> float | None:
+    peers = [r.ms[0] for r in results
+             if r.ms is not None and r.config == result.config and r.mode == result.mode
+             and r.kernel == result.kernel and not _is_ours(r.provider) and r.provider != CEILING]
+    return min(peers) if peers else None
+
+
+def _ceiling_gbps(results, result) -> float | None:
+    for r in results:
+        if (r.provider == CEILING and r.config == result.config and r.kernel == result.kernel
+                and r.gbps is not None):
+            return r.gbps
+    return None
+
+
+def table(results, device: torch.device) -> str:
+    """Op, shape, provider, median ms, GB/s, peak memory, speed-up over the best peer, and for
+    forward rows the share of a plain read's bandwidth."""
+    header = ["op", "shape", "mode", "provider", "median ms", "GB/s", "peak MiB", "vs best peer",
+              "% of read"]
+    rows = [header]
+    for r in results:
+        if r.ms is None:
+            rows.append([r.kernel, r.config, r.mode, r.provider, r.note or "missing", "", "", "", ""])
+            continue
+        speedup = ""
+        share = ""
+        if _is_ours(r.provider):
+            best = _best_peer_ms(results, r)
+            speedup = f"{best / r.ms[0]:.2f}x" if best else ""
+            ceiling = _ceiling_gbps(results, r)
+            if ceiling and r.mode == "fwd":
+                share = f"{100 * r.gbps / ceiling:.0f}%"
+        peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+        rows.append([r.kernel, r.config, r.mode, r.provider, f"{r.ms[0]:.3f}", f"{r.gbps:.1f}",
+                     peak, speedup, share])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = [f"alignkern bench on {device_name(device)} (torch {torch.__version__}, "
+             f"triton {_triton_version()})"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_csv(results, device: torch.device, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{device_slug(device)}.csv")
+    common = {"device": device_name(device), "torch": torch.__version__,
+              "triton": _triton_version(), "git_sha": _git_sha(),
+              "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in results:
+            base = {"kernel": r.kernel, "provider": r.provider, "mode": r.mode, "x": r.x,
+                    "config": r.config, **common}
+            if r.ms is None:
+                writer.writerow({**base, "metric": "missing", "unit": r.note})
+                continue
+            p50, p20, p80 = r.ms
+            writer.writerow({**base, "metric": "time", "unit": "ms", "p50": f"{p50:.6g}",
+                             "p20": f"{p20:.6g}", "p80": f"{p80:.6g}"})
+            to_gbps = lambda ms: f"{r.bytes_moved / (ms * 1e-3) / 1e9:.6g}"  # noqa: E731
+            writer.writerow({**base, "metric": "bandwidth", "unit": "GB/s", "p50": to_gbps(p50),
+                             "p20": to_gbps(p80), "p80": to_gbps(p20)})
+            if r.peak_bytes is not None:
+                mib = f"{r.peak_bytes / 2**20:.6g}"
+                writer.writerow({**base, "metric": "peak_memory", "unit": "MiB", "p50": mib,
+                                 "p20": mib, "p80": mib})
+    return path
+
+
+def write_plot(results, device: torch.device, out_dir: str) -> str:
+    """GB/s against the swept size, one panel per (op, mode, dtype); returns the path, or a
+    sentence saying why no plot was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install 'alignkern[bench]')"
+    panels: dict[tuple[str, str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for r in results:
+        if r.gbps is not None:
+            dtype = r.config.split()[-1]
+            panels[(r.kernel, r.mode, dtype)][r.provider].append((r.x, r.gbps))
+    if not panels:
+        return "plot skipped: nothing was measured"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, ((kernel, mode, dtype), lines) in zip(axes[0], sorted(panels.items())):
+        for provider, points in sorted(lines.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=provider)
+        ax.set_title(f"{kernel} {mode} {dtype}")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel("GB/s (compulsory traffic)")
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(device_name(device))
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{device_slug(device)}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
