@@ -29,7 +29,8 @@ def info() -> str:
     if ext is None:
         lines.append(f"extension alignkern._C: not loaded ({error})")
     else:
-        lines.append(f"extension alignkern._C: loaded, CUDA kernels {'built' if ext.has_cuda() else 'not built'}")
+        cuda = "built" if ext.has_cuda() else "not built"
+        lines.append(f"extension alignkern._C: loaded, CUDA kernels {cuda}")
     lines.append("backends:")
     for name, reason in _backend.backend_status().items():
         lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")

@@ -46,20 +46,15 @@ def _read_status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-_MMAP_THRESHOLD_SET = False
+M_MMAP_THRESHOLD = -3
+GLIBC_MAX_DYNAMIC_THRESHOLD = 32 << 20
 
 
-def _return_large_frees_to_the_os() -> None:
-    """glibc raises its mmap threshold after large frees, so freed tensors stay resident and a
-    later peak would not show; fixing the threshold makes every large buffer an mmap again."""
-    global _MMAP_THRESHOLD_SET
-    if _MMAP_THRESHOLD_SET:
-        return
-    _MMAP_THRESHOLD_SET = True
+def _set_mmap_threshold(nbytes: int) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
     except (OSError, AttributeError):
         pass
 
@@ -87,9 +82,15 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         return torch.cuda.max_memory_allocated(device) - before
     if not cpu_peak_growth_supported():
         return None
-    _return_large_frees_to_the_os()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    before = _read_status_bytes("VmRSS:")
-    fn()
-    return max(0, _read_status_bytes("VmHWM:") - before)
+    # glibc raises its mmap threshold after large frees, so freed buffers stay resident and a peak
+    # would not show. Measure with every buffer over 1 MiB mmapped (returned on free), then leave
+    # the threshold at glibc's dynamic ceiling, where a warm process sits anyway.
+    _set_mmap_threshold(1 << 20)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        before = _read_status_bytes("VmRSS:")
+        fn()
+        return max(0, _read_status_bytes("VmHWM:") - before)
+    finally:
+        _set_mmap_threshold(GLIBC_MAX_DYNAMIC_THRESHOLD)

@@ -1,0 +1,39 @@
+"""pytest-benchmark suite for token_logprobs: the same cases and providers as `alignkern bench`.
+
+    pytest benchmarks/ --benchmark-group-by=param:case
+"""
+
+import pytest
+import torch
+
+from alignkern.bench import token_logprobs as cases_module
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = cases_module.cases(DEVICE, quick=not torch.cuda.is_available())
+PROVIDERS = cases_module.providers(DEVICE)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_token_logprobs(benchmark, case, provider, mode):
+    fn = PROVIDERS[provider]
+    if isinstance(fn, str):
+        pytest.skip(fn)
+    if provider == cases_module.CEILING and mode != "fwd":
+        pytest.skip("the read ceiling has no backward")
+    logits, targets = case.make_inputs(DEVICE)
+    make = cases_module.forward_fn if mode == "fwd" else cases_module.forward_backward_fn
+    step = make(fn, logits, targets)
+
+    def run():
+        step()
+        _sync()
+
+    benchmark.extra_info.update(bytes_moved=case.bytes_moved(mode), device=str(DEVICE))
+    benchmark(run)
