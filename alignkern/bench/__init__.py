@@ -86,7 +86,8 @@ def bench_token_logprobs(device: torch.device, quick: bool, only: set[str] | Non
                 fn = make(provider, logits, targets)
                 try:
                     result.ms = measure.time_ms(fn, device)
-                    result.peak_bytes = measure.peak_memory_bytes(fn, device)
+                    if measure.sees_allocations_of(name, device):
+                        result.peak_bytes = measure.peak_memory_bytes(fn, device)
                 except Exception as exc:  # a peer that fails here (OOM, compile error) is reported
                     result.ms = None
                     result.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"

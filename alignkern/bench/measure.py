@@ -1,7 +1,7 @@
 """Timing and peak-memory measurement for `alignkern bench` and the pytest-benchmark suites.
 
 GPU: ``triton.testing.do_bench`` quantiles, ``torch.cuda`` peak-memory counters.
-CPU: ``time.perf_counter`` over repeated calls, peak resident memory through Linux's VmHWM.
+CPU: ``time.perf_counter`` over repeated calls, peak allocation from torch.profiler's memory events.
 """
 
 from __future__ import annotations
@@ -38,40 +38,29 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, budget_s: float =
     return statistics.median(samples), q[1], q[7]
 
 
-def _read_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
+def _cpu_peak_allocated(fn: Callable[[], object]) -> int:
+    """Peak of bytes allocated by torch's CPU allocator while fn runs (profiler memory events
+    of leaf ops, so a nested op's allocation is counted once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.events() if e.cpu_memory_usage != 0 and not e.cpu_children]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.time_range.start):
+        current += event.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
 
 
-M_MMAP_THRESHOLD = -3
-GLIBC_MAX_DYNAMIC_THRESHOLD = 32 << 20
+def sees_allocations_of(provider: str, device: torch.device) -> bool:
+    """On CPU the profiler does not see the buffers inductor-generated code allocates, so a
+    torch.compile provider's peak would read as 0; report it as unknown instead."""
+    return device.type == "cuda" or "compile" not in provider
 
 
-def _set_mmap_threshold(nbytes: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
-    except (OSError, AttributeError):
-        pass
-
-
-def cpu_peak_growth_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _read_status_bytes("VmHWM:")
-    except (OSError, RuntimeError):
-        return False
-    return True
-
-
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """How far memory use rose above its level before ``fn()`` ran, at its peak (None if this
-    platform cannot tell). On CPU this is resident memory, so it includes allocator slack."""
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """How far allocated memory rose above its level before ``fn()`` ran, at its peak."""
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -80,17 +69,4 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not cpu_peak_growth_supported():
-        return None
-    # glibc raises its mmap threshold after large frees, so freed buffers stay resident and a peak
-    # would not show. Measure with every buffer over 1 MiB mmapped (returned on free), then leave
-    # the threshold at glibc's dynamic ceiling, where a warm process sits anyway.
-    _set_mmap_threshold(1 << 20)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-        before = _read_status_bytes("VmRSS:")
-        fn()
-        return max(0, _read_status_bytes("VmHWM:") - before)
-    finally:
-        _set_mmap_threshold(GLIBC_MAX_DYNAMIC_THRESHOLD)
+    return _cpu_peak_allocated(fn)
