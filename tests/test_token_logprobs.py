@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, HAS_GPU, available_backends
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import alignkern
 from alignkern import reference
@@ -422,3 +424,33 @@ def test_gpu_large_vocabulary(backend, dtype, vocab):
     expected = reference_grads(logits, targets, grad_out)
     torch.testing.assert_close(grad.double(), expected, **grad_tolerance(dtype))
     assert math.isfinite(lse.sum().item())
+
+
+# ----------------------------------------------------------------------------- property-based
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 6),
+    vocab=st.integers(1, 3000),
+    k=st.integers(1, 4),
+    temperature=st.floats(0.05, 20.0),
+    scale=st.floats(0.01, 50.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_kernel_matches_reference_on_random_shapes(rows, vocab, k, temperature, scale, seed):
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend unavailable")
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * scale).to(DEVICE)
+    targets = torch.randint(0, vocab, (rows, k), generator=gen).to(DEVICE)
+    x = logits.clone().requires_grad_(True)
+    out = run("cpu", x, targets, temperature=temperature)
+    torch.testing.assert_close(
+        out.double(), reference_fp64(logits, targets, temperature=temperature)[0],
+        rtol=2e-5, atol=2e-5,
+    )
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    expected = reference_grads(logits, targets, grad_out, temperature=temperature)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
