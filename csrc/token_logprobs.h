@@ -7,7 +7,16 @@
 #pragma once
 #include <cstdint>
 
+#include "common.h"
+
 namespace alignkern {
+
+// What every entry point checks before touching memory (Python validated already; this guards
+// direct callers of alignkern._C).
+inline void check_token_logprobs_args(int64_t vocab, double temperature) {
+  check_arg(vocab > 0, "token_logprobs: vocabulary size must be positive");
+  check_arg(temperature > 0, "token_logprobs: temperature must be positive");
+}
 
 void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
                             uintptr_t row_offsets, uintptr_t targets, int64_t k, uintptr_t out,

@@ -250,8 +250,7 @@ void backward_rows(const typename Storage<T>::Acc* grad_out, int64_t g_row_strid
 void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
                             uintptr_t row_offsets, uintptr_t targets, int64_t k, uintptr_t out,
                             uintptr_t lse, double temperature, int64_t ignore_index) {
-  check_arg(vocab > 0, "token_logprobs: vocabulary size must be positive");
-  check_arg(temperature > 0, "token_logprobs: temperature must be positive");
+  check_token_logprobs_args(vocab, temperature);
   dispatch_dtype(to_dtype(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Storage<T>::Acc;
@@ -266,8 +265,7 @@ void token_logprobs_bwd_cpu(uintptr_t grad_out, int64_t g_row_stride, int64_t g_
                             int64_t n_rows, int64_t vocab, uintptr_t row_offsets, uintptr_t targets,
                             int64_t k, uintptr_t lse, uintptr_t grad_logits, double temperature,
                             int64_t ignore_index) {
-  check_arg(vocab > 0, "token_logprobs: vocabulary size must be positive");
-  check_arg(temperature > 0, "token_logprobs: temperature must be positive");
+  check_token_logprobs_args(vocab, temperature);
   dispatch_dtype(to_dtype(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Storage<T>::Acc;

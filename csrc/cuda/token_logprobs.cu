@@ -248,8 +248,11 @@ void dispatch_cuda_dtype(int dtype, Fn&& fn) {
   }
 }
 
-void check_grid(int64_t n_rows) {
+// Checks the arguments every entry point shares and returns 1 / temperature.
+float checked_inverse_temperature(int64_t n_rows, int64_t vocab, double temperature) {
+  check_token_logprobs_args(vocab, temperature);
   check_arg(n_rows <= 2147483647, "token_logprobs: too many rows for one CUDA grid");
+  return static_cast<float>(1.0 / temperature);
 }
 
 }  // namespace
@@ -258,14 +261,11 @@ void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_
                              uintptr_t row_offsets, int rows_aligned, uintptr_t targets, int64_t k,
                              uintptr_t out, uintptr_t lse, double temperature, int64_t ignore_index,
                              uintptr_t stream) {
-  check_arg(vocab > 0, "token_logprobs: vocabulary size must be positive");
-  check_arg(temperature > 0, "token_logprobs: temperature must be positive");
-  check_grid(n_rows);
-  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float inv_t = checked_inverse_temperature(n_rows, vocab, temperature);
   dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_forward<T>(logits, n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, out, lse, inv_t,
-                      ignore_index, reinterpret_cast<cudaStream_t>(stream));
+    launch_forward<T>(logits, n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, out,
+                      lse, inv_t, ignore_index, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
@@ -274,15 +274,12 @@ void token_logprobs_bwd_cuda(uintptr_t grad_out, int64_t g_row_stride, int64_t g
                              int64_t n_rows, int64_t vocab, uintptr_t row_offsets, int rows_aligned,
                              uintptr_t targets, int64_t k, uintptr_t lse, uintptr_t grad_logits,
                              double temperature, int64_t ignore_index, uintptr_t stream) {
-  check_arg(vocab > 0, "token_logprobs: vocabulary size must be positive");
-  check_arg(temperature > 0, "token_logprobs: temperature must be positive");
-  check_grid(n_rows);
-  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float inv_t = checked_inverse_temperature(n_rows, vocab, temperature);
   dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_backward<T>(grad_out, g_row_stride, g_col_stride, grad_lse, glse_stride, logits,
-                       n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, lse, grad_logits, inv_t,
-                       ignore_index, reinterpret_cast<cudaStream_t>(stream));
+                       n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, lse, grad_logits,
+                       inv_t, ignore_index, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
