@@ -105,6 +105,16 @@ def test_empty_and_single_rows(backend, lead):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_targets_per_row(backend):
+    """targets (..., 0): empty output, and a backward that is exactly zero."""
+    logits = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    out = run(backend, logits, torch.zeros(4, 0, dtype=torch.long, device=DEVICE))
+    assert out.shape == (4, 0)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_single_token_vector(backend):
     """logits (V,) with a 0-d target and with (K,) targets."""
     logits = torch.randn(50, device=DEVICE)

@@ -10,6 +10,7 @@ Registered ops:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -131,7 +132,8 @@ def _as_rows(logits: torch.Tensor, targets: torch.Tensor) -> _Rows:
         if size > 1
     )
     k = targets.shape[-1] if targets.dim() == logits.dim() else 1
-    ids = targets.reshape(-1, k).to(torch.int64).contiguous()
+    n_rows = math.prod(logits.shape[:-1])
+    ids = targets.reshape(n_rows, k).to(torch.int64).contiguous()
     return _Rows(logits, offsets.reshape(-1).contiguous(), aligned16, vocab, ids)
 
 
