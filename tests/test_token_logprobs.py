@@ -439,7 +439,7 @@ def test_gpu_large_vocabulary(backend, dtype, vocab):
 # ----------------------------------------------------------------------------- property-based
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # same examples in every CI run
 @given(
     rows=st.integers(0, 6),
     vocab=st.integers(1, 3000),
@@ -456,11 +456,18 @@ def test_cpu_kernel_matches_reference_on_random_shapes(rows, vocab, k, temperatu
     targets = torch.randint(0, vocab, (rows, k), generator=gen).to(DEVICE)
     x = logits.clone().requires_grad_(True)
     out = run("cpu", x, targets, temperature=temperature)
+    # float32 holds z = logits / T only to eps * |z| (|z| reaches 1e6 here), and the kernel's FMAs
+    # round z in different places than the float64 reference does, so the error scales with |z|.
+    largest = float(logits.abs().amax()) if logits.numel() else 0.0
+    z_ulp = torch.finfo(torch.float32).eps * largest / temperature
     torch.testing.assert_close(
         out.double(), reference_fp64(logits, targets, temperature=temperature)[0],
-        rtol=2e-5, atol=2e-5,
+        rtol=2e-5, atol=2e-5 + 4 * z_ulp,
     )
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
     (grad,) = torch.autograd.grad(out, x, grad_out)
     expected = reference_grads(logits, targets, grad_out, temperature=temperature)
-    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
+    g_max = float(grad_out.abs().amax()) if grad_out.numel() else 0.0
+    torch.testing.assert_close(
+        grad.double(), expected, rtol=1e-4, atol=1e-6 + 4 * z_ulp * g_max / temperature
+    )
