@@ -13,12 +13,12 @@ def info() -> str:
     """Version, torch/triton, the GPU, the interpreter, and each backend's availability."""
     import alignkern
     from alignkern import _backend
-    from alignkern.bench.report import _triton_version
+    from alignkern.bench.report import triton_version
 
     lines = [
         f"alignkern {alignkern.__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"triton {_triton_version()}",
+        f"triton {triton_version()}",
     ]
     if torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")

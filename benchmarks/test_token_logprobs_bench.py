@@ -19,14 +19,11 @@ def _sync():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-def test_token_logprobs(benchmark, case, provider, mode):
+@pytest.mark.parametrize(("mode", "provider"), cases_module.runs(PROVIDERS))
+def test_token_logprobs(benchmark, case, mode, provider):
     fn = PROVIDERS[provider]
     if isinstance(fn, str):
         pytest.skip(fn)
-    if provider == cases_module.CEILING and mode != "fwd":
-        pytest.skip("the read ceiling has no backward")
     logits, targets = case.make_inputs(DEVICE)
     make = cases_module.forward_fn if mode == "fwd" else cases_module.forward_backward_fn
     step = make(fn, logits, targets)

@@ -12,7 +12,6 @@ import torch
 from . import measure, report
 from . import token_logprobs as token_logprobs_cases
 
-MODES = ("fwd", "fwd+bwd")
 OPS = ("token_logprobs",)
 
 
@@ -65,34 +64,31 @@ def bench_token_logprobs(device: torch.device, quick: bool, only: set[str] | Non
     found = mod.providers(device)
     if only:
         found = {k: v for k, v in found.items() if k in only or k == "alignkern"}
-    steps = [(c, m, p) for c in cases for m in MODES for p in found
-             if not (p == mod.CEILING and m != "fwd")]
-    progress = Progress(len(steps), progress_enabled)
+    pairs = mod.runs(found)
+    progress = Progress(len(cases) * len(pairs), progress_enabled)
     results: list[Result] = []
     for case in cases:
         logits, targets = case.make_inputs(device)
-        for mode in MODES:
-            for name, provider in found.items():
-                if name == mod.CEILING and mode != "fwd":
-                    continue
-                progress.step(f"{case.label} {mode} {name}")
-                result = Result("token_logprobs", name, mode, case.label, case.vocab,
-                                case.bytes_moved(mode))
-                results.append(result)
-                if isinstance(provider, str):
-                    result.note = provider
-                    continue
-                make = mod.forward_fn if mode == "fwd" else mod.forward_backward_fn
-                fn = make(provider, logits, targets)
-                try:
-                    result.ms = measure.time_ms(fn, device)
-                    if measure.sees_allocations_of(name, device):
-                        result.peak_bytes = measure.peak_memory_bytes(fn, device)
-                except Exception as exc:  # a peer that fails here (OOM, compile error) is reported
-                    result.ms = None
-                    result.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                del fn
-                _release(device)
+        for mode, name in pairs:
+            provider = found[name]
+            progress.step(f"{case.label} {mode} {name}")
+            result = Result("token_logprobs", name, mode, case.label, case.vocab,
+                            case.bytes_moved(mode))
+            results.append(result)
+            if isinstance(provider, str):
+                result.note = provider
+                continue
+            make = mod.forward_fn if mode == "fwd" else mod.forward_backward_fn
+            fn = make(provider, logits, targets)
+            try:
+                result.ms = measure.time_ms(fn, device)
+                if measure.sees_allocations_of(name, device):
+                    result.peak_bytes = measure.peak_memory_bytes(fn, device)
+            except Exception as exc:  # a peer that fails here (OOM, compile error) is reported
+                result.ms = None
+                result.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            del fn
+            _release(device)
         del logits, targets
         _release(device)
     return results

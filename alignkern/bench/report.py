@@ -13,7 +13,7 @@ import torch
 
 CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config",
               "device", "torch", "triton", "git_sha", "timestamp"]
-CEILING = "read-ceiling"
+CEILING = "read-ceiling"  # the provider that times a plain read: a ceiling, not a peer
 
 
 def device_name(device: torch.device) -> str:
@@ -38,7 +38,7 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _triton_version() -> str:
+def triton_version() -> str:
     try:
         import triton
 
@@ -89,7 +89,7 @@ def table(results, device: torch.device) -> str:
                      peak, speedup, share])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = [f"alignkern bench on {device_name(device)} (torch {torch.__version__}, "
-             f"triton {_triton_version()})"]
+             f"triton {triton_version()})"]
     for i, row in enumerate(rows):
         lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
         if i == 0:
@@ -101,7 +101,7 @@ def write_csv(results, device: torch.device, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{device_slug(device)}.csv")
     common = {"device": device_name(device), "torch": torch.__version__,
-              "triton": _triton_version(), "git_sha": _git_sha(),
+              "triton": triton_version(), "git_sha": _git_sha(),
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)

@@ -18,9 +18,9 @@ import torch
 
 import alignkern
 
-Provider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .report import CEILING
 
-CEILING = "read-ceiling"
+Provider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def torch_eager(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,13 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     return [
         Case(4, 64, v, dtype) for dtype in (torch.float32, torch.bfloat16) for v in (32000, 128256)
     ]
+
+
+def runs(found: dict) -> list[tuple[str, str]]:
+    """(mode, provider) pairs to measure: every provider in both modes, the read ceiling forward
+    only (it has no backward)."""
+    return [(mode, name) for mode in ("fwd", "fwd+bwd") for name in found
+            if not (name == CEILING and mode != "fwd")]
 
 
 def forward_fn(provider: Provider, logits: torch.Tensor, targets: torch.Tensor) -> Callable:
