@@ -68,3 +68,69 @@ def token_logprobs_backward(
         -1, ids.clamp(0, vocab - 1), g.masked_fill(ignored | out_of_range, 0.0)
     )
     return ((picked - coef * softmax) / temperature).to(logits.dtype)
+
+
+def linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``hidden @ weight.T + bias``, then ``softcap * tanh(logits / softcap)`` if given, computed in
+    float32 (float64 for float64 inputs). ``hidden (..., H)``, ``weight (V, H)`` → ``(..., V)``."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(acc) @ weight.to(acc).T
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` of ``linear_logits(hidden, weight, bias, softcap)``: log-probabilities of
+    ``targets`` (``(...)`` or ``(..., K)``) and the LSE ``(...)``, float32 (float64 for float64)."""
+    return token_logprobs(linear_logits(hidden, weight, bias, softcap), targets, temperature,
+                          ignore_index)
+
+
+def option_logprobs(hidden, weight, options, **kwargs) -> torch.Tensor:
+    """Log-probabilities ``(..., K)`` of the same ``options (K,)`` token ids at every row."""
+    targets = options.expand(*hidden.shape[:-1], options.shape[0])
+    return linear_logprobs(hidden, weight, targets, **kwargs)[0]
+
+
+def self_eval_scores(hidden, weight, options, values=None, **kwargs):
+    """``(score, mass)``: the expected value of the options under the model's probabilities
+    renormalised over the options, and the total probability the options received."""
+    logprobs = option_logprobs(hidden, weight, options, **kwargs)
+    if values is None:
+        values = torch.tensor([1.0, -1.0])
+    p = torch.softmax(logprobs, dim=-1)
+    score = (p * values.to(p)).sum(-1)
+    mass = torch.exp(logprobs).sum(-1)
+    return score, mass
+
+
+def sequence_logprobs(hidden, weight, targets, mask=None, reduction="sum", **kwargs):
+    """Per-sequence log-likelihood ``(B,)``: the sum (or mean over counted tokens) of
+    ``linear_logprobs`` over ``T``, counting positions where ``mask`` is true and the target is not
+    ``ignore_index``."""
+    ignore_index = kwargs.get("ignore_index", -100)
+    counted = targets != ignore_index
+    if mask is not None:
+        counted = counted & mask.bool()
+    targets = targets.masked_fill(~counted, ignore_index)
+    logprobs = linear_logprobs(hidden, weight, targets, **kwargs)[0]
+    total = torch.where(counted, logprobs, 0.0).sum(-1)
+    if reduction == "mean":
+        return total / counted.sum(-1).clamp(min=1)
+    return total

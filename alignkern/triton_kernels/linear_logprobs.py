@@ -1,0 +1,213 @@
+"""Triton kernels for linear_logprobs and their launchers.
+
+Forward: a program owns BLOCK_N rows of ``hidden`` and walks the vocabulary in BLOCK_V tiles; each
+logits tile is ``tl.dot`` over BLOCK_H slices of the hidden size (fp32 accumulation), then bias,
+softcap and temperature are applied in registers, the rows' online log-sum-exp is updated and the
+target logits that fall in the tile are picked up. Nothing of size (N, V) is written.
+
+Backward: for one chunk of rows, a grid of (row tile, vocabulary tile) programs recomputes each
+logits tile from the saved LSE and writes ``dlogits`` for the chunk only; the launcher then turns
+the chunk into ``dhidden`` and ``dweight`` with two GEMMs (cuBLAS on GPU). There are no atomics,
+so the gradients are deterministic; the extra memory is one chunk of ``dlogits``.
+
+Under the Triton interpreter bf16/fp16 operands are upcast before ``tl.dot`` (the interpreter gives
+wrong answers otherwise); on a GPU they go to the tensor cores as they are. float32 operands use
+``input_precision="ieee"`` so that results match a float32 matmul, not TF32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Targets picked up per forward launch: the (BLOCK_N, BLOCK_K) accumulator lives in registers.
+MAX_TARGETS_PER_LAUNCH = 64
+
+
+@triton.jit
+def _reference_point(m):
+    """The point the running sum is kept relative to: the max, or 0 when the max is infinite."""
+    return tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
+
+
+@triton.jit
+def _scaled_logits_tile(
+    hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
+    rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap,
+    acc_dtype: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """(z, capped): z = capped * inv_t for the (BLOCK_N, BLOCK_V) tile, capped = the logits after
+    bias and softcap. Columns outside the vocabulary are -inf in z."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=acc_dtype)
+    h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * hidden_row_stride
+    w_cols = weight_ptr + cols.to(tl.int64)[None, :] * weight_row_stride
+    for start in range(0, hidden_size, BLOCK_H):
+        hk = start + tl.arange(0, BLOCK_H)
+        hk_ok = hk < hidden_size
+        a = tl.load(h_rows + hk[None, :], mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
+        b = tl.load(w_cols + hk[:, None], mask=col_ok[None, :] & hk_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(acc_dtype)
+            b = b.to(acc_dtype)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at +-inf, no tl.math.tanh needed.
+        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+    z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
+    return z, acc
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
+    targets_ptr, targets_row_stride, k, out_ptr, out_row_stride, lse_ptr,
+    n_rows, vocab, hidden_size, inv_t, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    acc_dtype = lse_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    slots = tl.arange(0, BLOCK_K)
+    slot_ok = slots < k
+    ids = tl.load(targets_ptr + rows64[:, None] * targets_row_stride + slots[None, :],
+                  mask=row_ok[:, None] & slot_ok[None, :], other=-1)
+    picked = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)  # z at each target id
+    m = tl.full([BLOCK_N], float("-inf"), acc_dtype)  # running max of z
+    s = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m))
+    for v_start in range(0, vocab, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab
+        z, _ = _scaled_logits_tile(
+            hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
+            rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, acc_dtype,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+        m_new = tl.maximum(m, tl.max(z, 1))
+        ref_new = _reference_point(m_new)
+        # s == 0: nothing counted yet, and rescaling could compute 0 * inf.
+        rescale = (m_new != m) & (s != 0)
+        alpha = tl.where(rescale, tl.exp(_reference_point(m) - ref_new), 1.0)
+        s = s * alpha + tl.sum(tl.exp(z - ref_new[:, None]), 1)
+        m = m_new
+        for j in range(k):
+            t = tl.sum(tl.where(slots[None, :] == j, ids, 0), 1)
+            z_t = tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
+            in_tile = (t >= v_start) & (t < v_start + BLOCK_V)
+            picked = tl.where((slots[None, :] == j) & in_tile[:, None], z_t[:, None], picked)
+    lse = _reference_point(m) + tl.log(s)
+    tl.store(lse_ptr + rows64, lse, mask=row_ok)
+    value = tl.where((ids >= 0) & (ids < vocab), picked - lse[:, None], float("nan"))
+    value = tl.where(ids == ignore_index, 0.0, value)
+    tl.store(out_ptr + rows64[:, None] * out_row_stride + slots[None, :], value,
+             mask=row_ok[:, None] & slot_ok[None, :])
+
+
+@triton.jit
+def _linear_logprobs_dlogits_kernel(
+    hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
+    targets_ptr, k, target_grad_ptr, coef_ptr, lse_ptr, dlogits_ptr,
+    n_rows, vocab, hidden_size, inv_t, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """dlogits = (sum_k g_k [t_k = v] - coef * softmax(z)_v) * inv_t, times the softcap's
+    derivative; ``target_grad`` has 0 for ignored ids, ``coef`` = sum of valid g_k - g_lse."""
+    acc_dtype = lse_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    col_ok = cols < vocab
+    rows64 = rows.to(tl.int64)
+    z, capped = _scaled_logits_tile(
+        hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
+        rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, acc_dtype,
+        HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
+    )
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
+    grad = -coef[:, None] * tl.exp(z - lse[:, None])
+    for j in range(k):
+        t = tl.load(targets_ptr + rows64 * k + j, mask=row_ok, other=-1)
+        g = tl.load(target_grad_ptr + rows64 * k + j, mask=row_ok, other=0.0)
+        grad += tl.where(cols[None, :] == t[:, None], g[:, None], 0.0)
+    grad = grad * inv_t
+    if HAS_SOFTCAP:
+        tanh = capped / softcap
+        grad = grad * (1.0 - tanh * tanh)
+    tl.store(dlogits_ptr + rows64[:, None] * vocab + cols[None, :],
+             grad.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tiles(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps. GPU values are untuned first guesses; under the interpreter larger
+    vocabulary tiles mean fewer (slow) loop iterations."""
+    if _interpreting():
+        block_v = min(1024, max(16, triton.next_power_of_2(vocab)))
+        block_h = min(128, max(16, triton.next_power_of_2(hidden_size)))
+        block_n = min(32, max(16, triton.next_power_of_2(n_rows)))
+        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=4)
+    wide = dtype in (torch.float32, torch.float64)
+    return dict(BLOCK_N=64, BLOCK_V=64 if wide else 128, BLOCK_H=32 if wide else 64, num_warps=8)
+
+
+def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
+    return dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        UPCAST=_interpreting() and hidden.dtype in (torch.float16, torch.bfloat16),
+        IEEE=hidden.dtype in (torch.float32, torch.float64),
+    )
+
+
+def linear_logprobs_fwd(hidden, weight, bias, targets, out, lse, temperature, softcap,
+                        ignore_index) -> None:
+    """Fill ``out (N, K)`` and ``lse (N,)`` (contiguous, fp32 or fp64). ``hidden (N, H)`` and
+    ``weight (V, H)`` have a contiguous last dimension; ``targets (N, K)`` int64 contiguous."""
+    n_rows, k = targets.shape
+    vocab, hidden_size = weight.shape
+    if n_rows == 0:
+        return
+    tiles = _tiles(n_rows, vocab, hidden_size, hidden.dtype)
+    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]),)
+    for first in range(0, max(k, 1), MAX_TARGETS_PER_LAUNCH):
+        count = min(MAX_TARGETS_PER_LAUNCH, k - first)
+        _linear_logprobs_fwd_kernel[grid](
+            hidden, hidden.stride(0), weight, weight.stride(0),
+            bias if bias is not None else weight,
+            targets[:, first:], targets.stride(0), count, out[:, first:], out.stride(0), lse,
+            n_rows, vocab, hidden_size, 1.0 / temperature, softcap or 1.0, ignore_index,
+            **_flags(hidden, bias, softcap), BLOCK_K=max(2, triton.next_power_of_2(count)),
+            **tiles,
+        )
+
+
+def linear_logprobs_dlogits(hidden, weight, bias, targets, target_grad, coef, lse, dlogits,
+                            temperature, softcap) -> None:
+    """Fill ``dlogits (n, V)`` for one chunk of ``n`` rows (see the kernel for the formula)."""
+    n_rows, k = targets.shape
+    vocab, hidden_size = weight.shape
+    if n_rows == 0:
+        return
+    tiles = _tiles(n_rows, vocab, hidden_size, hidden.dtype)
+    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))
+    _linear_logprobs_dlogits_kernel[grid](
+        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
+        targets, k, target_grad, coef, lse, dlogits, n_rows, vocab, hidden_size,
+        1.0 / temperature, softcap or 1.0, **_flags(hidden, bias, softcap), **tiles,
+    )
