@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "linear_logprobs.h"
 #include "token_logprobs.h"
 
 namespace py = pybind11;
@@ -29,6 +30,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("token_logprobs_fwd_cuda", &alignkern::token_logprobs_fwd_cuda,
         py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd_cuda", &alignkern::token_logprobs_bwd_cuda,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_logprobs_fwd_cuda", &alignkern::linear_logprobs_fwd_cuda,
         py::call_guard<py::gil_scoped_release>());
 #endif
 }

@@ -394,7 +394,10 @@ def test_kernels_never_allocate_float32_logits(backend):
     logits = torch.randn(n, vocab, dtype=torch.bfloat16, device=DEVICE)
     targets = torch.randint(0, vocab, (n, 2), device=DEVICE)
     fp32_bytes = n * vocab * 4
-    forward = measure.peak_memory_bytes(lambda: run(backend, logits, targets), DEVICE)
+    # The interpreter copies its arguments to host arrays; count torch's allocations only there.
+    method = "profiler" if backend == "triton" and not HAS_GPU else "auto"
+    forward = measure.peak_memory_bytes(lambda: run(backend, logits, targets), DEVICE,
+                                        cpu_method=method)
     assert forward < fp32_bytes / 64, f"forward allocated {forward / 2**20:.1f} MiB"
 
     x = logits.requires_grad_(True)
@@ -403,7 +406,7 @@ def test_kernels_never_allocate_float32_logits(backend):
         out = run(backend, x, targets)
         torch.autograd.grad(out, x, torch.randn_like(out))
 
-    both = measure.peak_memory_bytes(forward_backward, DEVICE)
+    both = measure.peak_memory_bytes(forward_backward, DEVICE, cpu_method=method)
     grad_bytes = n * vocab * 2
     assert both < grad_bytes + fp32_bytes / 64, f"fwd+bwd allocated {both / 2**20:.1f} MiB"
 

@@ -343,12 +343,17 @@ def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temper
     else:  # triton, and cuda (whose backward is the Triton path until a CUDA backward exists)
         grads = _triton_backward(*args)
     grad_hidden, grad_weight, grad_bias = grads
-    empty = hidden.new_empty((0,))
     return (
-        empty if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(hidden.shape),
-        empty if grad_weight is None else grad_weight.to(weight.dtype),
-        empty if grad_bias is None else grad_bias.to(bias.dtype),
+        _empty(hidden) if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(hidden.shape),
+        _empty(hidden) if grad_weight is None else grad_weight.to(weight.dtype),
+        _empty(hidden) if grad_bias is None else grad_bias.to(bias.dtype),
     )
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder for a gradient that was not asked for (a fresh one each time: outputs of
+    a custom op may not alias each other)."""
+    return like.new_empty((0,))
 
 
 @torch.library.custom_op("alignkern::linear_logprobs", mutates_args=())
@@ -363,7 +368,7 @@ def _linear_logprobs_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _validate("linear_logprobs", hidden, weight, targets, bias, temperature, softcap)
-    _tokens._check_target_ids(targets, weight.shape[0], ignore_index)
+    _tokens._check_target_ids(targets, weight.shape[0], ignore_index, "linear_logprobs")
     backend = _check_backend(backend, hidden)
     return _run_forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
 
@@ -419,11 +424,10 @@ def _linear_logprobs_backward_op(
 def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, bias, lse,
                                    temperature, softcap, ignore_index, need_hidden_grad,
                                    need_weight_grad, need_bias_grad, backend):
-    empty = hidden.new_empty((0,))
     return (
-        hidden.new_empty(hidden.shape) if need_hidden_grad else empty,
-        weight.new_empty(weight.shape) if need_weight_grad else empty,
-        bias.new_empty(bias.shape) if need_bias_grad and bias is not None else empty,
+        hidden.new_empty(hidden.shape) if need_hidden_grad else _empty(hidden),
+        weight.new_empty(weight.shape) if need_weight_grad else _empty(hidden),
+        bias.new_empty(bias.shape) if need_bias_grad and bias is not None else _empty(hidden),
     )
 
 

@@ -75,7 +75,8 @@ def _validate(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -
         )
 
 
-def _check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def _check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int,
+                      name: str = "token_logprobs") -> None:
     """IndexError for ids outside [0, V) that are not ignore_index. Costs one device sync;
     ALIGNKERN_VALIDATE=0 turns it off (the kernels then give NaN for such ids)."""
     if os.environ.get("ALIGNKERN_VALIDATE", "1") == "0" or targets.numel() == 0:
@@ -84,7 +85,7 @@ def _check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int) -> N
     if bool(bad.any()):
         first = int(targets[bad][0])
         raise IndexError(
-            f"token_logprobs: targets must be token ids in [0, {vocab}) or ignore_index "
+            f"{name}: targets must be token ids in [0, {vocab}) or ignore_index "
             f"({ignore_index}), got {first}"
         )
 

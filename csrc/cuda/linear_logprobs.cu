@@ -1,0 +1,363 @@
+// linear_logprobs forward on CUDA: log p(target) from hidden states and the LM head without ever
+// writing the (n_rows, vocab) logits to global memory.
+//
+// One thread block owns kBM rows of hidden and walks the whole vocabulary in tiles of kBN columns.
+// For each vocabulary tile:
+//   1. the kBM x kBN tile of hidden . weight^T is accumulated over the hidden dimension in kBK
+//      chunks staged through shared memory (zero-filled past every edge): on the tensor cores with
+//      nvcuda::wmma for float16/bfloat16 (fp32 accumulators), with plain fp32 FMAs for float32 (no
+//      TF32, so float32 keeps PyTorch's fp32 matmul precision);
+//   2. the fp32 tile is stored to shared memory, where two threads per row add the bias, apply the
+//      softcap and the temperature, fold their half of the columns into an online log-sum-exp
+//      (max m, sum s), and write the scaled logits of the row's targets that fall in the tile to
+//      out.
+// After the last tile the two halves of each row merge their (m, s), lse is written and out becomes
+// z_t - lse (0 for ignore_index, NaN for ids outside [0, vocab)).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+#include "linear_logprobs.h"
+
+namespace alignkern {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kBM = 64;                // rows of hidden per block
+constexpr int kBN = 64;                // vocabulary columns per tile
+constexpr int kBK = 32;                // hidden elements per shared-memory stage
+constexpr int kThreads = 128;          // 4 warps; 2 threads per row in the epilogue
+constexpr int kCPitch = kBN + 4;       // fp32 tile pitch; wmma stores need a multiple of 4
+constexpr int kMaxCachedTargets = 16;  // targets per row kept in shared memory; more stay global
+static_assert(kThreads == 2 * kBM, "the epilogue gives each row two threads");
+
+// Pitch of the staged hidden/weight tiles: 16 bytes of padding keeps every row 16-byte aligned
+// (vector stores, wmma's ldm) while shifting consecutive rows by 4 banks.
+template <typename T>
+constexpr int kPitch = kBK + 16 / static_cast<int>(sizeof(T));
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A running log-sum-exp: s = sum exp(z - ref(m)), ref(m) = m unless m is infinite, then 0
+// (torch.logsumexp's convention: +inf rows give +inf, all -inf rows give -inf, NaN gives NaN).
+struct OnlineLse {
+  float m;
+  float s;
+};
+
+__device__ __forceinline__ float lse_reference(float m) { return isinf(m) ? 0.0f : m; }
+
+__device__ __forceinline__ OnlineLse lse_merge(OnlineLse a, OnlineLse b) {
+  const float m = fmaxf(a.m, b.m);
+  const float ref = lse_reference(m);
+  const float sa = a.s == 0.0f ? 0.0f : a.s * __expf(lse_reference(a.m) - ref);
+  const float sb = b.s == 0.0f ? 0.0f : b.s * __expf(lse_reference(b.m) - ref);
+  return {m, sa + sb};
+}
+
+// One global load / shared store moves VEC elements as a single word of this type.
+template <int BYTES>
+struct Word;
+template <>
+struct Word<2> { using type = uint16_t; };
+template <>
+struct Word<4> { using type = uint32_t; };
+template <>
+struct Word<16> { using type = uint4; };
+
+// Stages rows [0, ROWS) x columns [k0, k0 + kBK) of a row-major matrix (src points at the tile's
+// first row; rows_left rows exist) into dst, zero-filling past the edges. VEC > 1 is only used
+// when rows are 16-byte aligned and hidden_size % VEC == 0, so a word is wholly in or out.
+template <typename T, int VEC, int ROWS>
+__device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restrict__ src,
+                                           int64_t stride, int64_t rows_left, int64_t k0,
+                                           int64_t hidden_size) {
+  using W = typename Word<VEC * static_cast<int>(sizeof(T))>::type;
+  constexpr int kWordsPerRow = kBK / VEC;
+  static_assert((ROWS * kWordsPerRow) % kThreads == 0, "whole passes only");
+#pragma unroll
+  for (int pass = 0; pass < ROWS * kWordsPerRow / kThreads; ++pass) {
+    const int idx = static_cast<int>(threadIdx.x) + pass * kThreads;
+    const int r = idx / kWordsPerRow;
+    const int c = (idx % kWordsPerRow) * VEC;
+    W word{};
+    if (r < rows_left && k0 + c < hidden_size) {
+      word = *reinterpret_cast<const W*>(src + r * stride + k0 + c);
+    }
+    *reinterpret_cast<W*>(dst + r * kPitch<T> + c) = word;
+  }
+}
+
+// float16/bfloat16 tile product on the tensor cores: warp w owns the 32 x 32 quarter at rows
+// 32 * (w / 2), columns 32 * (w % 2), as 2 x 2 fragments of 16 x 16.
+template <typename T>
+struct MmaTile {
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f / 2][f % 2], 0.0f);
+  }
+
+  __device__ void add(const T* a_tile, const T* b_tile) {
+    const int warp = threadIdx.x / 32;
+    const T* a_base = a_tile + (warp / 2) * 32 * kPitch<T>;
+    const T* b_base = b_tile + (warp % 2) * 32 * kPitch<T>;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      // The staged weight tile is (columns, k) row-major, i.e. weight^T column-major.
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], a_base + i * 16 * kPitch<T> + kk, kPitch<T>);
+        wmma::load_matrix_sync(b[i], b_base + i * 16 * kPitch<T> + kk, kPitch<T>);
+      }
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {
+        wmma::mma_sync(acc[f / 2][f % 2], a[f / 2], b[f % 2], acc[f / 2][f % 2]);
+      }
+    }
+  }
+
+  __device__ void store(float* c_tile) const {
+    const int warp = threadIdx.x / 32;
+    float* base = c_tile + (warp / 2) * 32 * kCPitch + (warp % 2) * 32;
+#pragma unroll
+    for (int f = 0; f < 4; ++f) {
+      wmma::store_matrix_sync(base + (f / 2) * 16 * kCPitch + (f % 2) * 16, acc[f / 2][f % 2],
+                              kCPitch, wmma::mem_row_major);
+    }
+  }
+};
+
+// float32 tile product with fp32 FMAs: thread (ty, tx) = (tid / 8, tid % 8) owns rows ty + 16 i and
+// columns tx + 8 j, so a warp reads 4 hidden rows and 8 weight rows of distinct banks per step.
+struct FmaTile {
+  static_assert(kThreads == 128 && kBM == 64 && kBN == 64, "thread layout assumes a 64 x 64 tile");
+  float acc[4][8];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int f = 0; f < 32; ++f) acc[f / 8][f % 8] = 0.0f;
+  }
+
+  __device__ void add(const float* a_tile, const float* b_tile) {
+    const int tx = threadIdx.x % 8;
+    const int ty = threadIdx.x / 8;
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float a[4];
+      float b[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = a_tile[(ty + 16 * i) * kPitch<float> + kk];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) b[j] = b_tile[(tx + 8 * j) * kPitch<float> + kk];
+#pragma unroll
+      for (int f = 0; f < 32; ++f) acc[f / 8][f % 8] = fmaf(a[f / 8], b[f % 8], acc[f / 8][f % 8]);
+    }
+  }
+
+  __device__ void store(float* c_tile) const {
+    const int tx = threadIdx.x % 8;
+    const int ty = threadIdx.x / 8;
+#pragma unroll
+    for (int f = 0; f < 32; ++f) {
+      c_tile[(ty + 16 * (f / 8)) * kCPitch + tx + 8 * (f % 8)] = acc[f / 8][f % 8];
+    }
+  }
+};
+
+template <typename T>
+struct TileProduct {
+  using type = MmaTile<T>;
+};
+template <>
+struct TileProduct<float> {
+  using type = FmaTile;
+};
+
+// The scaled logit z from a dot product: + bias, softcap, / temperature.
+template <typename T>
+__device__ __forceinline__ float finish_logit(float dot, const T* bias, int64_t col, float softcap,
+                                              float inv_t) {
+  float x = bias == nullptr ? dot : dot + to_f32(bias[col]);
+  if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+  return x * inv_t;
+}
+
+// Folds columns half, half + 2, ... (< n_cols) of one row of the logits tile into acc.
+template <typename T>
+__device__ __forceinline__ void fold_row(OnlineLse& acc, const float* c_row, int half, int n_cols,
+                                         const T* bias, int64_t v0, float softcap, float inv_t) {
+  float z[kBN / 2];
+  float tile_max = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kBN / 2; ++i) {
+    const int c = half + 2 * i;
+    z[i] = c < n_cols ? finish_logit(c_row[c], bias, v0 + c, softcap, inv_t) : -INFINITY;
+    tile_max = fmaxf(tile_max, z[i]);  // fmaxf skips NaN; the sum below catches it
+  }
+  const float m_new = fmaxf(acc.m, tile_max);
+  const float ref = lse_reference(m_new);
+  if (m_new != acc.m && acc.s != 0.0f) acc.s *= __expf(lse_reference(acc.m) - ref);
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kBN / 2; ++i) sum += __expf(z[i] - ref);
+  acc.s += sum;
+  acc.m = m_new;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    linear_logprobs_fwd_kernel(const T* __restrict__ hidden, int64_t hidden_stride,
+                               const T* __restrict__ weight, int64_t weight_stride,
+                               const T* __restrict__ bias, int64_t n_rows, int64_t vocab,
+                               int64_t hidden_size, const int64_t* __restrict__ targets, int64_t k,
+                               float* __restrict__ out, float* __restrict__ lse, float inv_t,
+                               float softcap, int64_t ignore_index) {
+  __shared__ __align__(128) T a_tile[kBM * kPitch<T>];
+  __shared__ __align__(128) T b_tile[kBN * kPitch<T>];
+  __shared__ __align__(128) float c_tile[kBM * kCPitch];
+  __shared__ int64_t target_cache[kBM * kMaxCachedTargets];
+
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t rows_left = n_rows - row0;
+  const T* hidden_block = hidden + row0 * hidden_stride;
+
+  // Epilogue role: row local_row of the block, columns and targets of parity `half`.
+  const int local_row = threadIdx.x / 2;
+  const int half = threadIdx.x % 2;
+  const bool row_valid = local_row < rows_left;
+  const int64_t row = row0 + local_row;
+
+  const bool cache_targets = k <= kMaxCachedTargets;
+  if (cache_targets) {
+    const int64_t n = (rows_left < kBM ? rows_left : kBM) * k;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) target_cache[i] = targets[row0 * k + i];
+  }
+  __syncthreads();
+  const int64_t* row_targets = nullptr;
+  float* out_row = nullptr;
+  if (row_valid) {
+    row_targets = cache_targets ? target_cache + local_row * k : targets + row * k;
+    out_row = out + row * k;
+  }
+
+  OnlineLse acc{-INFINITY, 0.0f};
+  typename TileProduct<T>::type tile;
+  for (int64_t v0 = 0; v0 < vocab; v0 += kBN) {
+    const int n_cols = static_cast<int>(vocab - v0 < kBN ? vocab - v0 : kBN);
+    const T* weight_block = weight + v0 * weight_stride;
+    tile.zero();
+    for (int64_t k0 = 0; k0 < hidden_size; k0 += kBK) {
+      stage_tile<T, VEC, kBM>(a_tile, hidden_block, hidden_stride, rows_left, k0, hidden_size);
+      stage_tile<T, VEC, kBN>(b_tile, weight_block, weight_stride, n_cols, k0, hidden_size);
+      __syncthreads();
+      tile.add(a_tile, b_tile);
+      __syncthreads();  // the next stage overwrites the tiles
+    }
+    tile.store(c_tile);
+    __syncthreads();
+    // c_tile is next written after the next tile's first k-loop barrier, which every thread
+    // reaches only once done with this epilogue, so no barrier is needed after it.
+    if (row_valid) {
+      const float* c_row = c_tile + local_row * kCPitch;
+      fold_row(acc, c_row, half, n_cols, bias, v0, softcap, inv_t);
+      for (int64_t j = half; j < k; j += 2) {
+        const int64_t t = row_targets[j];
+        if (t != ignore_index && t >= v0 && t < v0 + n_cols) {
+          out_row[j] = finish_logit(c_row[t - v0], bias, t, softcap, inv_t);
+        }
+      }
+    }
+  }
+
+  // The two threads of a row are neighbouring lanes; every lane takes part in the shuffle.
+  const OnlineLse other{__shfl_xor_sync(0xffffffffu, acc.m, 1),
+                        __shfl_xor_sync(0xffffffffu, acc.s, 1)};
+  if (!row_valid) return;
+  const OnlineLse total = lse_merge(acc, other);
+  const float row_lse = lse_reference(total.m) + logf(total.s);
+  if (half == 0) lse[row] = row_lse;
+  // out_row[j] already holds z_t for valid targets (written by this thread: same j parity).
+  for (int64_t j = half; j < k; j += 2) {
+    const int64_t t = row_targets[j];
+    if (t == ignore_index) {
+      out_row[j] = 0.0f;
+    } else if (t < 0 || t >= vocab) {
+      out_row[j] = NAN;
+    } else {
+      out_row[j] -= row_lse;
+    }
+  }
+}
+
+inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
+
+template <typename T>
+void launch_forward(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight,
+                    int64_t weight_stride, uintptr_t bias, int64_t n_rows, int64_t vocab,
+                    int64_t hidden_size, uintptr_t targets, int64_t k, uintptr_t out,
+                    uintptr_t lse, float inv_t, float softcap, int64_t ignore_index,
+                    cudaStream_t stream) {
+  if (n_rows == 0) return;
+  const int64_t n_blocks = (n_rows + kBM - 1) / kBM;
+  check_arg(n_blocks <= 2147483647, "linear_logprobs: too many rows for one CUDA grid");
+  constexpr int vec = 16 / static_cast<int>(sizeof(T));
+  // The stride of a single row is never used, so it need not be aligned.
+  auto stride_ok = [](int64_t rows, int64_t stride) {
+    return rows == 1 || (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  };
+  const bool vectorised = is_aligned16(hidden) && is_aligned16(weight) && hidden_size % vec == 0 &&
+                          stride_ok(n_rows, hidden_stride) && stride_ok(vocab, weight_stride);
+  auto run = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(n_blocks), kThreads, 0, stream>>>(
+        as_ptr<const T>(hidden), hidden_stride, as_ptr<const T>(weight), weight_stride,
+        bias == 0 ? nullptr : as_ptr<const T>(bias), n_rows, vocab, hidden_size,
+        as_ptr<const int64_t>(targets), k, as_ptr<float>(out), as_ptr<float>(lse), inv_t, softcap,
+        ignore_index);
+  };
+  if (vectorised) {
+    run(linear_logprobs_fwd_kernel<T, vec>);
+  } else {
+    run(linear_logprobs_fwd_kernel<T, 1>);
+  }
+  ALIGNKERN_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void linear_logprobs_fwd_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
+                              int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
+                              int64_t vocab, int64_t hidden_size, uintptr_t targets, int64_t k,
+                              uintptr_t out, uintptr_t lse, double temperature, double softcap,
+                              int64_t ignore_index, uintptr_t stream) {
+  check_linear_logprobs_args(n_rows, vocab, hidden_size, k, temperature);
+  check_arg(dtype >= 0 && dtype <= 2,
+            "linear_logprobs: the cuda kernel takes float32, float16 or bfloat16 (dtype codes "
+            "0-2), got dtype code " + std::to_string(dtype));
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float cap = softcap > 0 ? static_cast<float>(softcap) : 0.0f;
+  auto launch = [&](auto tag) {
+    launch_forward<decltype(tag)>(hidden, hidden_row_stride, weight, weight_row_stride, bias,
+                                  n_rows, vocab, hidden_size, targets, k, out, lse, inv_t, cap,
+                                  ignore_index, reinterpret_cast<cudaStream_t>(stream));
+  };
+  switch (to_dtype(dtype)) {
+    case DType::Float32: launch(float{}); break;
+    case DType::Float16: launch(__half{}); break;
+    case DType::BFloat16: launch(__nv_bfloat16{}); break;
+    case DType::Float64: break;  // refused above
+  }
+}
+
+}  // namespace alignkern

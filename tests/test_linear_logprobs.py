@@ -1,0 +1,585 @@
+"""linear_logprobs, option_logprobs, self_eval_scores and sequence_logprobs on every backend against
+alignkern.reference evaluated in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_GPU, available_backends
+
+import alignkern
+from alignkern import reference
+from alignkern.bench import measure
+
+BACKENDS = available_backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IGNORE = -100
+HIDDEN = 70  # not a multiple of any tile
+
+
+def make_inputs(lead, vocab, k, dtype, *, hidden=HIDDEN, ignore_share=0.2, bias=False,
+                device=DEVICE):
+    """Random hidden states, LM head (logits of order 3) and targets with some ignore_index."""
+    h = torch.randn(*lead, hidden, dtype=torch.float64).to(dtype).to(device)
+    w = (torch.randn(vocab, hidden, dtype=torch.float64) * 3 / hidden**0.5).to(dtype).to(device)
+    b = torch.randn(vocab, dtype=torch.float64).to(dtype).to(device) if bias else None
+    shape = tuple(lead) if k is None else (*lead, k)
+    targets = torch.randint(0, vocab, shape)
+    targets[torch.rand(shape) < ignore_share] = IGNORE
+    return h, w, b, targets.to(device)
+
+
+def run(backend, *args, **kw):
+    with alignkern.use_backend(backend):
+        return alignkern.linear_logprobs(*args, **kw)
+
+
+def reference_fp64(h, w, targets, b=None, **kw):
+    return reference.linear_logprobs(h.double(), w.double(), targets,
+                                     None if b is None else b.double(), **kw)
+
+
+def reference_grads(h, w, b, targets, grad_out, grad_lse=None, **kw):
+    """float64 autograd through the materialised reference: (dh, dw, db or None)."""
+    leaves = [x.detach().double().requires_grad_(True) for x in (h, w)]
+    if b is not None:
+        leaves.append(b.detach().double().requires_grad_(True))
+    out, lse = reference.linear_logprobs(leaves[0], leaves[1], targets,
+                                         leaves[2] if b is not None else None, **kw)
+    loss = (out * grad_out.double()).sum()
+    if grad_lse is not None:
+        loss = loss + (lse * grad_lse.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return (*grads, None) if b is None else grads
+
+
+FORWARD_TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 5e-5, torch.bfloat16: 5e-5}
+# Relative to the largest gradient entry: gradients are written in the inputs' dtype.
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+
+
+def assert_close_scaled(actual, expected, rel):
+    """|actual - expected| <= rel * max|expected| everywhere (NaN where expected is NaN)."""
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    assert actual.shape == expected.shape
+    assert torch.equal(actual.isnan(), expected.isnan())
+    scale = expected.nan_to_num().abs().max().clamp(min=1e-30)
+    err = (actual - expected).nan_to_num().abs().max()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel:.1g} * {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab,k", [(7, None), (7, 3), (1029, 1), (1029, 4), (50257, 4)])
+def test_forward_matches_reference(backend, dtype, vocab, k):
+    h, w, _, targets = make_inputs((37,), vocab, k, dtype)
+    out, lse = run(backend, h, w, targets, return_lse=True)
+    ref_out, ref_lse = reference_fp64(h, w, targets)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.shape == targets.shape and lse.shape == h.shape[:-1]
+    tol = FORWARD_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+@pytest.mark.parametrize("ignore_index", [IGNORE, 3])
+def test_bias_softcap_temperature_ignore_index(backend, softcap, temperature, ignore_index):
+    h, w, b, targets = make_inputs((3, 5), 300, 3, torch.float32, bias=True)
+    targets[targets == IGNORE] = ignore_index
+    targets[0, 0] = 3  # a valid id used as ignore_index is ignored
+    kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index)
+    out, lse = run(backend, h, w, targets, bias=b, return_lse=True, **kw)
+    ref_out, ref_lse = reference_fp64(h, w, targets, b, **kw)
+    torch.testing.assert_close(out.double(), ref_out, rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=5e-5, atol=5e-5)
+    if ignore_index == 3:
+        assert (out[targets == 3] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_float64(backend):
+    if backend == "cuda":
+        pytest.skip("the cuda backend refuses float64")
+    h, w, b, targets = make_inputs((9,), 513, 2, torch.float64, bias=True)
+    out = run(backend, h, w, targets, bias=b, softcap=4.0, temperature=0.9)
+    assert out.dtype == torch.float64
+    expected = reference_fp64(h, w, targets, b, softcap=4.0, temperature=0.9)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(0,), (1,), (2, 0), (1, 1)])
+def test_empty_and_single_rows(backend, lead):
+    h, w, _, targets = make_inputs(lead, 50, 2, torch.float32)
+    out, lse = run(backend, h, w, targets, return_lse=True)
+    assert out.shape == targets.shape and lse.shape == lead
+    ref_out, ref_lse = reference_fp64(h, w, targets)
+    torch.testing.assert_close(out.double(), ref_out, rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_and_many_targets_per_row(backend):
+    """K = 0 returns (N, 0) and the LSE; K = 70 exceeds one launch's 64 target slots."""
+    h, w, _, targets = make_inputs((5,), 200, 70, torch.float32)
+    out = run(backend, h, w, targets)
+    torch.testing.assert_close(out.double(), reference_fp64(h, w, targets)[0], rtol=5e-5, atol=5e-5)
+    empty, lse = run(backend, h, w, targets[:, :0], return_lse=True)
+    assert empty.shape == (5, 0)
+    torch.testing.assert_close(lse.double(), reference_fp64(h, w, targets)[1], rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_hidden_and_weight(backend, dtype):
+    """A slice of [B, T, H] (as after dropping the last position), a hidden with a strided last
+    dimension, and a transposed-storage LM head."""
+    full, w, _, _ = make_inputs((3, 8), 333, None, dtype)
+    h = full[:, :-1]
+    targets = torch.randint(0, 333, (3, 7, 2), device=DEVICE)
+    w_t = w.T.contiguous().T  # same values, column-major storage
+    out = run(backend, h, w_t, targets)
+    torch.testing.assert_close(out.double(), reference_fp64(h, w, targets)[0], rtol=5e-5, atol=5e-5)
+    wide = torch.randn(4, 2 * HIDDEN, dtype=dtype, device=DEVICE)
+    strided = wide[:, ::2]
+    targets = torch.randint(0, 333, (4,), device=DEVICE)
+    out = run(backend, strided, w, targets)
+    torch.testing.assert_close(out.double(), reference_fp64(strided, w, targets)[0],
+                               rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_targets(backend):
+    h, w, _, targets = make_inputs((6,), 100, 2, torch.float32)
+    out = run(backend, h, w, targets.int())
+    torch.testing.assert_close(out, run(backend, h, w, targets))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_hidden_stays_in_its_row(backend):
+    h, w, _, targets = make_inputs((4,), 100, 2, torch.float32, ignore_share=0.0)
+    h[1, 5] = float("nan")
+    out, lse = run(backend, h, w, targets, return_lse=True)
+    assert out[1].isnan().all() and lse[1].isnan()
+    keep = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(out[keep].double(), reference_fp64(h, w, targets)[0][keep],
+                               rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_ids_give_nan_when_validation_is_off(backend, monkeypatch):
+    monkeypatch.setenv("ALIGNKERN_VALIDATE", "0")
+    h, w, _, _ = make_inputs((3,), 20, None, torch.float32)
+    targets = torch.tensor([[3, 20], [-1, 2], [IGNORE, 19]], device=DEVICE)
+    x = h.clone().requires_grad_(True)
+    out = run(backend, x, w, targets)
+    expected_nan = torch.tensor([[0, 1], [1, 0], [0, 0]], dtype=torch.bool)
+    assert torch.equal(out.isnan().cpu(), expected_nan)
+    (grad,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert grad[:2].isnan().all() and not grad[2].isnan().any()
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab,k", [(7, 3), (1029, None), (1029, 4)])
+def test_backward_random_upstream_gradient(backend, dtype, vocab, k):
+    h, w, b, targets = make_inputs((2, 19), vocab, k, dtype, bias=True)
+    if k is not None:
+        targets[0, 0, 1] = targets[0, 0, 0] = 3  # a repeated id in one row: gradients add
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    out = run(backend, leaves[0], leaves[1], targets, bias=leaves[2], temperature=0.8, softcap=6.0)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected = reference_grads(h, w, b, targets, grad_out, temperature=0.8, softcap=6.0)
+    for name, got, want, leaf in zip(("hidden", "weight", "bias"), grads, expected, leaves):
+        assert got.dtype == dtype and got.shape == leaf.shape, name
+        assert_close_scaled(got, want, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_within_twice_plain_pytorch(backend, dtype):
+    """DESIGN.md's bar: no more than 2x the error of the same computation in plain PyTorch."""
+    h, w, _, targets = make_inputs((64,), 2000, 2, dtype)
+    grad_out = torch.randn(targets.shape, device=DEVICE)
+    expected = reference_grads(h, w, None, targets, grad_out)
+
+    def plain(hh, ww):
+        logprobs = torch.log_softmax((hh @ ww.T).float(), -1)
+        valid = targets != IGNORE
+        return torch.gather(logprobs, -1, targets.clamp(min=0)) * valid
+
+    def errors(fn):
+        leaves = [x.clone().requires_grad_(True) for x in (h, w)]
+        grads = torch.autograd.grad(fn(*leaves), leaves, grad_out)
+        return [(g.double() - e).abs().max().item() for g, e in zip(grads, expected)]
+
+    ours = errors(lambda hh, ww: run(backend, hh, ww, targets))
+    theirs = errors(plain)
+    for name, mine, base in zip(("hidden", "weight"), ours, theirs):
+        assert mine <= 2 * base, f"d{name}: {mine:.3g} vs plain PyTorch {base:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduction_none_gradients_use_every_upstream_element(backend):
+    """The bug class of fused losses that precompute gradients for a scalar upstream gradient:
+    per-element gradients must be used as given. Rows whose upstream gradient is zero get exactly
+    zero dhidden, gradients are linear in the upstream gradient, and they match float64."""
+    h, w, b, targets = make_inputs((12,), 257, 2, torch.float32, ignore_share=0.0, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+
+    def grads(grad_out):
+        out = run(backend, leaves[0], leaves[1], targets, bias=leaves[2])
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    g1 = torch.randn(targets.shape, device=DEVICE)
+    g1[3] = 0.0
+    g2 = torch.randn(targets.shape, device=DEVICE) * torch.arange(12, device=DEVICE)[:, None]
+    first, second, both = grads(g1), grads(g2), grads(g1 + g2)
+    assert (first[0][3] == 0).all()
+    for a, c, ab in zip(first, second, both):
+        assert_close_scaled(ab, a + c, 1e-5)
+    for got, want in zip(first, reference_grads(h, w, b, targets, g1)):
+        assert_close_scaled(got, want, GRAD_TOL[torch.float32])
+    mean_loss_grads = grads(torch.full(targets.shape, 1.0 / targets.numel(), device=DEVICE))
+    uniform = reference_grads(h, w, b, targets, torch.full(targets.shape, 1.0 / targets.numel()))
+    for got, want in zip(mean_loss_grads, uniform):
+        assert_close_scaled(got, want, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_stride_zero_upstream_gradient_and_lse(backend):
+    h, w, _, targets = make_inputs((3, 5), 64, 2, torch.float32)
+    x = h.clone().requires_grad_(True)
+    out, lse = run(backend, x, w, targets, return_lse=True, temperature=1.7)
+    grad_lse = torch.randn_like(lse)
+    (out.sum() + (lse * grad_lse).sum()).backward()
+    expected = reference_grads(h, w, None, targets, torch.ones(targets.shape), grad_lse,
+                               temperature=1.7)[0]
+    assert_close_scaled(x.grad, expected, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_backward_with_frozen_inputs(backend, frozen):
+    """A frozen LM head (or frozen hidden states) skips that gradient; the other is unchanged."""
+    h, w, _, targets = make_inputs((9,), 130, 2, torch.float32)
+    x = h.clone().requires_grad_(frozen != "hidden")
+    y = w.clone().requires_grad_(frozen != "weight")
+    out = run(backend, x, y, targets)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected = reference_grads(h, w, None, targets, grad_out)
+    live, index = (x, 0) if frozen == "weight" else (y, 1)
+    assert_close_scaled(live.grad, expected[index], GRAD_TOL[torch.float32])
+    assert (y if frozen == "weight" else x).grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic(backend):
+    h, w, b, targets = make_inputs((40,), 517, 3, torch.float32, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    grad_out = torch.randn(targets.shape, device=DEVICE)
+
+    def grads():
+        return torch.autograd.grad(run(backend, leaves[0], leaves[1], targets, bias=leaves[2]),
+                                   leaves, grad_out)
+
+    for first, second in zip(grads(), grads()):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_gradcheck_float64(backend):
+    h, w, b, targets = make_inputs((3,), 11, 2, torch.float64, hidden=5, bias=True)
+    leaves = tuple(x.clone().requires_grad_(True) for x in (h, w, b))
+    temperature = 1.0 if backend == "triton" else 0.7  # triton scales by 1/T in float32
+    with alignkern.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda hh, ww, bb: alignkern.linear_logprobs(
+                hh, ww, targets, bias=bb, softcap=3.0, temperature=temperature, return_lse=True
+            ),
+            leaves,
+        )
+
+
+# ----------------------------------------------------------------------------- torch integration
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    h, w, b, targets = make_inputs((4, 3), 50, 2, torch.float32, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
+                          (*leaves[:2], targets, leaves[2], 1.3, 2.0, IGNORE, backend))
+    torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
+                          (h, w, targets, None, 1.0, None, IGNORE, backend))
+    out, lse = torch.ops.alignkern.linear_logprobs(h, w, targets, b, 1.3, 2.0, IGNORE, backend)
+    for needs in [(True, True, True), (True, False, False), (False, True, False)]:
+        torch.library.opcheck(
+            torch.ops.alignkern.linear_logprobs_backward.default,
+            (torch.randn_like(out), torch.randn_like(lse), h, w, targets, b, lse, 1.3, 2.0,
+             IGNORE, *needs, backend),
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_with_backward(backend):
+    torch._dynamo.reset()
+    h, w, b, targets = make_inputs((2, 6), 100, 2, torch.float32, bias=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss_fn(hh, ww, bb, t):
+        return -(alignkern.linear_logprobs(hh, ww, t, bias=bb, temperature=0.9) * 2.0).sum()
+
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    with alignkern.use_backend(backend):
+        loss = loss_fn(*leaves, targets)
+        loss.backward()
+    ref_loss = -(reference_fp64(h, w, targets, b, temperature=0.9)[0] * 2.0).sum()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    expected = reference_grads(h, w, b, targets, torch.full(targets.shape, -2.0), temperature=0.9)
+    for leaf, want in zip(leaves, expected):
+        assert_close_scaled(leaf.grad, want, GRAD_TOL[torch.float32])
+
+
+def test_torch_compile_inductor_sequence_logprobs():
+    """The default inductor backend compiles the scoring helpers around the op (graph stays whole)."""
+    torch._dynamo.reset()
+    h, w, _, targets = make_inputs((3, 5), 64, None, torch.float32, ignore_share=0.0)
+    mask = torch.rand(3, 5, device=DEVICE) > 0.3
+
+    @torch.compile(fullgraph=True)
+    def score(hh, ww, t, m):
+        return alignkern.sequence_logprobs(hh * 0.5, ww, t, m, reduction="mean")
+
+    expected = reference.sequence_logprobs((h * 0.5).double(), w.double(), targets, mask,
+                                           reduction="mean")
+    torch.testing.assert_close(score(h, w, targets, mask).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- scoring helpers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_option_logprobs(backend):
+    h, w, b, _ = make_inputs((2, 5), 1029, None, torch.bfloat16, bias=True)
+    options = torch.tensor([17, 3, 1000], device=DEVICE)
+    with alignkern.use_backend(backend):
+        out = alignkern.option_logprobs(h, w, options, bias=b, temperature=0.7)
+    assert out.shape == (2, 5, 3)
+    expected = reference.option_logprobs(h.double(), w.double(), options, bias=b.double(),
+                                          temperature=0.7)
+    torch.testing.assert_close(out.double(), expected, rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_eval_scores_two_options_default_values(backend):
+    h, w, _, _ = make_inputs((6,), 300, None, torch.float32)
+    options = torch.tensor([11, 42], device=DEVICE)
+    x = h.clone().requires_grad_(True)
+    with alignkern.use_backend(backend):
+        score, mass = alignkern.self_eval_scores(x, w, options)
+    logprobs = reference.option_logprobs(h.double(), w.double(), options)
+    p = logprobs.exp()
+    torch.testing.assert_close(score.double(), (p[:, 0] - p[:, 1]) / p.sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mass.double(), p.sum(-1), rtol=1e-5, atol=1e-7)
+    assert ((score >= -1) & (score <= 1)).all() and ((mass > 0) & (mass < 1)).all()
+    grad_score = torch.randn_like(score)
+    (grad,) = torch.autograd.grad(score, x, grad_score)
+    xd = h.double().requires_grad_(True)
+    ref_score, _ = reference.self_eval_scores(xd, w.double(), options)
+    (expected,) = torch.autograd.grad(ref_score, xd, grad_score.double())
+    assert_close_scaled(grad, expected, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_eval_scores_geval_expected_rating(backend):
+    """G-Eval: options are the ids of "1".."10", values 1..10; score is the expected rating."""
+    h, w, _, _ = make_inputs((4,), 500, None, torch.float32)
+    options = torch.arange(100, 110, device=DEVICE)
+    values = torch.arange(1, 11, dtype=torch.float32, device=DEVICE)
+    with alignkern.use_backend(backend):
+        score, mass = alignkern.self_eval_scores(h, w, options, values)
+    ref_score, ref_mass = reference.self_eval_scores(h.double(), w.double(), options, values.double())
+    torch.testing.assert_close(score.double(), ref_score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass.double(), ref_mass, rtol=1e-5, atol=1e-7)
+    assert ((score >= 1) & (score <= 10)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sequence_logprobs(backend, reduction):
+    h, w, b, targets = make_inputs((4, 9), 211, None, torch.float32, bias=True)
+    mask = torch.rand(4, 9, device=DEVICE) > 0.25
+    mask[2] = False  # a sequence with no counted token
+    targets[~mask] = 10**6  # ids under the mask are never checked nor read
+    x = h.clone().requires_grad_(True)
+    with alignkern.use_backend(backend):
+        out = alignkern.sequence_logprobs(x, w, targets, mask, reduction=reduction, bias=b)
+    assert out.shape == (4,) and out[2] == 0
+    xd = h.double().requires_grad_(True)
+    expected = reference.sequence_logprobs(xd, w.double(), targets, mask, reduction=reduction,
+                                           bias=b.double())
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    (want,) = torch.autograd.grad(expected, xd, grad_out.double())
+    assert_close_scaled(grad, want, GRAD_TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _head(vocab=20, hidden=8, dtype=torch.float32):
+    return torch.randn(vocab, hidden, dtype=dtype)
+
+
+def test_error_hidden_size_mismatch():
+    message = r"hidden size mismatch: hidden has H = 6.*weight \(V, H\) has H = 8"
+    with pytest.raises(ValueError, match=message):
+        alignkern.linear_logprobs(torch.randn(3, 6), _head(), torch.zeros(3).long())
+
+
+@pytest.mark.parametrize("shape", [(20,), (2, 20, 8)])
+def test_error_weight_not_2d(shape):
+    with pytest.raises(ValueError, match=r"weight must be the 2-D LM head \(V, H\)"):
+        alignkern.linear_logprobs(torch.randn(3, 8), torch.randn(shape), torch.zeros(3).long())
+
+
+def test_error_mismatched_dtypes():
+    with pytest.raises(TypeError, match="weight must have the dtype of hidden.*float32.*bfloat16"):
+        alignkern.linear_logprobs(torch.randn(3, 8), _head(dtype=torch.bfloat16), torch.zeros(3).long())
+    with pytest.raises(TypeError, match="bias must have the dtype of hidden"):
+        alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(3).long(),
+                                  bias=torch.zeros(20, dtype=torch.float64))
+
+
+def test_error_integer_hidden_and_float_targets():
+    with pytest.raises(TypeError, match="hidden must be float32.*int64"):
+        alignkern.linear_logprobs(torch.zeros(3, 8).long(), _head(), torch.zeros(3).long())
+    with pytest.raises(TypeError, match="targets must be int32 or int64.*float32"):
+        alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(3))
+
+
+def test_error_mixed_devices_with_meta_tensor():
+    with pytest.raises(ValueError, match="same device.*hidden on cpu.*weight on meta"):
+        alignkern.linear_logprobs(torch.randn(3, 8), _head().to("meta"), torch.zeros(3).long())
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_error_mixed_devices():
+    with pytest.raises(ValueError, match="same device"):
+        alignkern.linear_logprobs(torch.randn(3, 8, device="cuda"), _head(), torch.zeros(3).long())
+
+
+@pytest.mark.parametrize("bad_id", [20, -1])
+def test_error_target_out_of_range(bad_id):
+    with pytest.raises(IndexError, match=rf"token ids in \[0, 20\) or ignore_index \(-100\), got {bad_id}"):
+        alignkern.linear_logprobs(torch.randn(2, 8), _head(), torch.tensor([0, bad_id]))
+    with pytest.raises(IndexError, match=f"got {bad_id}"):
+        alignkern.option_logprobs(torch.randn(2, 8), _head(), torch.tensor([0, bad_id]))
+
+
+def test_error_shapes_of_targets_and_bias():
+    with pytest.raises(ValueError, match=r"targets must have shape \(3,\) or \(3, 'K'\).*\(4,\)"):
+        alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(4).long())
+    with pytest.raises(ValueError, match=r"bias must have shape \(V,\) = \(20,\), got \(19,\)"):
+        alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(3).long(),
+                                  bias=torch.zeros(19))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_error_bad_temperature_and_softcap(value):
+    args = (torch.randn(3, 8), _head(), torch.zeros(3).long())
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        alignkern.linear_logprobs(*args, temperature=value)
+    with pytest.raises(ValueError, match="softcap must be None or positive and finite"):
+        alignkern.linear_logprobs(*args, softcap=value)
+
+
+def test_error_scoring_helpers():
+    h, w = torch.randn(3, 8), _head()
+    with pytest.raises(ValueError, match="options must be a 1-D tensor of K token ids, got \\(2, 1\\)"):
+        alignkern.option_logprobs(h, w, torch.zeros(2, 1).long())
+    with pytest.raises(ValueError, match="options must hold at least one"):
+        alignkern.option_logprobs(h, w, torch.zeros(0).long())
+    with pytest.raises(ValueError, match="values must be given for K = 3"):
+        alignkern.self_eval_scores(h, w, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"values must have shape \(2,\) like options, got \(3,\)"):
+        alignkern.self_eval_scores(h, w, torch.tensor([1, 2]), torch.ones(3))
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'none'"):
+        alignkern.sequence_logprobs(h[None], w, torch.zeros(1, 3).long(), reduction="none")
+    with pytest.raises(ValueError, match=r"hidden must have shape \(B, T, H\), got \(3, 8\)"):
+        alignkern.sequence_logprobs(h, w, torch.zeros(3).long())
+    with pytest.raises(ValueError, match=r"targets must have shape \(B, T\) = \(1, 3\), got \(1, 4\)"):
+        alignkern.sequence_logprobs(h[None], w, torch.zeros(1, 4).long())
+    with pytest.raises(ValueError, match=r"mask must have shape \(1, 3\) like targets, got \(3,\)"):
+        alignkern.sequence_logprobs(h[None], w, torch.zeros(1, 3).long(), torch.ones(3).bool())
+
+
+def test_error_cuda_backend_unavailable_on_cpu_tensors():
+    with alignkern.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(3).long())
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_cpu_memory_stays_a_fraction_of_the_logits():
+    """N = 2048, H = 64, V = 131072: float32 logits would take 1 GiB. Forward must stay under 1/8
+    of that; forward+backward under 1/8 beyond the gradients themselves (dweight is 32 MiB)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend unavailable")
+    n, hidden, vocab = 2048, 64, 131072
+    h = torch.randn(n, hidden)
+    w = torch.randn(vocab, hidden) / 8
+    targets = torch.randint(0, vocab, (n, 2))
+    logits_bytes = n * vocab * 4
+    forward = measure.peak_memory_bytes(lambda: run("cpu", h, w, targets), torch.device("cpu"))
+    assert forward < logits_bytes / 8, f"forward allocated {forward / 2**20:.1f} MiB"
+
+    x, y = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+    def forward_backward():
+        out = run("cpu", x, y, targets)
+        torch.autograd.grad(out, (x, y), torch.randn_like(out))
+
+    both = measure.peak_memory_bytes(forward_backward, torch.device("cpu"))
+    grads = (n + vocab) * hidden * 4
+    assert both < grads + logits_bytes / 8, f"fwd+bwd allocated {both / 2**20:.1f} MiB"
+    eager = measure.peak_memory_bytes(
+        lambda: torch.log_softmax(h @ w.T, -1).gather(-1, targets), torch.device("cpu")
+    )
+    assert eager > logits_bytes, "the measurement must see the eager composition's logits"
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936])
+def test_gpu_llm_shapes(backend, dtype, vocab):
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} backend unavailable")
+    h, w, b, targets = make_inputs((300,), vocab, 4, dtype, hidden=1024, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    out = run(backend, leaves[0], leaves[1], targets, bias=leaves[2], softcap=30.0)
+    expected = reference_fp64(h, w, targets, b, softcap=30.0)[0]
+    torch.testing.assert_close(out.double(), expected, rtol=2e-4, atol=2e-4)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    for got, want in zip(grads, reference_grads(h, w, b, targets, grad_out, softcap=30.0)):
+        assert_close_scaled(got, want, GRAD_TOL[dtype])
