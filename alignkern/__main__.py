@@ -37,7 +37,9 @@ def info() -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines.append(f"default backend for {device} tensors: "
                  f"{_backend.default_backend(torch.device(device))}")
-    lines.append("backward passes: token_logprobs runs its backward on the forward's backend")
+    lines.append("backward passes: token_logprobs runs its backward on the forward's backend;")
+    lines.append("  linear_logprobs too, except the cuda backend (CUDA forward only), whose backward")
+    lines.append("  runs the Triton kernels (deterministic: dlogits per row chunk + two GEMMs)")
     return "\n".join(lines)
 
 

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import linear_logprobs as linear_logprobs_cases
 from . import measure, report
 from . import token_logprobs as token_logprobs_cases
 
-OPS = ("token_logprobs",)
+FAMILIES = {"token_logprobs": token_logprobs_cases, "linear_logprobs": linear_logprobs_cases}
+OPS = tuple(FAMILIES)
 
 
 @dataclass
@@ -26,10 +28,15 @@ class Result:
     ms: tuple[float, float, float] | None = None  # p50, p20, p80
     peak_bytes: int | None = None
     note: str = ""
+    flops: int = 0  # compute-bound kernels report TFLOP/s instead of GB/s
 
     @property
     def gbps(self) -> float | None:
         return None if self.ms is None else self.bytes_moved / (self.ms[0] * 1e-3) / 1e9
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.ms is None else self.flops / (self.ms[0] * 1e-3) / 1e12
 
 
 class Progress:
@@ -57,39 +64,39 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_token_logprobs(device: torch.device, quick: bool, only: set[str] | None,
-                         progress_enabled: bool) -> list[Result]:
-    mod = token_logprobs_cases
-    cases = mod.cases(device, quick)
-    found = mod.providers(device)
+def bench_family(module, device: torch.device, quick: bool, only: set[str] | None,
+                 progress_enabled: bool) -> list[Result]:
+    """Every (case, mode, provider) of one op family's benchmark module."""
+    cases = module.cases(device, quick)
+    found = module.providers(device)
     if only:
         found = {k: v for k, v in found.items() if k in only or k == "alignkern"}
-    pairs = mod.runs(found)
+    pairs = module.runs(found)
     progress = Progress(len(cases) * len(pairs), progress_enabled)
     results: list[Result] = []
     for case in cases:
-        logits, targets = case.make_inputs(device)
+        inputs = case.make_inputs(device)
         for mode, name in pairs:
             provider = found[name]
             progress.step(f"{case.label} {mode} {name}")
-            result = Result("token_logprobs", name, mode, case.label, case.vocab,
-                            case.bytes_moved(mode))
+            result = Result(module.KERNEL, name, mode, case.label, case.x, case.bytes_moved(mode),
+                            flops=case.flops(mode))
             results.append(result)
             if isinstance(provider, str):
                 result.note = provider
                 continue
-            make = mod.forward_fn if mode == "fwd" else mod.forward_backward_fn
-            fn = make(provider, logits, targets)
+            make = module.forward_fn if mode == "fwd" else module.forward_backward_fn
             try:
+                fn = make(provider, *inputs)
                 result.ms = measure.time_ms(fn, device)
                 if measure.sees_allocations_of(name, device):
                     result.peak_bytes = measure.peak_memory_bytes(fn, device)
             except Exception as exc:  # a peer that fails here (OOM, compile error) is reported
                 result.ms = None
                 result.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-            del fn
+            fn = None
             _release(device)
-        del logits, targets
+        del inputs
         _release(device)
     return results
 
@@ -100,10 +107,9 @@ def run(device: torch.device, *, quick: bool = False, ops: tuple[str, ...] = OPS
     """Run the benchmarks, print the table, write the CSV (and the PNG when matplotlib exists)."""
     results: list[Result] = []
     for op in ops:
-        if op == "token_logprobs":
-            results += bench_token_logprobs(device, quick, providers, progress)
-        else:
+        if op not in FAMILIES:
             raise ValueError(f"alignkern bench: unknown op {op!r}; expected one of {OPS}")
+        results += bench_family(FAMILIES[op], device, quick, providers, progress)
     print(report.table(results, device))
     csv_path = report.write_csv(results, device, out_dir)
     print(f"\nwrote {csv_path}")

@@ -14,6 +14,8 @@ import torch
 CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config",
               "device", "torch", "triton", "git_sha", "timestamp"]
 CEILING = "read-ceiling"  # the provider that times a plain read: a ceiling, not a peer
+FLOOR = "matmul-floor"  # the provider that times the bare GEMMs: a floor, not a peer
+BOUNDS = (CEILING, FLOOR)
 
 
 def device_name(device: torch.device) -> str:
@@ -54,39 +56,51 @@ def _is_ours(provider: str) -> bool:
 def _best_peer_ms(results, result) -> float | None:
     peers = [r.ms[0] for r in results
              if r.ms is not None and r.config == result.config and r.mode == result.mode
-             and r.kernel == result.kernel and not _is_ours(r.provider) and r.provider != CEILING]
+             and r.kernel == result.kernel and not _is_ours(r.provider) and r.provider not in BOUNDS]
     return min(peers) if peers else None
 
 
-def _ceiling_gbps(results, result) -> float | None:
+def _bound(results, result):
+    """The ceiling (token_logprobs, forward) or floor (linear_logprobs) row for result's case."""
     for r in results:
-        if (r.provider == CEILING and r.config == result.config and r.kernel == result.kernel
-                and r.gbps is not None):
-            return r.gbps
+        if (r.provider in BOUNDS and r.config == result.config and r.kernel == result.kernel
+                and r.mode == result.mode and r.ms is not None):
+            return r
     return None
 
 
+def _versus_bound(results, result) -> str:
+    """'87% of read': share of a plain read's bandwidth; '1.21x floor': time over the GEMMs."""
+    bound = _bound(results, result)
+    if bound is None:
+        return ""
+    if bound.provider == CEILING:
+        return f"{100 * result.gbps / bound.gbps:.0f}% of read"
+    return f"{result.ms[0] / bound.ms[0]:.2f}x floor"
+
+
+def _throughput(r) -> str:
+    return f"{r.tflops:.1f} TFLOP/s" if r.flops else f"{r.gbps:.1f} GB/s"
+
+
 def table(results, device: torch.device) -> str:
-    """Op, shape, provider, median ms, GB/s, peak memory, speed-up over the best peer, and for
-    forward rows the share of a plain read's bandwidth."""
-    header = ["op", "shape", "mode", "provider", "median ms", "GB/s", "peak MiB", "vs best peer",
-              "% of read"]
+    """Op, shape, provider, median ms, GB/s or TFLOP/s, peak memory, speed-up over the best
+    peer, and how far from the bound (share of a plain read, or time over the bare GEMMs)."""
+    header = ["op", "shape", "mode", "provider", "median ms", "throughput", "peak MiB",
+              "vs best peer", "vs bound"]
     rows = [header]
     for r in results:
         if r.ms is None:
             rows.append([r.kernel, r.config, r.mode, r.provider, r.note or "missing", "", "", "", ""])
             continue
-        speedup = ""
-        share = ""
+        speedup = bound = ""
         if _is_ours(r.provider):
             best = _best_peer_ms(results, r)
             speedup = f"{best / r.ms[0]:.2f}x" if best else ""
-            ceiling = _ceiling_gbps(results, r)
-            if ceiling and r.mode == "fwd":
-                share = f"{100 * r.gbps / ceiling:.0f}%"
+            bound = _versus_bound(results, r)
         peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
-        rows.append([r.kernel, r.config, r.mode, r.provider, f"{r.ms[0]:.3f}", f"{r.gbps:.1f}",
-                     peak, speedup, share])
+        rows.append([r.kernel, r.config, r.mode, r.provider, f"{r.ms[0]:.3f}", _throughput(r),
+                     peak, speedup, bound])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = [f"alignkern bench on {device_name(device)} (torch {torch.__version__}, "
              f"triton {triton_version()})"]
@@ -115,9 +129,14 @@ def write_csv(results, device: torch.device, out_dir: str) -> str:
             p50, p20, p80 = r.ms
             writer.writerow({**base, "metric": "time", "unit": "ms", "p50": f"{p50:.6g}",
                              "p20": f"{p20:.6g}", "p80": f"{p80:.6g}"})
-            gbps = [f"{r.bytes_moved / (ms * 1e-3) / 1e9:.6g}" for ms in (p50, p80, p20)]
-            writer.writerow({**base, "metric": "bandwidth", "unit": "GB/s", "p50": gbps[0],
-                             "p20": gbps[1], "p80": gbps[2]})
+            if r.bytes_moved:
+                gbps = [f"{r.bytes_moved / (ms * 1e-3) / 1e9:.6g}" for ms in (p50, p80, p20)]
+                writer.writerow({**base, "metric": "bandwidth", "unit": "GB/s", "p50": gbps[0],
+                                 "p20": gbps[1], "p80": gbps[2]})
+            if r.flops:
+                tflops = [f"{r.flops / (ms * 1e-3) / 1e12:.6g}" for ms in (p50, p80, p20)]
+                writer.writerow({**base, "metric": "throughput", "unit": "TFLOP/s",
+                                 "p50": tflops[0], "p20": tflops[1], "p80": tflops[2]})
             if r.peak_bytes is not None:
                 mib = f"{r.peak_bytes / 2**20:.6g}"
                 writer.writerow({**base, "metric": "peak_memory", "unit": "MiB", "p50": mib,
@@ -126,7 +145,8 @@ def write_csv(results, device: torch.device, out_dir: str) -> str:
 
 
 def write_plot(results, device: torch.device, out_dir: str) -> str:
-    """GB/s against the swept size, one panel per (op, mode, dtype); returns the path, or a
+    """GB/s or TFLOP/s against the vocabulary size, one panel per (op, mode, other sizes); returns
+    the path, or a
     sentence saying why no plot was written."""
     try:
         import matplotlib
@@ -138,19 +158,20 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
     panels: dict[tuple[str, str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
         lambda: defaultdict(list))
     for r in results:
-        if r.gbps is not None:
-            dtype = r.config.split()[-1]
-            panels[(r.kernel, r.mode, dtype)][r.provider].append((r.x, r.gbps))
+        if r.ms is not None:
+            series = re.sub(r"\s*V=\d+", "", r.config)  # the swept size is the x axis
+            value = r.tflops if r.flops else r.gbps
+            panels[(r.kernel, r.mode, series)][r.provider].append((r.x, value))
     if not panels:
         return "plot skipped: nothing was measured"
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, ((kernel, mode, dtype), lines) in zip(axes[0], sorted(panels.items())):
+    for ax, ((kernel, mode, series), lines) in zip(axes[0], sorted(panels.items())):
         for provider, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=provider)
-        ax.set_title(f"{kernel} {mode} {dtype}")
+        ax.set_title(f"{kernel} {mode}\n{series}", fontsize=8)
         ax.set_xlabel("vocabulary size V")
-        ax.set_ylabel("GB/s (compulsory traffic)")
+        ax.set_ylabel("TFLOP/s" if kernel == "linear_logprobs" else "GB/s (compulsory traffic)")
         ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

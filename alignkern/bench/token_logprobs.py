@@ -20,6 +20,7 @@ import alignkern
 
 from .report import CEILING
 
+KERNEL = "token_logprobs"
 Provider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -76,6 +77,10 @@ class Case:
         return self.batch * self.seq
 
     @property
+    def x(self) -> int:
+        return self.vocab
+
+    @property
     def label(self) -> str:
         return f"N={self.rows} V={self.vocab} {str(self.dtype).removeprefix('torch.')}"
 
@@ -89,6 +94,9 @@ class Case:
         backward."""
         logits = self.rows * self.vocab * torch.finfo(self.dtype).bits // 8
         return logits if mode == "fwd" else 3 * logits
+
+    def flops(self, mode: str) -> int:
+        return 0  # memory-bound: reported in GB/s
 
 
 GPU_VOCABS = (32000, 128256, 151936, 262144)
