@@ -11,16 +11,16 @@
 #include <cstdint>
 
 #include "common.h"
+#include "online_lse.cuh"
 #include "token_logprobs.h"
 
 namespace alignkern {
 namespace {
 
+using namespace cuda_detail;
+
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_f32(float x);
@@ -31,23 +31,6 @@ __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
-}
-
-// A running log-sum-exp: s = sum exp(z - ref(m)), ref(m) = m unless m is infinite, then 0
-// (torch.logsumexp's convention: +inf rows give +inf, all -inf rows give -inf, NaN gives NaN).
-struct OnlineLse {
-  float m;
-  float s;
-};
-
-__device__ __forceinline__ float lse_reference(float m) { return isinf(m) ? 0.0f : m; }
-
-__device__ __forceinline__ OnlineLse lse_merge(OnlineLse a, OnlineLse b) {
-  const float m = fmaxf(a.m, b.m);
-  const float ref = lse_reference(m);
-  const float sa = a.s == 0.0f ? 0.0f : a.s * __expf(lse_reference(a.m) - ref);
-  const float sb = b.s == 0.0f ? 0.0f : b.s * __expf(lse_reference(b.m) - ref);
-  return {m, sa + sb};
 }
 
 __device__ OnlineLse block_lse_reduce(OnlineLse v) {
