@@ -299,6 +299,29 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
+def test_many_tiles_chunks_and_vocabulary_splits(backend, monkeypatch):
+    """Shrink the tiles so that the cpu path walks many (rows x vocabulary) tiles and merges their
+    LSEs, the Triton backward many row chunks, and the Triton forward several vocabulary splits."""
+    from alignkern.ops import linear_logprobs_cpu
+    from alignkern.triton_kernels import linear_logprobs as kernels
+
+    monkeypatch.setattr(linear_logprobs_cpu, "TILE_BYTES", 8 * 50 * 4)
+    monkeypatch.setattr(linear_logprobs_cpu, "MAX_TILE_ROWS", 8)
+    monkeypatch.setattr(kernels, "_vocab_splits", lambda *args: 3)
+    h, w, b, targets = make_inputs((37,), 1029, 3, torch.float32, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    kw = dict(temperature=0.7, softcap=4.0)
+    out, lse = run(backend, leaves[0], leaves[1], targets, bias=leaves[2], return_lse=True, **kw)
+    ref_out, ref_lse = reference_fp64(h, w, targets, b, **kw)
+    torch.testing.assert_close(out.double(), ref_out, rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=5e-5, atol=5e-5)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse))
+    for got, want in zip(grads, reference_grads(h, w, b, targets, grad_out, grad_lse, **kw)):
+        assert_close_scaled(got, want, GRAD_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
 def test_gradcheck_float64(backend):
     h, w, b, targets = make_inputs((3,), 11, 2, torch.float64, hidden=5, bias=True)

@@ -112,7 +112,7 @@ def run(device: torch.device, *, quick: bool = False, ops: tuple[str, ...] = OPS
         results += bench_family(FAMILIES[op], device, quick, providers, progress)
     print(report.table(results, device))
     csv_path = report.write_csv(results, device, out_dir)
-    print(f"\nwrote {csv_path}")
+    print(f"\nwrote {csv_path} and {report.write_markdown(results, device, out_dir)}")
     if plot:
         png = report.write_plot(results, device, out_dir)
         print(f"wrote {png}" if png.endswith(".png") else png)

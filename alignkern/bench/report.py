@@ -1,4 +1,5 @@
-"""Output of `alignkern bench`: the table, the CSV (benchmarks/results/<device>.csv) and a PNG."""
+"""Output of `alignkern bench`: the table, the CSV (benchmarks/results/<device>.csv), the same
+table in Markdown (<device>.md) and a PNG."""
 
 from __future__ import annotations
 
@@ -83,12 +84,13 @@ def _throughput(r) -> str:
     return f"{r.tflops:.1f} TFLOP/s" if r.flops else f"{r.gbps:.1f} GB/s"
 
 
-def table(results, device: torch.device) -> str:
-    """Op, shape, provider, median ms, GB/s or TFLOP/s, peak memory, speed-up over the best
-    peer, and how far from the bound (share of a plain read, or time over the bare GEMMs)."""
-    header = ["op", "shape", "mode", "provider", "median ms", "throughput", "peak MiB",
-              "vs best peer", "vs bound"]
-    rows = [header]
+HEADER = ["op", "shape", "mode", "provider", "median ms", "throughput", "peak MiB", "vs best peer",
+          "vs bound"]
+
+
+def _rows(results) -> list[list[str]]:
+    """One row of HEADER's columns per result."""
+    rows = []
     for r in results:
         if r.ms is None:
             rows.append([r.kernel, r.config, r.mode, r.provider, r.note or "missing", "", "", "", ""])
@@ -98,17 +100,40 @@ def table(results, device: torch.device) -> str:
             best = _best_peer_ms(results, r)
             speedup = f"{best / r.ms[0]:.2f}x" if best else ""
             bound = _versus_bound(results, r)
-        peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+        peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
         rows.append([r.kernel, r.config, r.mode, r.provider, f"{r.ms[0]:.3f}", _throughput(r),
                      peak, speedup, bound])
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = [f"alignkern bench on {device_name(device)} (torch {torch.__version__}, "
-             f"triton {triton_version()})"]
+    return rows
+
+
+def _title(device: torch.device) -> str:
+    return (f"alignkern bench on {device_name(device)} (torch {torch.__version__}, "
+            f"triton {triton_version()})")
+
+
+def table(results, device: torch.device) -> str:
+    """Op, shape, provider, median ms, GB/s or TFLOP/s, peak memory, speed-up over the best
+    peer, and how far from the bound (share of a plain read, or time over the bare GEMMs)."""
+    rows = [HEADER, *_rows(results)]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
+    lines = [_title(device)]
     for i, row in enumerate(rows):
         lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_markdown(results, device: torch.device, out_dir: str) -> str:
+    """The same table as Markdown (``<device>.md``), ready to paste into the README."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{device_slug(device)}.md")
+    lines = [_title(device) + f", git {_git_sha()}", "", "| " + " | ".join(HEADER) + " |",
+             "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def write_csv(results, device: torch.device, out_dir: str) -> str:

@@ -11,8 +11,8 @@ Registered ops:
   elements, and ``grad_bias`` has 0 elements when there is no bias.
 
 Backends: ``triton`` (fused tl.dot kernels), ``cuda`` (tensor-core forward from csrc/cuda; its
-backward runs the Triton kernels), ``cpu`` (row chunks of at most ``CPU_CHUNK_BYTES`` of logits:
-a BLAS GEMM, then the C++ token_logprobs kernels), ``reference``.
+backward runs the Triton kernels), ``cpu`` (``linear_logprobs_cpu``: BLAS GEMMs over tiles of
+at most 16 MiB of logits), ``reference``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend, reference
+from . import linear_logprobs_cpu as _cpu
 from . import token_logprobs as _tokens
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# One chunk of float32 logits on the CPU path (the backward holds about three such buffers).
-CPU_CHUNK_BYTES = 16 * 2**20
-# One chunk of dlogits (in the inputs' dtype) in the Triton backward before its two GEMMs.
+# One chunk of dlogits (in the inputs' dtype) in the Triton backward before its two GEMMs; under
+# the interpreter (CPU tensors) the cpu backend's tile size.
 GPU_CHUNK_BYTES = 256 * 2**20
 
 
@@ -152,17 +152,6 @@ def _row_chunks(n_rows: int, row_bytes: int, budget: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_rows))
 
 
-def _weight_blocks(weight: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Row blocks of ``weight`` in ``dtype``: the whole matrix when no conversion is needed, else
-    blocks of at most CPU_CHUNK_BYTES after conversion (so no full-size copy is made)."""
-    vocab, hidden_size = weight.shape
-    if weight.dtype == dtype:
-        yield slice(0, vocab), weight
-        return
-    for block in _row_chunks(vocab, hidden_size * dtype.itemsize, CPU_CHUNK_BYTES):
-        yield block, weight[block].to(dtype)
-
-
 def _target_gradients(grad_out, grad_lse, ids, vocab, ignore_index, acc):
     """Per target ``g_k`` (0 for ignored or out-of-range ids) and per row ``coef`` = sum of valid
     ``g_k`` - ``g_lse``, NaN for a row with an out-of-range id."""
@@ -176,80 +165,28 @@ def _target_gradients(grad_out, grad_lse, ids, vocab, ignore_index, acc):
     return g.masked_fill(ignored | out_of_range, 0.0).contiguous(), coef.contiguous()
 
 
-# ----------------------------------------------------------------------------- cpu backend
-
-
-def _cpu_logits(h, weight, bias, softcap, acc) -> torch.Tensor:
-    """Logits ``(n, V)`` in ``acc`` for a chunk of rows, after bias and softcap."""
-    if weight.dtype == acc:
-        logits = h @ weight.T
-    else:
-        logits = torch.empty((h.shape[0], weight.shape[0]), dtype=acc, device=h.device)
-        for block, w in _weight_blocks(weight, acc):
-            logits[:, block] = h @ w.T
-    if bias is not None:
-        logits += bias.to(acc)
-    if softcap is not None:
-        logits.div_(softcap).tanh_().mul_(softcap)
-    return logits
-
-
-def _cpu_forward(hidden, weight, ids, bias, temperature, softcap, ignore_index):
-    acc = _accumulation_dtype(hidden.dtype)
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
-    out = _tokens._poisoned(ids.shape, acc, hidden.device)
-    lse = _tokens._poisoned((n_rows,), acc, hidden.device)
-    for rows in _row_chunks(n_rows, vocab * acc.itemsize, CPU_CHUNK_BYTES):
-        logits = _cpu_logits(hidden[rows].to(acc), weight, bias, softcap, acc)
-        out[rows], lse[rows] = _tokens._run_forward(logits, ids[rows], temperature, ignore_index,
-                                                    "cpu")
-    return out, lse
-
-
-def _cpu_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, temperature, softcap,
-                  ignore_index, need_hidden, need_weight, need_bias):
-    acc = _accumulation_dtype(hidden.dtype)
-    n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
-    grad_out = grad_out.reshape(ids.shape)
-    grad_lse = None if grad_lse is None else grad_lse.reshape(n_rows)
-    grad_hidden = torch.empty((n_rows, hidden_size), dtype=acc) if need_hidden else None
-    grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
-    grad_bias = torch.zeros((vocab,), dtype=acc) if need_bias else None
-    for rows in _row_chunks(n_rows, vocab * acc.itemsize, CPU_CHUNK_BYTES):
-        h = hidden[rows].to(acc)
-        logits = _cpu_logits(h, weight, bias, softcap, acc)
-        dlogits = _tokens._run_backward(
-            grad_out[rows], None if grad_lse is None else grad_lse[rows], logits, ids[rows],
-            lse[rows], temperature, ignore_index, "cpu",
-        )
-        if softcap is not None:
-            dlogits *= 1.0 - (logits / softcap).square_()
-        del logits
-        if need_hidden:
-            grad_hidden[rows] = 0.0
-            for block, w in _weight_blocks(weight, acc):
-                grad_hidden[rows] += dlogits[:, block] @ w
-        if need_weight:
-            grad_weight.addmm_(dlogits.T, h)
-        if grad_bias is not None:
-            grad_bias += dlogits.sum(0)
-    return grad_hidden, grad_weight, grad_bias
-
-
 # ----------------------------------------------------------------------------- triton backend
 
 
 def _triton_forward(hidden, weight, ids, bias, temperature, softcap, ignore_index, backend):
     acc = _accumulation_dtype(hidden.dtype)
-    out = _tokens._poisoned(ids.shape, acc, hidden.device)
-    lse = _tokens._poisoned((hidden.shape[0],), acc, hidden.device)
+    n_rows, device = hidden.shape[0], hidden.device
     if backend == "cuda":
+        out = _tokens._poisoned(ids.shape, acc, device)
+        lse = _tokens._poisoned((n_rows,), acc, device)
         _cuda_forward(hidden, weight, ids, bias, out, lse, temperature, softcap, ignore_index)
-    else:
-        from ..triton_kernels import linear_logprobs as kernels
+        return out, lse
+    from ..triton_kernels import linear_logprobs as kernels
 
-        kernels.linear_logprobs_fwd(hidden, weight, bias, ids, out, lse, temperature, softcap,
-                                    ignore_index)
+    picked = _tokens._poisoned(ids.shape, acc, device)
+    lse_parts = kernels.linear_logprobs_fwd(
+        hidden, weight, bias, ids, picked,
+        lambda splits: _tokens._poisoned((splits, n_rows), acc, device), temperature, softcap,
+    )
+    lse = lse_parts[0] if lse_parts.shape[0] == 1 else torch.logsumexp(lse_parts, dim=0)
+    ignored = ids == ignore_index
+    in_range = (ids >= 0) & (ids < weight.shape[0])
+    out = torch.where(in_range, picked - lse[:, None], math.nan).masked_fill_(ignored, 0.0)
     return out, lse
 
 
@@ -279,7 +216,7 @@ def _triton_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, tempera
     grad_hidden = hidden.new_empty((n_rows, hidden_size)) if need_hidden else None
     grad_weight = weight.new_zeros((vocab, hidden_size)) if need_weight else None
     grad_bias = torch.zeros((vocab,), dtype=acc, device=hidden.device) if need_bias else None
-    budget = GPU_CHUNK_BYTES if hidden.is_cuda else CPU_CHUNK_BYTES
+    budget = GPU_CHUNK_BYTES if hidden.is_cuda else _cpu.TILE_BYTES
     for rows in _row_chunks(n_rows, vocab * hidden.element_size(), budget):
         h = hidden[rows]
         dlogits = _tokens._poisoned((h.shape[0], vocab), hidden.dtype, hidden.device)
@@ -323,7 +260,8 @@ def _run_forward(hidden, weight, targets, bias, temperature, softcap, ignore_ind
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     if backend == "cpu":
-        out, lse = _cpu_forward(h, w, ids, bias, temperature, softcap, ignore_index)
+        acc = _accumulation_dtype(hidden.dtype)
+        out, lse = _cpu.forward(h, w, ids, bias, temperature, softcap, ignore_index, acc)
     else:
         out, lse = _triton_forward(h, w, ids, bias, temperature, softcap, ignore_index, backend)
     return out.reshape(targets.shape), lse.reshape(hidden.shape[:-1])
@@ -339,7 +277,10 @@ def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temper
     if backend == "reference":
         grads = _reference_backward(*args)
     elif backend == "cpu":
-        grads = _cpu_backward(*args)
+        acc = _accumulation_dtype(hidden.dtype)
+        target_grad, coef = _target_gradients(grad_out, grad_lse, ids, w.shape[0], ignore_index, acc)
+        grads = _cpu.backward(target_grad, coef, h, w, ids, bias, lse.to(acc), temperature, softcap,
+                              need_hidden, need_weight, need_bias and bias is not None, acc)
     else:  # triton, and cuda (whose backward is the Triton path until a CUDA backward exists)
         grads = _triton_backward(*args)
     grad_hidden, grad_weight, grad_bias = grads

@@ -1,9 +1,11 @@
 """Triton kernels for linear_logprobs and their launchers.
 
-Forward: a program owns BLOCK_N rows of ``hidden`` and walks the vocabulary in BLOCK_V tiles; each
-logits tile is ``tl.dot`` over BLOCK_H slices of the hidden size (fp32 accumulation), then bias,
-softcap and temperature are applied in registers, the rows' online log-sum-exp is updated and the
-target logits that fall in the tile are picked up. Nothing of size (N, V) is written.
+Forward: a program owns BLOCK_N rows of ``hidden`` and walks its split of the vocabulary (all of
+it, unless there are too few row tiles to fill the GPU) in BLOCK_V tiles; each logits tile is
+``tl.dot`` over BLOCK_H slices of the hidden size (fp32 accumulation), then bias, softcap and
+temperature are applied in registers, the rows' online log-sum-exp is updated and the target
+logits that fall in the tile are picked up. The launcher merges the splits' LSEs. Nothing of size
+(N, V) is written.
 
 Backward: for one chunk of rows, a grid of (row tile, vocabulary tile) programs recomputes each
 logits tile from the saved LSE and writes ``dlogits`` for the chunk only; the launcher then turns
@@ -70,25 +72,30 @@ def _scaled_logits_tile(
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-    targets_ptr, targets_row_stride, k, out_ptr, out_row_stride, lse_ptr,
-    n_rows, vocab, hidden_size, inv_t, softcap, ignore_index,
+    targets_ptr, targets_row_stride, k, picked_ptr, picked_row_stride, lse_part_ptr,
+    n_rows, vocab, hidden_size, split_size, inv_t, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    acc_dtype = lse_ptr.dtype.element_ty
+    """Program (i, j): rows [i*BLOCK_N, ...) over the vocabulary split [j*split_size, ...).
+    Writes the split's log-sum-exp to lse_part[j, row] and z at each target id that falls in the
+    split to picked[row, slot] (exactly one split owns an id, so no two programs write a slot)."""
+    acc_dtype = lse_part_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
+    v_begin = tl.program_id(1) * split_size
+    v_end = tl.minimum(v_begin + split_size, vocab)
     slots = tl.arange(0, BLOCK_K)
     slot_ok = slots < k
     ids = tl.load(targets_ptr + rows64[:, None] * targets_row_stride + slots[None, :],
                   mask=row_ok[:, None] & slot_ok[None, :], other=-1)
-    picked = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)  # z at each target id
+    picked = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)
     m = tl.full([BLOCK_N], float("-inf"), acc_dtype)  # running max of z
     s = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m))
-    for v_start in range(0, vocab, BLOCK_V):
+    for v_start in range(v_begin, v_end, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
-        col_ok = cols < vocab
+        col_ok = cols < v_end
         z, _ = _scaled_logits_tile(
             hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
             rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, acc_dtype,
@@ -106,12 +113,11 @@ def _linear_logprobs_fwd_kernel(
             z_t = tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
             in_tile = (t >= v_start) & (t < v_start + BLOCK_V)
             picked = tl.where((slots[None, :] == j) & in_tile[:, None], z_t[:, None], picked)
-    lse = _reference_point(m) + tl.log(s)
-    tl.store(lse_ptr + rows64, lse, mask=row_ok)
-    value = tl.where((ids >= 0) & (ids < vocab), picked - lse[:, None], float("nan"))
-    value = tl.where(ids == ignore_index, 0.0, value)
-    tl.store(out_ptr + rows64[:, None] * out_row_stride + slots[None, :], value,
-             mask=row_ok[:, None] & slot_ok[None, :])
+    tl.store(lse_part_ptr + tl.program_id(1).to(tl.int64) * n_rows + rows64,
+             _reference_point(m) + tl.log(s), mask=row_ok)
+    mine = (ids >= v_begin) & (ids < v_end)
+    tl.store(picked_ptr + rows64[:, None] * picked_row_stride + slots[None, :], picked,
+             mask=row_ok[:, None] & slot_ok[None, :] & mine)
 
 
 @triton.jit
@@ -175,26 +181,42 @@ def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
     )
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, out, lse, temperature, softcap,
-                        ignore_index) -> None:
-    """Fill ``out (N, K)`` and ``lse (N,)`` (contiguous, fp32 or fp64). ``hidden (N, H)`` and
-    ``weight (V, H)`` have a contiguous last dimension; ``targets (N, K)`` int64 contiguous."""
+def _vocab_splits(n_row_blocks: int, vocab: int, block_v: int, device: torch.device) -> int:
+    """Split the vocabulary across programs when there are too few row tiles to fill the GPU
+    (N = 1024 is 16 tiles for 132 SMs); the partial LSEs are merged afterwards."""
+    if _interpreting() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(2 * sms, n_row_blocks)
+    return max(1, min(wanted, triton.cdiv(vocab, 4 * block_v)))
+
+
+def linear_logprobs_fwd(hidden, weight, bias, targets, picked, lse_parts_out, temperature, softcap):
+    """Fill ``picked (N, K)`` with z at every in-range target id (other slots are left as they
+    are) and return ``lse_parts (S, N)``: the log-sum-exp of each of S vocabulary splits.
+    ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous last dimension; ``targets (N, K)``
+    int64 contiguous; ``lse_parts_out(S)`` allocates the (S, N) buffer."""
     n_rows, k = targets.shape
     vocab, hidden_size = weight.shape
-    if n_rows == 0:
-        return
     tiles = _tiles(n_rows, vocab, hidden_size, hidden.dtype)
-    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]),)
+    row_blocks = triton.cdiv(n_rows, tiles["BLOCK_N"])
+    splits = _vocab_splits(row_blocks, vocab, tiles["BLOCK_V"], hidden.device)
+    split_size = triton.cdiv(triton.cdiv(vocab, splits), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
+    splits = triton.cdiv(vocab, split_size)
+    lse_parts = lse_parts_out(splits)
+    if n_rows == 0:
+        return lse_parts
     for first in range(0, max(k, 1), MAX_TARGETS_PER_LAUNCH):
         count = min(MAX_TARGETS_PER_LAUNCH, k - first)
-        _linear_logprobs_fwd_kernel[grid](
+        _linear_logprobs_fwd_kernel[(row_blocks, splits)](
             hidden, hidden.stride(0), weight, weight.stride(0),
             bias if bias is not None else weight,
-            targets[:, first:], targets.stride(0), count, out[:, first:], out.stride(0), lse,
-            n_rows, vocab, hidden_size, 1.0 / temperature, softcap or 1.0, ignore_index,
+            targets[:, first:], targets.stride(0), count, picked[:, first:], picked.stride(0),
+            lse_parts, n_rows, vocab, hidden_size, split_size, 1.0 / temperature, softcap or 1.0,
             **_flags(hidden, bias, softcap), BLOCK_K=max(2, triton.next_power_of_2(count)),
             **tiles,
         )
+    return lse_parts
 
 
 def linear_logprobs_dlogits(hidden, weight, bias, targets, target_grad, coef, lse, dlogits,
