@@ -4,14 +4,8 @@ Importing the package registers the ``torch.ops.alignkern.*`` ops.
 """
 
 from ._backend import BACKENDS, backend_status, use_backend
-from .ops.linear_logprobs import (
-    LinearLogprobs,
-    SelfEvalScores,
-    linear_logprobs,
-    option_logprobs,
-    self_eval_scores,
-    sequence_logprobs,
-)
+from .ops.linear_logprobs import LinearLogprobs, linear_logprobs
+from .ops.scoring import SelfEvalScores, option_logprobs, self_eval_scores, sequence_logprobs
 from .ops.token_logprobs import TokenLogprobs, token_logprobs
 
 __version__ = "0.1.0"
