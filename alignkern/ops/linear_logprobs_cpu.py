@@ -48,19 +48,6 @@ def _local(ids: torch.Tensor, block: slice) -> tuple[torch.Tensor, torch.Tensor]
     return inside, torch.where(inside, ids - block.start, 0)
 
 
-def _tile_dlogits(logits, ids, block, target_grad, coef, lse, temperature) -> torch.Tensor:
-    """``(sum_k g_k [t_k = v] - coef * softmax(z)_v) / T`` over one tile, in one pass of the C++
-    token_logprobs backward. That kernel derives its coefficient from the targets it is given
-    (those inside the tile) minus ``grad_lse``; passing ``grad_lse = (sum of those g_k) - coef``
-    makes it use the row's full ``coef``. Ids outside the tile become -1, which is never a column."""
-    inside, column = _local(ids, block)
-    local_ids = torch.where(inside, column, -1)
-    local_grad = torch.where(inside, target_grad, 0.0)
-    grad_lse = local_grad.sum(-1) - coef
-    return _tokens._run_backward(local_grad, grad_lse, logits, local_ids, lse, temperature, -1,
-                                 "cpu")
-
-
 def forward(hidden, weight, ids, bias, temperature, softcap, ignore_index, acc):
     """``(out (N, K), lse (N,))``, as token_logprobs of the logits."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -92,15 +79,22 @@ def backward(target_grad, coef, hidden, weight, ids, bias, lse, temperature, sof
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=acc) if need_hidden else None
     grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
     grad_bias = torch.zeros((vocab,), dtype=acc) if need_bias else None
+    inv_t = 1.0 / temperature
     for rows, blocks in _tiles(n_rows, vocab, acc.itemsize):
         h, chunk_ids = hidden[rows].to(acc), ids[rows]
         for block in blocks:
-            logits = _logits_tile(h, weight, bias, block, softcap, acc)
-            dlogits = _tile_dlogits(logits, chunk_ids, block, target_grad[rows], coef[rows],
-                                    lse[rows], temperature)
+            dlogits = _logits_tile(h, weight, bias, block, softcap, acc)
+            squash = None
             if softcap is not None:  # d capped / d logits = 1 - tanh^2, from the capped values
-                dlogits.mul_(1.0 - logits.div_(softcap).square_())
-            del logits
+                squash = 1.0 - (dlogits / softcap).square_()
+            # softmax(z) from the saved LSE, in place: -coef * exp(z - lse)
+            dlogits.mul_(inv_t).sub_(lse[rows, None]).exp_().mul_(-coef[rows, None])
+            inside, column = _local(chunk_ids, block)
+            dlogits.scatter_add_(1, column, torch.where(inside, target_grad[rows], 0.0))
+            dlogits.mul_(inv_t)
+            if squash is not None:
+                dlogits.mul_(squash)
+                del squash
             if need_hidden:
                 grad_hidden[rows] += dlogits @ weight[block].to(acc)
             if need_weight:
