@@ -195,14 +195,12 @@ def _cuda_forward(hidden, weight, ids, bias, out, lse, temperature, softcap, ign
         )
 
 
-def _triton_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, temperature, softcap,
-                     ignore_index, need_hidden, need_weight, need_bias):
+def _triton_backward(target_grad, coef, hidden, weight, ids, bias, lse, temperature, softcap,
+                     need_hidden, need_weight, need_bias, acc):
+    """Same contract as ``linear_logprobs_cpu.backward``."""
     from ..triton_kernels import linear_logprobs as kernels
 
-    acc = _accumulation_dtype(hidden.dtype)
     n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
-    target_grad, coef = _target_gradients(grad_out, grad_lse, ids, vocab, ignore_index, acc)
-    lse = lse.to(acc).contiguous()
     # dlogits feed the GEMMs in the inputs' dtype (as in PyTorch's own backward); cuBLAS
     # accumulates in fp32 within a chunk.
     grad_hidden = hidden.new_empty((n_rows, hidden_size)) if need_hidden else None
@@ -263,18 +261,17 @@ def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temper
                   ignore_index, need_hidden, need_weight, need_bias, backend):
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
-    lse = lse.reshape(-1)
-    args = (grad_out, grad_lse, h, w, ids, bias, lse, temperature, softcap, ignore_index,
-            need_hidden, need_weight, need_bias and bias is not None)
+    acc = _accumulation_dtype(hidden.dtype)
+    lse = lse.reshape(-1).to(acc).contiguous()
+    need_bias = need_bias and bias is not None
     if backend == "reference":
-        grads = _reference_backward(*args)
-    elif backend == "cpu":
-        acc = _accumulation_dtype(hidden.dtype)
+        grads = _reference_backward(grad_out, grad_lse, h, w, ids, bias, lse, temperature, softcap,
+                                    ignore_index, need_hidden, need_weight, need_bias)
+    else:  # cuda's backward is the Triton path until a CUDA backward exists
         target_grad, coef = _target_gradients(grad_out, grad_lse, ids, w.shape[0], ignore_index, acc)
-        grads = _cpu.backward(target_grad, coef, h, w, ids, bias, lse.to(acc), temperature, softcap,
-                              need_hidden, need_weight, need_bias and bias is not None, acc)
-    else:  # triton, and cuda (whose backward is the Triton path until a CUDA backward exists)
-        grads = _triton_backward(*args)
+        implementation = _cpu.backward if backend == "cpu" else _triton_backward
+        grads = implementation(target_grad, coef, h, w, ids, bias, lse, temperature, softcap,
+                               need_hidden, need_weight, need_bias, acc)
     grad_hidden, grad_weight, grad_bias = grads
     return (
         _empty(hidden) if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(hidden.shape),
