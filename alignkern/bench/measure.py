@@ -59,6 +59,7 @@ def _cpu_peak_allocated(fn: Callable[[], object]) -> int:
 
 
 _MMAP_THRESHOLD_SET: list[bool] = []
+_LIBC: list = []
 
 
 def _resident_set_ready() -> bool:
@@ -73,6 +74,7 @@ def _resident_set_ready() -> bool:
             libc = ctypes.CDLL("libc.so.6")
             m_mmap_threshold = -3
             ok = libc.mallopt(m_mmap_threshold, 1 << 20) == 1
+            _LIBC.append(libc)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
         except (OSError, AttributeError):
@@ -93,6 +95,9 @@ def _cpu_peak_resident(fn: Callable[[], object]) -> int:
     """How far the resident set rose above its level before fn ran (VmHWM after resetting it).
     Sees every allocation, including inductor's and autograd's; small ones (< 1 MiB, served from
     the heap) can blur it by a few MiB."""
+    # Give free heap pages back first: otherwise a free inside fn can trim the heap, lower the
+    # resident set below `before` and hide that much of fn's own peak.
+    _LIBC[0].malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = _resident_kib("VmRSS")
