@@ -134,3 +134,94 @@ def sequence_logprobs(hidden, weight, targets, mask=None, reduction="sum", **kwa
     if reduction == "mean":
         return total / counted.sum(-1).clamp(min=1)
     return total
+
+
+def visible_keys(len_q: int, len_k: int, key_rank=None, query_rank=None, causal=False,
+                 device=None) -> torch.Tensor:
+    """``(1 or B, 1, Lq, Lk)`` bool: key j is visible to query i iff (causal ⇒ j <= i + Lk - Lq)
+    and (ranks given ⇒ key_rank_j <= query_rank_i)."""
+    i = torch.arange(len_q, device=device)[:, None]
+    j = torch.arange(len_k, device=device)[None, :]
+    visible = torch.ones(len_q, len_k, dtype=torch.bool, device=device)
+    if causal:
+        visible = visible & (j <= i + len_k - len_q)
+    visible = visible[None, None]
+    if key_rank is not None:
+        visible = visible & (key_rank[:, None, None, :] <= query_rank[:, None, :, None])
+    return visible
+
+
+def reward_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None = None,
+    key_rank: torch.Tensor | None = None,
+    query_rank: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with a key bias and a reward-ordering mask, materialised.
+
+    ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` (``Hq % Hkv == 0``), ``key_bias (B, Lk)`` or
+    ``(B, Hq, Lk)``, ranks ``(B, Lk)`` / ``(B, Lq)``. ``S = scale * q k^T + key_bias``, masked to the
+    visible keys (``visible_keys``). Returns ``out`` in q's dtype (0 for a row with no visible key)
+    and ``lse (B, Hq, Lq)`` (-inf for such a row), float32 or float64 for float64 inputs.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    keys = k.to(acc).repeat_interleave(group, dim=1)
+    values = v.to(acc).repeat_interleave(group, dim=1)
+    scores = scale * (q.to(acc) @ keys.transpose(-1, -2))
+    if key_bias is not None:
+        bias = key_bias.to(acc)
+        scores = scores + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :])
+    visible = visible_keys(q.shape[2], k.shape[2], key_rank, query_rank, causal, q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # Rows with no visible key: exp(-inf - 0) = 0 everywhere, so out = 0 and no NaN gradient.
+    safe_lse = torch.where(torch.isneginf(lse), 0.0, lse)
+    probs = torch.exp(scores - safe_lse[..., None])
+    return (probs @ values).to(q.dtype), lse
+
+
+def segment_bias(rewards: torch.Tensor, segment_ids: torch.Tensor, beta: float) -> torch.Tensor:
+    """``(B, L)``: ``beta * rewards[b, segment_ids[b, t]]``, 0 where the segment id is negative."""
+    inside = segment_ids >= 0
+    picked = torch.gather(rewards, 1, segment_ids.clamp(min=0).long())
+    return torch.where(inside, beta * picked, 0.0)
+
+
+def reward_attention_backward(grad_out, grad_lse, q, k, v, key_bias=None, key_rank=None,
+                              query_rank=None, causal=False, scale=None):
+    """Closed-form gradients of ``reward_attention``: ``(dq, dk, dv, dbias)`` with dbias per query
+    head ``(B, Hq, Lk)`` (sum over heads for a shared bias), all in the accumulation dtype.
+
+    ``dS = P * (dO v^T - rowsum(dO * O) + dlse)``, ``dq = scale dS k``, ``dk = scale dS^T q``,
+    ``dv = P^T dO`` (summed over the query heads of each kv head), ``dbias = sum_i dS``."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    keys = k.to(acc).repeat_interleave(group, dim=1)
+    values = v.to(acc).repeat_interleave(group, dim=1)
+    scores = scale * (q.to(acc) @ keys.transpose(-1, -2))
+    if key_bias is not None:
+        bias = key_bias.to(acc)
+        scores = scores + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :])
+    visible = visible_keys(q.shape[2], k.shape[2], key_rank, query_rank, causal, q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+    d_out = grad_out.to(acc)
+    out = probs @ values
+    delta = (d_out * out).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc)
+    d_scores = probs * (d_out @ values.transpose(-1, -2) - delta[..., None])
+    batch, heads_q, _, head_dim = q.shape
+    dq = scale * (d_scores @ keys)
+    dk = scale * (d_scores.transpose(-1, -2) @ q.to(acc))
+    dv = probs.transpose(-1, -2) @ d_out
+    regroup = (batch, k.shape[1], group, k.shape[2], head_dim)
+    return dq, dk.reshape(regroup).sum(2), dv.reshape(regroup).sum(2), d_scores.sum(2)
