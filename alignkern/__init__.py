@@ -5,6 +5,7 @@ Importing the package registers the ``torch.ops.alignkern.*`` ops.
 
 from ._backend import BACKENDS, backend_status, use_backend
 from .ops.linear_logprobs import LinearLogprobs, linear_logprobs
+from .ops.reward_attention import RewardAttention, reward_attention, segment_bias
 from .ops.scoring import SelfEvalScores, option_logprobs, self_eval_scores, sequence_logprobs
 from .ops.token_logprobs import TokenLogprobs, token_logprobs
 
@@ -13,11 +14,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "LinearLogprobs",
+    "RewardAttention",
     "SelfEvalScores",
     "TokenLogprobs",
     "backend_status",
     "linear_logprobs",
     "option_logprobs",
+    "reward_attention",
+    "segment_bias",
     "self_eval_scores",
     "sequence_logprobs",
     "token_logprobs",

@@ -39,7 +39,8 @@ def info() -> str:
                  f"{_backend.default_backend(torch.device(device))}")
     lines.append("backward passes: token_logprobs runs its backward on the forward's backend;")
     lines.append("  linear_logprobs too, except the cuda backend (CUDA forward only), whose backward")
-    lines.append("  runs the Triton kernels (deterministic: dlogits per row chunk + two GEMMs)")
+    lines.append("  runs the Triton kernels (deterministic: dlogits per row chunk + two GEMMs);")
+    lines.append("  reward_attention likewise: cuda forward, Triton backward (deterministic dbias)")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "linear_logprobs.h"
+#include "reward_attention.h"
 #include "token_logprobs.h"
 
 namespace py = pybind11;
@@ -26,12 +27,18 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd_cpu", &alignkern::token_logprobs_bwd_cpu,
         py::call_guard<py::gil_scoped_release>());
+  m.def("reward_attention_fwd_cpu", &alignkern::reward_attention_fwd_cpu,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("reward_attention_bwd_cpu", &alignkern::reward_attention_bwd_cpu,
+        py::call_guard<py::gil_scoped_release>());
 #ifdef ALIGNKERN_WITH_CUDA
   m.def("token_logprobs_fwd_cuda", &alignkern::token_logprobs_fwd_cuda,
         py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd_cuda", &alignkern::token_logprobs_bwd_cuda,
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_logprobs_fwd_cuda", &alignkern::linear_logprobs_fwd_cuda,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("reward_attention_fwd_cuda", &alignkern::reward_attention_fwd_cuda,
         py::call_guard<py::gil_scoped_release>());
 #endif
 }

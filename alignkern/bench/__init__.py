@@ -11,9 +11,11 @@ import torch
 
 from . import linear_logprobs as linear_logprobs_cases
 from . import measure, report
+from . import reward_attention as reward_attention_cases
 from . import token_logprobs as token_logprobs_cases
 
-FAMILIES = {"token_logprobs": token_logprobs_cases, "linear_logprobs": linear_logprobs_cases}
+FAMILIES = {"token_logprobs": token_logprobs_cases, "linear_logprobs": linear_logprobs_cases,
+            "reward_attention": reward_attention_cases}
 OPS = tuple(FAMILIES)
 
 

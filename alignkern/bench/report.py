@@ -16,7 +16,8 @@ CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20",
               "device", "torch", "triton", "git_sha", "timestamp"]
 CEILING = "read-ceiling"  # the provider that times a plain read: a ceiling, not a peer
 FLOOR = "matmul-floor"  # the provider that times the bare GEMMs: a floor, not a peer
-BOUNDS = (CEILING, FLOOR)
+FLASH = "flash-ceiling"  # SDPA without bias or mask: a speed ceiling, not a peer
+BOUNDS = (CEILING, FLOOR, FLASH)
 
 
 def device_name(device: torch.device) -> str:
@@ -71,12 +72,15 @@ def _bound(results, result):
 
 
 def _versus_bound(results, result) -> str:
-    """'87% of read': share of a plain read's bandwidth; '1.21x floor': time over the GEMMs."""
+    """'87% of read': share of a plain read's bandwidth; '1.21x floor': time over the GEMMs;
+    '92% of flash': speed as a share of attention without bias or mask."""
     bound = _bound(results, result)
     if bound is None:
         return ""
     if bound.provider == CEILING:
         return f"{100 * result.gbps / bound.gbps:.0f}% of read"
+    if bound.provider == FLASH:
+        return f"{100 * bound.ms[0] / result.ms[0]:.0f}% of flash"
     return f"{result.ms[0] / bound.ms[0]:.2f}x floor"
 
 
@@ -184,7 +188,7 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
         lambda: defaultdict(list))
     for r in results:
         if r.ms is not None:
-            series = re.sub(r"\s*V=\d+", "", r.config)  # the swept size is the x axis
+            series = re.sub(r"\s*[VL]=\d+", "", r.config)  # the swept size is the x axis
             value = r.tflops if r.flops else r.gbps
             panels[(r.kernel, r.mode, series)][r.provider].append((r.x, value))
     if not panels:
@@ -195,8 +199,8 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=provider)
         ax.set_title(f"{kernel} {mode}\n{series}", fontsize=8)
-        ax.set_xlabel("vocabulary size V")
-        ax.set_ylabel("TFLOP/s" if kernel == "linear_logprobs" else "GB/s (compulsory traffic)")
+        ax.set_xlabel("sequence length L" if kernel == "reward_attention" else "vocabulary size V")
+        ax.set_ylabel("GB/s (compulsory traffic)" if kernel == "token_logprobs" else "TFLOP/s")
         ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
