@@ -168,8 +168,16 @@ def reward_attention(
     visible keys (``visible_keys``). Returns ``out`` in q's dtype (0 for a row with no visible key)
     and ``lse (B, Hq, Lq)`` (-inf for such a row), float32 or float64 for float64 inputs.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys, values, probs, lse = _attention_probabilities(q, k, v, key_bias, key_rank, query_rank,
+                                                        causal, scale)
+    return (probs @ values).to(q.dtype), lse
+
+
+def _attention_probabilities(q, k, v, key_bias, key_rank, query_rank, causal, scale):
+    """(keys, values, P, lse): k and v repeated over each kv head's query heads, and the
+    probabilities P (B, Hq, Lq, Lk), all in the accumulation dtype."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     keys = k.to(acc).repeat_interleave(group, dim=1)
     values = v.to(acc).repeat_interleave(group, dim=1)
@@ -182,8 +190,7 @@ def reward_attention(
     lse = torch.logsumexp(scores, dim=-1)
     # Rows with no visible key: exp(-inf - 0) = 0 everywhere, so out = 0 and no NaN gradient.
     safe_lse = torch.where(torch.isneginf(lse), 0.0, lse)
-    probs = torch.exp(scores - safe_lse[..., None])
-    return (probs @ values).to(q.dtype), lse
+    return keys, values, torch.exp(scores - safe_lse[..., None]), lse
 
 
 def segment_bias(rewards: torch.Tensor, segment_ids: torch.Tensor, beta: float) -> torch.Tensor:
@@ -203,16 +210,8 @@ def reward_attention_backward(grad_out, grad_lse, q, k, v, key_bias=None, key_ra
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
-    keys = k.to(acc).repeat_interleave(group, dim=1)
-    values = v.to(acc).repeat_interleave(group, dim=1)
-    scores = scale * (q.to(acc) @ keys.transpose(-1, -2))
-    if key_bias is not None:
-        bias = key_bias.to(acc)
-        scores = scores + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :])
-    visible = visible_keys(q.shape[2], k.shape[2], key_rank, query_rank, causal, q.device)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+    keys, values, probs, _ = _attention_probabilities(q, k, v, key_bias, key_rank, query_rank,
+                                                      causal, scale)
     d_out = grad_out.to(acc)
     out = probs @ values
     delta = (d_out * out).sum(-1)
