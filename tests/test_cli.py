@@ -24,16 +24,16 @@ def test_module_entry_point_runs():
 def test_bench_quick_writes_csv_and_table(tmp_path, capsys):
     assert main(["bench", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--no-plot",
                  "--no-progress", "--providers", "torch-eager", "read-ceiling",
-                 "matmul-floor"]) == 0
+                 "matmul-floor", "flash-ceiling"]) == 0
     printed = capsys.readouterr().out
     assert "alignkern bench on cpu" in printed and "torch-eager" in printed
     with open(tmp_path / "cpu.csv") as f:
         rows = list(csv.DictReader(f))
     providers = {r["provider"] for r in rows}
     assert {"alignkern", "torch-eager", "read-ceiling", "matmul-floor"} <= providers
-    assert {r["kernel"] for r in rows} == {"token_logprobs", "linear_logprobs"}
+    assert {r["kernel"] for r in rows} == {"token_logprobs", "linear_logprobs", "reward_attention"}
     assert {r["unit"] for r in rows if r["kernel"] == "linear_logprobs"} >= {"ms", "TFLOP/s", "MiB"}
-    assert "x floor" in printed and "% of read" in printed
+    assert "x floor" in printed and "% of read" in printed and "% of flash" in printed
     times = [r for r in rows if r["metric"] == "time" and r["provider"] == "alignkern"]
     assert {r["mode"] for r in times} == {"fwd", "fwd+bwd"}
     assert all(float(r["p50"]) > 0 for r in times)
