@@ -3,6 +3,7 @@
 Importing the package registers the ``torch.ops.alignkern.*`` ops.
 """
 
+from . import losses
 from ._backend import BACKENDS, backend_status, use_backend
 from .ops.linear_logprobs import LinearLogprobs, linear_logprobs
 from .ops.reward_attention import RewardAttention, reward_attention, segment_bias
@@ -18,6 +19,7 @@ __all__ = [
     "SelfEvalScores",
     "TokenLogprobs",
     "backend_status",
+    "losses",
     "linear_logprobs",
     "option_logprobs",
     "reward_attention",

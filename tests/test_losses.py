@@ -1,0 +1,244 @@
+"""alignkern.losses against independent float64 formulas, brute force and the unfused composition."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import alignkern
+from alignkern import losses, reference
+
+
+def _sigmoid_log(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+# ----------------------------------------------------------------------------- Bradley-Terry, DPO
+
+
+def test_bradley_terry_matches_formula_and_gradients():
+    chosen = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    rejected = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    out = losses.bradley_terry_loss(chosen, rejected, margin=0.3, reduction="none")
+    expected = [-_sigmoid_log(c - r - 0.3) for c, r in zip(chosen.tolist(), rejected.tolist())]
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64))
+    grad = torch.randn(7, dtype=torch.float64)
+    dc, dr = torch.autograd.grad(out, (chosen, rejected), grad)
+    sig = torch.sigmoid(-(chosen - rejected - 0.3)).detach()
+    torch.testing.assert_close(dc, -grad * sig)
+    torch.testing.assert_close(dr, grad * sig)
+    torch.testing.assert_close(losses.bradley_terry_loss(chosen, rejected, margin=0.3),
+                               out.mean())
+
+
+@pytest.mark.parametrize("loss_type", losses.DPO_LOSS_TYPES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_dpo_loss_matches_trl_formulas(loss_type, label_smoothing):
+    pc, pr, rc, rr = (torch.randn(6, dtype=torch.float64, requires_grad=i < 2) for i in range(4))
+    beta = 0.3
+    result = losses.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, reduction="none")
+    for i in range(6):
+        h = (pc[i] - rc[i] - (pr[i] - rr[i])).item()
+        ls = label_smoothing
+        want = {
+            "sigmoid": -(1 - ls) * _sigmoid_log(beta * h) - ls * _sigmoid_log(-beta * h),
+            "robust": (-(1 - ls) * _sigmoid_log(beta * h) + ls * _sigmoid_log(-beta * h))
+            / (1 - 2 * ls),
+            "hinge": max(0.0, 1 - beta * h),
+            "ipo": (h - 1 / (2 * beta)) ** 2,
+        }[loss_type]
+        assert result.loss[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+        assert result.chosen_rewards[i].item() == pytest.approx(beta * (pc[i] - rc[i]).item())
+        assert result.rejected_rewards[i].item() == pytest.approx(beta * (pr[i] - rr[i]).item())
+    torch.testing.assert_close(result.margins, result.chosen_rewards - result.rejected_rewards)
+    assert torch.equal(result.accuracies,
+                       (result.chosen_rewards > result.rejected_rewards).double())
+    assert not result.chosen_rewards.requires_grad
+    grad = torch.randn(6, dtype=torch.float64)
+    got = torch.autograd.grad(result.loss, (pc, pr), grad)
+    numeric = [x.detach().clone().requires_grad_(True) for x in (pc, pr)]
+    again = losses.dpo_loss(*numeric, rc, rr, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing, reduction="none")
+    want = torch.autograd.grad(again.loss, numeric, grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda a, b: losses.dpo_loss(a, b, rc, rr, beta=beta, loss_type=loss_type,
+                                     label_smoothing=label_smoothing, reduction="none").loss,
+        (pc.detach().requires_grad_(True), pr.detach().requires_grad_(True)),
+    )
+
+
+def test_dpo_errors():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\), got 0.5 \(robust"):
+        losses.dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="loss_type must be one of.*got 'kto'"):
+        losses.dpo_loss(x, x, x, x, loss_type="kto")
+    with pytest.raises(ValueError, match=r"shapes must match.*policy_rejected \(4,\)"):
+        losses.dpo_loss(x, torch.zeros(4), x, x)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        losses.dpo_loss(x, x, x, x, reduction="avg")
+    with pytest.raises(ValueError, match="beta must be positive"):
+        losses.dpo_loss(x, x, x, x, beta=0.0)
+
+
+# ----------------------------------------------------------------------------- fused DPO
+
+
+def _dpo_inputs(batch=3, length=6, hidden=24, vocab=97, dtype=torch.float32):
+    h = torch.randn(2 * batch, length, hidden, dtype=dtype, device=DEVICE)
+    w = (torch.randn(vocab, hidden, dtype=dtype) / hidden**0.5).to(DEVICE)
+    targets = torch.randint(0, vocab, (2 * batch, length), device=DEVICE)
+    mask = torch.rand(2 * batch, length, device=DEVICE) > 0.2
+    return h, w, targets, mask
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_fused_linear_dpo_matches_the_unfused_composition(loss_type):
+    h, w, targets, mask = _dpo_inputs()
+    ref_h, ref_w = h + 0.1 * torch.randn_like(h), w + 0.05 * torch.randn_like(w)
+    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    fused = losses.fused_linear_dpo_loss(*leaves, targets, mask, ref_hidden=ref_h,
+                                         ref_weight=ref_w, beta=0.2, loss_type=loss_type,
+                                         average_log_prob=loss_type == "ipo")
+    grads = torch.autograd.grad(fused.loss, leaves)
+
+    dl = [h.double().requires_grad_(True), w.double().requires_grad_(True)]
+    reduction = "mean" if loss_type == "ipo" else "sum"
+    policy = reference.sequence_logprobs(*dl, targets, mask, reduction=reduction)
+    ref = reference.sequence_logprobs(ref_h.double(), ref_w.double(), targets, mask,
+                                      reduction=reduction)
+    unfused = losses.dpo_loss(policy[:3], policy[3:], ref[:3], ref[3:], beta=0.2,
+                              loss_type=loss_type)
+    want = torch.autograd.grad(unfused.loss, dl)
+    torch.testing.assert_close(fused.loss.double(), unfused.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.margins.double(), unfused.margins, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_dpo_with_precomputed_reference_and_errors():
+    h, w, targets, mask = _dpo_inputs()
+    ref_logps = torch.randn(6, device=DEVICE)
+    out = losses.fused_linear_dpo_loss(h, w, targets, mask, ref_logps=ref_logps,
+                                       reduction="none")
+    policy = alignkern.sequence_logprobs(h, w, targets, mask)
+    expected = losses.dpo_loss(policy[:3], policy[3:], ref_logps[:3], ref_logps[3:],
+                               reduction="none")
+    torch.testing.assert_close(out.loss, expected.loss)
+    with pytest.raises(ValueError, match="exactly one of ref_logps or ref_hidden"):
+        losses.fused_linear_dpo_loss(h, w, targets, mask)
+    with pytest.raises(ValueError, match=r"hidden must be \(2B, T, H\)"):
+        losses.fused_linear_dpo_loss(h[:5], w, targets[:5], mask[:5], ref_logps=ref_logps[:5])
+    with pytest.raises(ValueError, match=r"ref_logps must have shape \(6,\), got \(4,\)"):
+        losses.fused_linear_dpo_loss(h, w, targets, mask, ref_logps=torch.zeros(4))
+
+
+# ----------------------------------------------------------------------------- Plackett-Luce
+
+
+def _brute_force_plackett_luce(scores, rewards, mask):
+    """-log of the product of sequential softmax choices, in the order of decreasing reward
+    (ties: lower index first), over the candidates the mask keeps."""
+    kept = [i for i in range(len(scores)) if mask[i]]
+    order = sorted(kept, key=lambda i: (-rewards[i], i))
+    total = 0.0
+    for position, chosen in enumerate(order):
+        remaining = order[position:]
+        top = max(scores[j] for j in remaining)
+        total += -(scores[chosen] - top - math.log(sum(math.exp(scores[j] - top)
+                                                        for j in remaining)))
+    return total
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+def test_plackett_luce_matches_brute_force_with_ties_and_masks(n):
+    torch.manual_seed(n)
+    scores = torch.randn(4, n, dtype=torch.float64, requires_grad=True)
+    rewards = torch.randint(0, 3, (4, n)).double()  # ties
+    mask = torch.rand(4, n) > 0.3
+    mask[0] = True
+    out = losses.plackett_luce_loss(scores, rewards, mask, reduction="none")
+    for b in range(4):
+        want = _brute_force_plackett_luce(scores[b].tolist(), rewards[b].tolist(),
+                                          mask[b].tolist())
+        assert out[b].item() == pytest.approx(want, rel=1e-10, abs=1e-10)
+    grad = torch.randn(4, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, scores, grad)
+    assert (got[~mask] == 0).all(), "masked candidates get no gradient"
+    assert torch.autograd.gradcheck(
+        lambda s: losses.plackett_luce_loss(s, rewards, mask, reduction="none"),
+        (scores.detach().requires_grad_(True),))
+
+
+def test_plackett_luce_every_permutation_probability_sums_to_one():
+    """exp(-loss) over all orderings of 4 candidates is a probability distribution."""
+    scores = torch.randn(4, dtype=torch.float64)
+    total = sum(math.exp(-losses.plackett_luce_loss(scores, torch.tensor(perm).double()).item())
+                for perm in itertools.permutations(range(4)))
+    assert total == pytest.approx(1.0, rel=1e-12)
+
+
+def test_plackett_luce_4096_candidates_is_instant():
+    scores = torch.randn(8, 4096, requires_grad=True)
+    rewards = torch.randn(8, 4096)
+    start = time.perf_counter()
+    loss = losses.plackett_luce_loss(scores, rewards)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    assert math.isfinite(loss.item()) and elapsed < 5.0, f"took {elapsed:.2f} s"
+
+
+def test_plackett_luce_errors():
+    with pytest.raises(ValueError, match=r"shapes must match, got scores \(2, 3\), rewards \(2, 4\)"):
+        losses.plackett_luce_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"scores must be \(N,\) or \(B, N\)"):
+        losses.plackett_luce_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- SCoRe and metrics
+
+
+def test_score_shaping():
+    r1, r2 = torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(losses.score_shaping(r1, r2, alpha=10.0),
+                               torch.tensor([11.0, 1.0, -10.0, 0.0]))
+
+
+def test_self_correction_metrics():
+    r1 = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0])
+    r2 = torch.tensor([1, 1, 0, 0, 1, 1, 0, 1])
+    m = losses.self_correction_metrics(r1, r2)
+    assert m.acc_t1.item() == pytest.approx(3 / 8) and m.acc_t2.item() == pytest.approx(5 / 8)
+    assert m.delta.item() == pytest.approx(2 / 8)
+    assert m.delta_i_to_c.item() == pytest.approx(3 / 8)
+    assert m.delta_c_to_i.item() == pytest.approx(1 / 8)
+    assert m.delta.item() == pytest.approx(m.delta_i_to_c.item() - m.delta_c_to_i.item())
+    with pytest.raises(ValueError, match="r2 must be a non-empty tensor of correctness values"):
+        losses.self_correction_metrics(r1.float(), r2.float() * 0.5)
+
+
+def test_preference_distinguishability():
+    torch.manual_seed(1)
+    positive = torch.randn(50, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 3.0
+    negative = torch.randn(70, 3, dtype=torch.float64)
+    features = torch.cat([positive, negative])
+    labels = torch.cat([torch.ones(50), torch.zeros(70)]).bool()
+    d = losses.preference_distinguishability(features, labels)
+    cov = [torch.cov(x.T, correction=0) for x in (positive, negative)]
+    assert d.mean_distance.item() == pytest.approx(
+        (positive.mean(0) - negative.mean(0)).norm().item())
+    assert d.concentration.item() == pytest.approx(
+        max(torch.linalg.eigvalsh(c).max().item() for c in cov))
+    assert d.trace.item() == pytest.approx(max(c.trace().item() for c in cov))
+    with pytest.raises(ValueError, match="labels must contain both classes"):
+        losses.preference_distinguishability(features, torch.ones(120).bool())
+    with pytest.raises(ValueError, match=r"features must be \(N, d\) and labels \(N,\)"):
+        losses.preference_distinguishability(features, labels[:5])
