@@ -8,6 +8,7 @@ does that step for you.
   dpo_loss                 DPO and its IPO / hinge / robust variants, with TRL's logged metrics
   fused_linear_dpo_loss    DPO from hidden states and the LM head (chosen rows, then rejected)
   plackett_luce_loss       the listwise ranking loss, O(N log N)
+  linear_kl                per-token KL(pi || pi_ref) from hidden states, no logits (ops/linear_kl)
   score_shaping            SCoRe's second-attempt reward
   self_correction_metrics  Acc@t1, Acc@t2, delta, delta i->c, delta c->i as SCoRe reports them
   preference_distinguishability  Im & Li's quantities that predict what DPO learns first
@@ -20,7 +21,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .ops.linear_kl import linear_kl
 from .ops.scoring import sequence_logprobs
+
+__all__ = ["bradley_terry_loss", "dpo_loss", "fused_linear_dpo_loss", "plackett_luce_loss",
+           "linear_kl", "score_shaping", "self_correction_metrics",
+           "preference_distinguishability", "DPOOutput", "SelfCorrectionMetrics",
+           "Distinguishability"]
 
 REDUCTIONS = ("mean", "sum", "none")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")

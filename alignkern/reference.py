@@ -224,3 +224,11 @@ def reward_attention_backward(grad_out, grad_lse, q, k, v, key_bias=None, key_ra
     dv = probs.transpose(-1, -2) @ d_out
     regroup = (batch, k.shape[1], group, k.shape[2], head_dim)
     return dq, dk.reshape(regroup).sum(2), dv.reshape(regroup).sum(2), d_scores.sum(2)
+
+
+def linear_kl(hidden, weight, ref_hidden, ref_weight, temperature=1.0):
+    """Per-row ``KL(pi || pi_ref)`` with ``pi = softmax(hidden @ weight.T / T)`` and ``pi_ref``
+    likewise from the reference side; ``(...)`` float32 (float64 for float64 inputs)."""
+    log_p = torch.log_softmax(linear_logits(hidden, weight) / temperature, dim=-1)
+    log_q = torch.log_softmax(linear_logits(ref_hidden, ref_weight) / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, available_backends
 
 import alignkern
 from alignkern import losses, reference
@@ -242,3 +242,122 @@ def test_preference_distinguishability():
         losses.preference_distinguishability(features, torch.ones(120).bool())
     with pytest.raises(ValueError, match=r"features must be \(N, d\) and labels \(N,\)"):
         losses.preference_distinguishability(features, labels[:5])
+
+
+# ----------------------------------------------------------------------------- linear_kl
+
+BACKENDS = available_backends()
+KL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+
+
+def _kl_inputs(lead=(3, 7), hidden=40, ref_hidden=33, vocab=1029, dtype=torch.float32):
+    h = torch.randn(*lead, hidden, dtype=torch.float64).to(dtype).to(DEVICE)
+    w = (torch.randn(vocab, hidden, dtype=torch.float64) / 6).to(dtype).to(DEVICE)
+    rh = torch.randn(*lead, ref_hidden, dtype=torch.float64).to(dtype).to(DEVICE)
+    rw = (torch.randn(vocab, ref_hidden, dtype=torch.float64) / 6).to(dtype).to(DEVICE)
+    return h, w, rh, rw
+
+
+def _kl_reference_grads(h, w, rh, rw, grad, **kw):
+    hd, wd = (x.detach().double().requires_grad_(True) for x in (h, w))
+    kl = reference.linear_kl(hd, wd, rh.double(), rw.double(), **kw)
+    return kl, torch.autograd.grad(kl, (hd, wd), grad.double())
+
+
+def _scaled_error(actual, expected):
+    return ((actual.double().cpu() - expected.cpu()).abs().max()
+            / expected.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_linear_kl_matches_reference_with_random_upstream_gradient(backend, dtype):
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is not a GPU dtype here")
+    h, w, rh, rw = _kl_inputs(dtype=dtype)
+    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    with alignkern.use_backend(backend):
+        kl = losses.linear_kl(*leaves, rh, rw, temperature=0.8)
+    grad = torch.randn_like(kl)
+    got = torch.autograd.grad(kl, leaves, grad)
+    ref_kl, want = _kl_reference_grads(h, w, rh, rw, grad, temperature=0.8)
+    assert kl.shape == (3, 7) and (kl > -1e-5).all()
+    assert _scaled_error(kl, ref_kl) < 2e-5
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        assert _scaled_error(g, r) < KL_TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
+def test_linear_kl_many_tiles_mask_and_identity(backend, monkeypatch):
+    from alignkern.ops import linear_logprobs_cpu
+
+    monkeypatch.setattr(linear_logprobs_cpu, "TILE_BYTES", 8 * 50 * 4)
+    monkeypatch.setattr(linear_logprobs_cpu, "MAX_TILE_ROWS", 8)
+    h, w, rh, rw = _kl_inputs(lead=(37,))
+    mask = torch.rand(37, device=DEVICE) > 0.3
+    x = h.clone().requires_grad_(True)
+    with alignkern.use_backend(backend):
+        kl = losses.linear_kl(x, w, rh, rw, mask)
+        same = losses.linear_kl(h, w, h, w)
+    grad = torch.randn_like(kl)
+    (got,) = torch.autograd.grad(kl, x, grad)
+    ref_kl, (want, _) = _kl_reference_grads(h, w, rh, rw, grad * mask)
+    assert _scaled_error(kl, torch.where(mask.cpu(), ref_kl.cpu(), 0.0)) < 2e-5
+    assert _scaled_error(got, want) < 2e-5
+    assert (got[~mask] == 0).all()
+    assert same.abs().max() < 1e-5, "KL of a distribution with itself is 0"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_kl_opcheck_and_compile(backend):
+    h, w, rh, rw = _kl_inputs(lead=(5,), vocab=50)
+    torch.library.opcheck(torch.ops.alignkern.linear_kl.default,
+                          (h.clone().requires_grad_(True), w.clone().requires_grad_(True), rh, rw,
+                           0.9, backend))
+    kl, lse, expect = torch.ops.alignkern.linear_kl(h, w, rh, rw, 0.9, backend)
+    for need in (True, False):
+        torch.library.opcheck(torch.ops.alignkern.linear_kl_backward.default,
+                              (torch.randn_like(kl), h, w, rh, rw, lse, expect, 0.9, need,
+                               backend))
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def kl_loss(hh, ww):
+        return losses.linear_kl(hh, ww, rh, rw, temperature=0.9).sum()
+
+    x = h.clone().requires_grad_(True)
+    with alignkern.use_backend(backend):
+        kl_loss(x, w).backward()
+    _, (want, _) = _kl_reference_grads(h, w, rh, rw, torch.ones(5), temperature=0.9)
+    assert _scaled_error(x.grad, want) < 2e-5
+
+
+def test_linear_kl_errors():
+    h, w, rh, rw = _kl_inputs(lead=(4,), vocab=50)
+    with pytest.raises(ValueError, match="share a non-empty vocabulary, got V = 50 and 49"):
+        losses.linear_kl(h, w, rh, rw[:49])
+    with pytest.raises(ValueError, match=r"hidden size mismatch: ref_hidden \(4, 33\) vs ref_weight"):
+        losses.linear_kl(h, w, rh, w)
+    with pytest.raises(ValueError, match="same leading shape"):
+        losses.linear_kl(h, w, rh[:3], rw)
+    with pytest.raises(TypeError, match=r"ref_weight must have hidden's dtype \(torch.float32\)"):
+        losses.linear_kl(h, w, rh, rw.double())
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        losses.linear_kl(h, w, rh, rw, temperature=0.0)
+    with pytest.raises(ValueError, match=r"mask must have shape \(4,\), got \(3,\)"):
+        losses.linear_kl(h, w, rh, rw, torch.ones(3, dtype=torch.bool))
+
+
+def test_linear_kl_cpu_memory_stays_a_fraction_of_two_logits_tensors():
+    """N = 2048, H = 64, V = 131072: each side's float32 logits would take 1 GiB."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend unavailable")
+    from alignkern.bench import measure
+
+    h = torch.randn(2048, 64)
+    w = torch.randn(131072, 64) / 8
+    with alignkern.use_backend("cpu"):
+        peak = measure.peak_memory_bytes(lambda: losses.linear_kl(h, w, h, w * 1.1),
+                                         torch.device("cpu"))
+    assert peak < 2**30 / 8, f"forward allocated {peak / 2**20:.1f} MiB"

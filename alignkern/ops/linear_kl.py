@@ -1,0 +1,254 @@
+"""``linear_kl``: per-token ``KL(pi || pi_ref)`` with both distributions from hidden states and LM
+heads in one pass over the vocabulary, never materialising either ``(N, V)`` logits tensor.
+
+Registered ops:
+  ``alignkern::linear_kl(hidden, weight, ref_hidden, ref_weight, temperature, backend)
+  -> (kl, lse, expect)`` with ``lse`` the policy's log-sum-exp and ``expect = E_pi[z - y]``
+  (saved for the backward);
+  ``alignkern::linear_kl_backward(grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect,
+  temperature, need_weight_grad, backend) -> (dhidden, dweight)``.
+Only the policy side is differentiable. Backends: ``triton`` (and ``cuda``, which runs the Triton
+kernels here), ``cpu`` (BLAS over tiles of at most 16 MiB of logits per side), ``reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend, reference
+from . import linear_logprobs_cpu as _tiles_cpu
+from .linear_logprobs import SUPPORTED_DTYPES, _accumulation_dtype, _as_matrix, _row_chunks
+
+GPU_CHUNK_BYTES = 256 * 2**20
+
+
+def _validate(hidden, weight, ref_hidden, ref_weight, mask, temperature) -> None:
+    name = "linear_kl"
+    for arg, value in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden),
+                       ("ref_weight", ref_weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: {arg} must be float32, float16, bfloat16 or float64, got "
+                            f"{value.dtype}")
+        if value.dtype != hidden.dtype:
+            raise TypeError(f"{name}: {arg} must have hidden's dtype ({hidden.dtype}), got "
+                            f"{value.dtype}")
+        if value.device != hidden.device:
+            raise ValueError(f"{name}: all tensors must be on the same device, got hidden on "
+                             f"{hidden.device} and {arg} on {value.device}")
+    for side, h, w in (("", hidden, weight), ("ref_", ref_hidden, ref_weight)):
+        if w.dim() != 2:
+            raise ValueError(f"{name}: {side}weight must be the 2-D LM head (V, H), got shape "
+                             f"{tuple(w.shape)}")
+        if h.dim() < 1 or h.shape[-1] != w.shape[1]:
+            raise ValueError(f"{name}: hidden size mismatch: {side}hidden {tuple(h.shape)} vs "
+                             f"{side}weight {tuple(w.shape)}")
+    if weight.shape[0] != ref_weight.shape[0] or weight.shape[0] == 0:
+        raise ValueError(f"{name}: weight and ref_weight must share a non-empty vocabulary, got "
+                         f"V = {weight.shape[0]} and {ref_weight.shape[0]}")
+    if hidden.shape[:-1] != ref_hidden.shape[:-1]:
+        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} and ref_hidden "
+                         f"{tuple(ref_hidden.shape)} must have the same leading shape")
+    if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{name}: mask must have shape {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(mask.shape)}")
+    if not (0 < temperature < math.inf):
+        raise ValueError(f"{name}: temperature must be positive and finite, got {temperature}")
+
+
+def _check_backend(backend: str, hidden: torch.Tensor) -> str:
+    if backend == "auto":
+        return _backend.resolve_backend(hidden.device)
+    reason = _backend.unavailable_reason(backend, hidden.device)
+    if reason is not None:
+        raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
+    return backend
+
+
+# ----------------------------------------------------------------------------- cpu
+
+
+def _cpu_tile(h, w, rh, rw, block, temperature, acc):
+    z = _tiles_cpu._logits_tile(h, w, None, block, None, acc).div_(temperature)
+    y = _tiles_cpu._logits_tile(rh, rw, None, block, None, acc).div_(temperature)
+    return z, y
+
+
+def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
+    """Per tile: lse of z and y, and E_tile = sum softmax_tile(z) (z - y); merged across tiles
+    with weights exp(lse_tile - lse)."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    kl, lse, expect = (torch.empty(n_rows, dtype=acc) for _ in range(3))
+    for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
+        h, rh = hidden[rows].to(acc), ref_hidden[rows].to(acc)
+        z_parts, y_parts, e_parts = [], [], []
+        for block in blocks:
+            z, y = _cpu_tile(h, weight, rh, ref_weight, block, temperature, acc)
+            z_lse = torch.logsumexp(z, -1)
+            z_parts.append(z_lse)
+            y_parts.append(torch.logsumexp(y, -1))
+            e_parts.append((torch.exp(z - z_lse[:, None]) * (z - y)).sum(-1))
+        z_lse, y_lse = (torch.logsumexp(torch.stack(p), 0) for p in (z_parts, y_parts))
+        weights = torch.exp(torch.stack(z_parts) - z_lse)
+        expect[rows] = (weights * torch.stack(e_parts)).sum(0)
+        lse[rows] = z_lse
+        kl[rows] = expect[rows] - z_lse + y_lse
+    return kl, lse, expect
+
+
+def _cpu_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, temperature,
+                  need_weight, acc):
+    n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
+    grad_hidden = torch.zeros((n_rows, hidden_size), dtype=acc)
+    grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
+    for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
+        h, rh = hidden[rows].to(acc), ref_hidden[rows].to(acc)
+        for block in blocks:
+            z, y = _cpu_tile(h, weight, rh, ref_weight, block, temperature, acc)
+            dz = torch.exp(z - lse[rows, None]).mul_(z.sub_(y).sub_(expect[rows, None]))
+            dz.mul_(grad[rows, None] / temperature)
+            grad_hidden[rows] += dz @ weight[block].to(acc)
+            if need_weight:
+                grad_weight[block] += dz.T @ h
+    return grad_hidden, grad_weight
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+def _triton_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
+    from ..triton_kernels import linear_kl as kernels
+
+    kl, lse, expect = (torch.full((hidden.shape[0],), math.nan, dtype=acc, device=hidden.device)
+                       for _ in range(3))
+    kernels.linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, kl, lse, expect, temperature)
+    return kl, lse, expect
+
+
+def _triton_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, temperature,
+                     need_weight, acc):
+    from ..triton_kernels import linear_kl as kernels
+
+    n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
+    grad_hidden = hidden.new_empty((n_rows, hidden_size))
+    grad_weight = weight.new_zeros((vocab, hidden_size)) if need_weight else None
+    budget = GPU_CHUNK_BYTES if hidden.is_cuda else _tiles_cpu.TILE_BYTES
+    for rows in _row_chunks(n_rows, vocab * hidden.element_size(), budget):
+        h = hidden[rows]
+        dlogits = torch.full((h.shape[0], vocab), math.nan, dtype=hidden.dtype,
+                             device=hidden.device)
+        kernels.linear_kl_dlogits(h, weight, ref_hidden[rows], ref_weight, grad[rows], lse[rows],
+                                  expect[rows], dlogits, temperature)
+        torch.mm(dlogits, weight, out=grad_hidden[rows])
+        if need_weight:
+            grad_weight.addmm_(dlogits.T, h)
+    return grad_hidden, grad_weight
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+def _matrices(hidden, weight, ref_hidden, ref_weight):
+    return (_as_matrix(hidden), _as_matrix(weight), _as_matrix(ref_hidden),
+            _as_matrix(ref_weight))
+
+
+@torch.library.custom_op("alignkern::linear_kl", mutates_args=())
+def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+                  ref_weight: torch.Tensor, temperature: float,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(hidden, weight, ref_hidden, ref_weight, None, temperature)
+    backend = _check_backend(backend, hidden)
+    acc = _accumulation_dtype(hidden.dtype)
+    lead = hidden.shape[:-1]
+    if backend == "reference":
+        kl = reference.linear_kl(hidden, weight, ref_hidden, ref_weight, temperature)
+        z = reference.linear_logits(hidden, weight) / temperature
+        y = reference.linear_logits(ref_hidden, ref_weight) / temperature
+        lse = torch.logsumexp(z, -1)
+        expect = (torch.softmax(z, -1) * (z - y)).sum(-1)
+        return kl, lse, expect
+    args = (*_matrices(hidden, weight, ref_hidden, ref_weight), temperature, acc)
+    outputs = _cpu_forward(*args) if backend == "cpu" else _triton_forward(*args)
+    return tuple(t.reshape(lead) for t in outputs)
+
+
+@_linear_kl_op.register_fake
+def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, backend):
+    acc = _accumulation_dtype(hidden.dtype)
+    return tuple(hidden.new_empty(hidden.shape[:-1], dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("alignkern::linear_kl_backward", mutates_args=())
+def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                           ref_hidden: torch.Tensor, ref_weight: torch.Tensor, lse: torch.Tensor,
+                           expect: torch.Tensor, temperature: float, need_weight_grad: bool,
+                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _check_backend(backend, hidden)
+    acc = _accumulation_dtype(hidden.dtype)
+    h, w, rh, rw = _matrices(hidden, weight, ref_hidden, ref_weight)
+    grad, lse, expect = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, lse, expect))
+    if backend == "reference":
+        z = reference.linear_logits(h, w) / temperature
+        y = reference.linear_logits(rh, rw) / temperature
+        dz = grad[:, None] * torch.exp(z - lse[:, None]) * (z - y - expect[:, None]) / temperature
+        grad_hidden, grad_weight = dz @ w.to(acc), (dz.T @ h.to(acc) if need_weight_grad else None)
+    else:
+        implementation = _cpu_backward if backend == "cpu" else _triton_backward
+        grad_hidden, grad_weight = implementation(grad, h, w, rh, rw, lse, expect, temperature,
+                                                  need_weight_grad, acc)
+    return (grad_hidden.to(hidden.dtype).reshape(hidden.shape),
+            grad_weight.to(weight.dtype) if grad_weight is not None else hidden.new_empty((0,)))
+
+
+@_linear_kl_backward_op.register_fake
+def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect,
+                             temperature, need_weight_grad, backend):
+    return (hidden.new_empty(hidden.shape),
+            weight.new_empty(weight.shape) if need_weight_grad else hidden.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, ref_hidden, ref_weight, temperature, backend = inputs
+    ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, output[1], output[2])
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _backward(ctx, grad_kl, grad_lse, grad_expect):
+    # lse and expect are internal (saved for this backward); the public function returns kl only.
+    hidden, weight, ref_hidden, ref_weight, lse, expect = ctx.saved_tensors
+    need_weight = ctx.needs_input_grad[1]
+    grad_hidden, grad_weight = _linear_kl_backward_op(
+        grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect, ctx.temperature,
+        need_weight, ctx.backend)
+    return grad_hidden, grad_weight if need_weight else None, None, None, None, None
+
+
+_linear_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+              ref_weight: torch.Tensor, mask: torch.Tensor | None = None, *,
+              temperature: float = 1.0) -> torch.Tensor:
+    """Per-token ``KL(pi || pi_ref)``: ``pi = softmax(hidden @ weight.T / T)``, ``pi_ref`` from
+    ``ref_hidden`` and ``ref_weight`` — SCoRe's / RLHF's KL regulariser without two ``(N, V)``
+    tensors. ``hidden (..., H)``, ``weight (V, H)``, ``ref_hidden (..., H_ref)``,
+    ``ref_weight (V, H_ref)``; ``mask (...)`` zeroes positions. Returns ``(...)`` float32
+    (float64 for float64), differentiable in ``hidden`` and ``weight`` (the policy side).
+
+    Example:
+        >>> kl = alignkern.linear_kl(h, model.lm_head.weight, h_ref, ref_model.lm_head.weight,
+        ...                          mask=response_mask)
+        >>> loss = rl_loss + beta * (kl.sum() / response_mask.sum())
+    """
+    if torch.compiler.is_compiling():
+        backend = "auto"
+    else:
+        _validate(hidden, weight, ref_hidden, ref_weight, mask, temperature)
+        backend = _check_backend("auto", hidden)
+    kl = _linear_kl_op(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
+                       float(temperature), backend)[0]
+    return kl if mask is None else torch.where(mask.to(torch.bool), kl, 0.0)

@@ -1,0 +1,136 @@
+"""Triton kernels for linear_kl: per-row KL(pi || pi_ref) with both distributions computed from
+hidden states and LM heads, tile by tile, never writing (N, V).
+
+With z = h W^T / T (policy) and y = h_ref W_ref^T / T (reference),
+``KL = E_p[z - y] - lse(z) + lse(y)``. Forward: a program owns BLOCK_N rows and walks the
+vocabulary, keeping online (max, sum) for both log-sum-exps and the running sum of
+``exp(z - m) (z - y)``. Backward: ``dz_v = g p_v (z_v - y_v - E_p[z - y]) / T``, recomputed tile
+by tile and written for one chunk of rows; the launcher turns it into dhidden and dweight with two
+GEMMs (no atomics: deterministic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .linear_logprobs import _flags, _reference_point, _scaled_logits_tile, _tiles
+
+
+@triton.jit
+def _both_tiles(h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride, rows,
+                row_ok, cols, col_ok, hidden_size, ref_hidden_size, inv_t, acc_dtype: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(z, y) for one (rows x vocabulary) tile; -inf outside the vocabulary."""
+    z, _ = _scaled_logits_tile(h_ptr, h_stride, w_ptr, w_stride, w_ptr, rows, row_ok, cols,
+                               col_ok, hidden_size, inv_t, 1.0, acc_dtype, False, False, UPCAST,
+                               IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+    y, _ = _scaled_logits_tile(rh_ptr, rh_stride, rw_ptr, rw_stride, rw_ptr, rows, row_ok, cols,
+                               col_ok, ref_hidden_size, inv_t, 1.0, acc_dtype, False, False,
+                               UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+    return z, y
+
+
+@triton.jit
+def _online_update(m, s, x):
+    """Fold a tile into a running (max, sum of exp(x - reference(max))); returns m, s, alpha, ref."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    ref = _reference_point(m_new)
+    alpha = tl.where((m_new != m) & (s != 0), tl.exp(_reference_point(m) - ref), 1.0)
+    return m_new, s * alpha + tl.sum(tl.exp(x - ref[:, None]), 1), alpha, ref
+
+
+@triton.jit
+def _linear_kl_fwd_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride, kl_ptr, lse_ptr,
+    expect_ptr, n_rows, vocab, hidden_size, ref_hidden_size, inv_t,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    acc_dtype = kl_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    m_z = tl.full([BLOCK_N], float("-inf"), acc_dtype)
+    s_z = tl.zeros([BLOCK_N], acc_dtype)
+    a_z = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m_z)) * (z - y)
+    m_y = tl.full([BLOCK_N], float("-inf"), acc_dtype)
+    s_y = tl.zeros([BLOCK_N], acc_dtype)
+    for v_start in range(0, vocab, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab
+        z, y = _both_tiles(h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr,
+                           rw_stride, rows, row_ok, cols, col_ok, hidden_size, ref_hidden_size,
+                           inv_t, acc_dtype, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        m_z, s_z, alpha, ref = _online_update(m_z, s_z, z)
+        gap = tl.where(col_ok[None, :], z - y, 0.0)
+        a_z = a_z * alpha + tl.sum(tl.exp(z - ref[:, None]) * gap, 1)
+        m_y, s_y, _, _ = _online_update(m_y, s_y, y)
+    lse_z = _reference_point(m_z) + tl.log(s_z)
+    lse_y = _reference_point(m_y) + tl.log(s_y)
+    expect = a_z / s_z
+    rows64 = rows.to(tl.int64)
+    tl.store(kl_ptr + rows64, expect - lse_z + lse_y, mask=row_ok)
+    tl.store(lse_ptr + rows64, lse_z, mask=row_ok)
+    tl.store(expect_ptr + rows64, expect, mask=row_ok)
+
+
+@triton.jit
+def _linear_kl_dlogits_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride, grad_ptr, lse_ptr,
+    expect_ptr, dlogits_ptr, n_rows, vocab, hidden_size, ref_hidden_size, inv_t,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    acc_dtype = lse_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    col_ok = cols < vocab
+    rows64 = rows.to(tl.int64)
+    z, y = _both_tiles(h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride,
+                       rows, row_ok, cols, col_ok, hidden_size, ref_hidden_size, inv_t, acc_dtype,
+                       UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    expect = tl.load(expect_ptr + rows64, mask=row_ok, other=0.0)
+    g = tl.load(grad_ptr + rows64, mask=row_ok, other=0.0).to(acc_dtype)
+    p = tl.exp(z - lse[:, None])
+    grad = tl.where(col_ok[None, :], g[:, None] * p * (z - y - expect[:, None]) * inv_t, 0.0)
+    tl.store(dlogits_ptr + rows64[:, None] * vocab + cols[None, :],
+             grad.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch_args(hidden, weight, ref_hidden, ref_weight):
+    return (hidden, hidden.stride(0), weight, weight.stride(0), ref_hidden, ref_hidden.stride(0),
+            ref_weight, ref_weight.stride(0))
+
+
+def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, kl, lse, expect, temperature) -> None:
+    """Fill ``kl``, ``lse`` (of the policy) and ``expect`` (E_p[z - y]), each (N,)."""
+    n_rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    if n_rows == 0:
+        return
+    tiles = _tiles(n_rows, vocab, hidden.shape[1], hidden.dtype)
+    flags = _flags(hidden, None, None)
+    _linear_kl_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
+        *_launch_args(hidden, weight, ref_hidden, ref_weight), kl, lse, expect, n_rows, vocab,
+        hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature, UPCAST=flags["UPCAST"],
+        IEEE=flags["IEEE"], **tiles,
+    )
+
+
+def linear_kl_dlogits(hidden, weight, ref_hidden, ref_weight, grad, lse, expect, dlogits,
+                      temperature) -> None:
+    """Fill ``dlogits (n, V)`` for one chunk of n rows."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if n_rows == 0:
+        return
+    tiles = _tiles(n_rows, vocab, hidden.shape[1], hidden.dtype)
+    flags = _flags(hidden, None, None)
+    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))
+    _linear_kl_dlogits_kernel[grid](
+        *_launch_args(hidden, weight, ref_hidden, ref_weight), grad, lse, expect, dlogits, n_rows,
+        vocab, hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature, UPCAST=flags["UPCAST"],
+        IEEE=flags["IEEE"], **tiles,
+    )
