@@ -9,13 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused_linear_dpo as fused_linear_dpo_cases
+from . import linear_kl as linear_kl_cases
 from . import linear_logprobs as linear_logprobs_cases
 from . import measure, report
 from . import reward_attention as reward_attention_cases
 from . import token_logprobs as token_logprobs_cases
 
 FAMILIES = {"token_logprobs": token_logprobs_cases, "linear_logprobs": linear_logprobs_cases,
-            "reward_attention": reward_attention_cases}
+            "reward_attention": reward_attention_cases,
+            "fused_linear_dpo_loss": fused_linear_dpo_cases, "linear_kl": linear_kl_cases}
 OPS = tuple(FAMILIES)
 
 

@@ -199,7 +199,8 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=provider)
         ax.set_title(f"{kernel} {mode}\n{series}", fontsize=8)
-        ax.set_xlabel("sequence length L" if kernel == "reward_attention" else "vocabulary size V")
+        ax.set_xlabel({"reward_attention": "sequence length L",
+                       "fused_linear_dpo_loss": "tokens B*T"}.get(kernel, "vocabulary size V"))
         ax.set_ylabel("GB/s (compulsory traffic)" if kernel == "token_logprobs" else "TFLOP/s")
         ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
