@@ -17,7 +17,7 @@ def _params():
         found = module.providers(DEVICE)
         for case in module.cases(DEVICE, QUICK):
             for mode, provider in module.runs(found):
-                yield pytest.param(module, case, mode, found[provider],
+                yield pytest.param(module, case, mode, provider, found[provider],
                                    id=f"{op}-{case.label}-{mode}-{provider}")
 
 
@@ -26,13 +26,18 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize(("module", "case", "mode", "provider"), list(_params()))
-def test_op(benchmark, module, case, mode, provider):
+@pytest.mark.parametrize(("module", "case", "mode", "name", "provider"), list(_params()))
+def test_op(benchmark, module, case, mode, name, provider):
     if isinstance(provider, str):
         pytest.skip(provider)
     inputs = case.make_inputs(DEVICE)
     make = module.forward_fn if mode == "fwd" else module.forward_backward_fn
     step = make(provider, *inputs)
+    if not name.startswith("alignkern"):
+        try:
+            step()
+        except (NotImplementedError, RuntimeError) as exc:  # e.g. FlexAttention's CPU backward
+            pytest.skip(f"{name} cannot run this case here: {str(exc).splitlines()[0][:100]}")
 
     def run():
         step()
