@@ -16,6 +16,7 @@ does that step for you.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -43,6 +44,12 @@ def _reduce(name: str, losses: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def _in_loss_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Losses are computed and returned in float32 (float64 for float64 inputs); gradients still
+    reach half-precision inputs in their own dtype."""
+    return tuple(t if t.dtype == torch.float64 else t.float() for t in tensors)
+
+
 def _check_same_shape(name: str, **tensors: torch.Tensor) -> None:
     shapes = {arg: tuple(t.shape) for arg, t in tensors.items()}
     if len(set(shapes.values())) > 1:
@@ -57,6 +64,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: 
                        reduction: str = "mean") -> torch.Tensor:
     """``-logsigmoid(chosen - rejected - margin)`` for reward-model scores of each pair."""
     _check_same_shape("bradley_terry_loss", chosen=chosen, rejected=rejected)
+    chosen, rejected = _in_loss_dtype(chosen, rejected)
     return _reduce("bradley_terry_loss", -F.logsigmoid(chosen - rejected - margin), reduction)
 
 
@@ -94,6 +102,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing}"
                          + (" (robust DPO divides by 1 - 2 * label_smoothing)"
                             if loss_type == "robust" else ""))
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = _in_loss_dtype(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
     h = chosen_logratio - rejected_logratio
@@ -157,8 +167,10 @@ def plackett_luce_loss(scores: torch.Tensor, rewards: torch.Tensor,
     """Listwise ranking loss over N candidates ranked by reward (highest first, ties: lower index
     first): ``sum_i [-s_(i) + logsumexp_{k >= i} s_(k)]``, the negative log-probability of the
     reward ordering under the Plackett–Luce model of the scores. Masked-out candidates (mask
-    false) take no part. ``scores, rewards (B, N)`` (or ``(N,)``); returns ``(B,)`` with
-    ``reduction="none"``. One stable sort and a reverse log-cumsum-exp: O(N log N)."""
+    false) take no part; a list with a NaN reward among its kept candidates has no ordering and
+    gets a NaN loss. ``scores, rewards (B, N)`` (or ``(N,)``); returns float32 (float64 for
+    float64 scores), ``(B,)`` with ``reduction="none"``. One stable sort and a reverse
+    log-cumsum-exp: O(N log N) time, O(B·N) memory."""
     name = "plackett_luce_loss"
     _check_same_shape(name, scores=scores, rewards=rewards)
     if mask is not None:
@@ -169,15 +181,19 @@ def plackett_luce_loss(scores: torch.Tensor, rewards: torch.Tensor,
     if single:
         scores, rewards = scores[None], rewards[None]
         mask = None if mask is None else mask[None]
+    (scores,) = _in_loss_dtype(scores)
     valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    # Excluded candidates sort last and get a score whose exp is 0, so they change no suffix.
     keys = torch.where(valid, rewards.to(torch.float64), float("-inf"))
-    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
+    unordered = keys.isnan().any(-1)
+    # Excluded candidates sort last and get a score whose exp is 0, so they change no suffix.
+    order = torch.sort(keys.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf), dim=-1,
+                       descending=True, stable=True).indices
     ranked = scores.gather(-1, order)
     ranked_valid = valid.gather(-1, order)
     ranked = torch.where(ranked_valid, ranked, torch.finfo(ranked.dtype).min)
     suffix = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)
     losses = torch.where(ranked_valid, suffix - ranked, 0.0).sum(-1)
+    losses = torch.where(unordered, math.nan, losses)
     return _reduce(name, losses[0] if single else losses, reduction)
 
 

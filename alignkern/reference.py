@@ -232,3 +232,19 @@ def linear_kl(hidden, weight, ref_hidden, ref_weight, temperature=1.0):
     log_p = torch.log_softmax(linear_logits(hidden, weight) / temperature, dim=-1)
     log_q = torch.log_softmax(linear_logits(ref_hidden, ref_weight) / temperature, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def plackett_luce_loss(scores, rewards, mask=None):
+    """Per-list Plackett–Luce loss ``(B,)`` from ``scores, rewards (B, N)``, written from the
+    definition with no sort: candidate k is still available when candidate i is chosen iff k
+    ranks no higher (``r_k < r_i``, or ``r_k == r_i`` and ``k >= i``); the loss is
+    ``sum_i [-s_i + logsumexp_{k available at i} s_k]`` over kept candidates. O(B·N²) memory."""
+    n = scores.shape[-1]
+    kept = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    r_i, r_k = rewards[..., :, None], rewards[..., None, :]
+    index = torch.arange(n, device=scores.device)
+    available = (r_k < r_i) | ((r_k == r_i) & (index[None, :] >= index[:, None]))
+    available &= kept[..., None, :] & kept[..., :, None]
+    pooled = torch.logsumexp(scores[..., None, :].masked_fill(~available, float("-inf")), dim=-1)
+    per_choice = torch.where(kept, pooled - scores, 0.0)
+    return per_choice.sum(-1).masked_fill((rewards.isnan() & kept).any(-1), float("nan"))
