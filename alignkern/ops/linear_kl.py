@@ -19,6 +19,7 @@ import torch
 
 from .. import _backend, reference
 from . import linear_logprobs_cpu as _tiles_cpu
+from . import token_logprobs as _tokens
 from .linear_logprobs import SUPPORTED_DTYPES, _accumulation_dtype, _as_matrix, _row_chunks
 
 GPU_CHUNK_BYTES = 256 * 2**20
@@ -71,26 +72,43 @@ def _check_backend(backend: str, hidden: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- cpu
 
 
-def _cpu_tile(h, w, rh, rw, block, temperature, acc):
-    z = _tiles_cpu._logits_tile(h, w, None, block, None, acc).div_(temperature)
-    y = _tiles_cpu._logits_tile(rh, rw, None, block, None, acc).div_(temperature)
-    return z, y
+def _cpu_tile(h, w, rh, rw, block, acc):
+    """(z, y) for one tile; ``h`` and ``rh`` come pre-scaled by 1/T, so the GEMMs give z and y."""
+    return (_tiles_cpu._logits_tile(h, w, None, block, None, acc),
+            _tiles_cpu._logits_tile(rh, rw, None, block, None, acc))
+
+
+def _scaled_rows(hidden, ref_hidden, rows, temperature, acc):
+    """The row chunk of both hidden states in ``acc``, times 1/T: scaling (n, H) instead of the
+    (n, V) logits saves a pass over each tile."""
+    h, rh = hidden[rows].to(acc), ref_hidden[rows].to(acc)
+    if temperature != 1.0:
+        h, rh = h / temperature, rh / temperature
+    return h, rh
+
+
+def _row_lse(logits):
+    """Each row's log-sum-exp, by the vectorised C++ token_logprobs kernel (one read)."""
+    no_targets = torch.empty((logits.shape[0], 0), dtype=torch.int64)
+    return _tokens._run_forward(logits, no_targets, 1.0, -100, "cpu")[1]
 
 
 def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
     """Per tile: lse of z and y, and E_tile = sum softmax_tile(z) (z - y); merged across tiles
-    with weights exp(lse_tile - lse)."""
+    with weights exp(lse_tile - lse). Three passes over each tile after the GEMMs."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     kl, lse, expect = (torch.empty(n_rows, dtype=acc) for _ in range(3))
     for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
-        h, rh = hidden[rows].to(acc), ref_hidden[rows].to(acc)
+        h, rh = _scaled_rows(hidden, ref_hidden, rows, temperature, acc)
         z_parts, y_parts, e_parts = [], [], []
         for block in blocks:
-            z, y = _cpu_tile(h, weight, rh, ref_weight, block, temperature, acc)
-            z_lse = torch.logsumexp(z, -1)
+            z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
+            z_lse = _row_lse(z)
             z_parts.append(z_lse)
-            y_parts.append(torch.logsumexp(y, -1))
-            e_parts.append((torch.exp(z - z_lse[:, None]) * (z - y)).sum(-1))
+            y_parts.append(_row_lse(y))
+            gap = y.neg_().add_(z)
+            p = z.sub_(z_lse[:, None]).exp_()
+            e_parts.append(torch.bmm(p[:, None, :], gap[:, :, None]).reshape(-1))
         z_lse, y_lse = (torch.logsumexp(torch.stack(p), 0) for p in (z_parts, y_parts))
         weights = torch.exp(torch.stack(z_parts) - z_lse)
         expect[rows] = (weights * torch.stack(e_parts)).sum(0)
@@ -101,18 +119,21 @@ def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
 
 def _cpu_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, temperature,
                   need_weight, acc):
+    """``dz = g p (z - y - E) / T`` tile by tile, in place, into two GEMMs; no atomics."""
     n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=acc)
     grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
     for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
-        h, rh = hidden[rows].to(acc), ref_hidden[rows].to(acc)
+        h, rh = _scaled_rows(hidden, ref_hidden, rows, temperature, acc)
         for block in blocks:
-            z, y = _cpu_tile(h, weight, rh, ref_weight, block, temperature, acc)
-            dz = torch.exp(z - lse[rows, None]).mul_(z.sub_(y).sub_(expect[rows, None]))
-            dz.mul_(grad[rows, None] / temperature)
+            z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
+            centred_gap = y.neg_().add_(z).sub_(expect[rows, None])
+            dz = z.sub_(lse[rows, None]).exp_().mul_(centred_gap).mul_(grad[rows, None] / temperature)
+            del centred_gap, y
             grad_hidden[rows] += dz @ weight[block].to(acc)
             if need_weight:
-                grad_weight[block] += dz.T @ h
+                # h holds hidden / T: multiply back so dW = dz^T hidden.
+                grad_weight[block] += (dz.T @ h).mul_(temperature)
     return grad_hidden, grad_weight
 
 
