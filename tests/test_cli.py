@@ -32,7 +32,8 @@ def test_bench_quick_writes_csv_and_table(tmp_path, capsys):
     providers = {r["provider"] for r in rows}
     assert {"alignkern", "torch-eager", "read-ceiling", "matmul-floor"} <= providers
     assert {r["kernel"] for r in rows} == {"token_logprobs", "linear_logprobs", "reward_attention",
-                                           "fused_linear_dpo_loss", "linear_kl"}
+                                           "fused_linear_dpo_loss", "linear_kl",
+                                           "plackett_luce_loss"}
     assert {r["unit"] for r in rows if r["kernel"] == "linear_logprobs"} >= {"ms", "TFLOP/s", "MiB"}
     assert "x floor" in printed and "% of read" in printed and "% of flash" in printed
     times = [r for r in rows if r["metric"] == "time" and r["provider"] == "alignkern"]

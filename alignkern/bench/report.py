@@ -18,6 +18,10 @@ CEILING = "read-ceiling"  # the provider that times a plain read: a ceiling, not
 FLOOR = "matmul-floor"  # the provider that times the bare GEMMs: a floor, not a peer
 FLASH = "flash-ceiling"  # SDPA without bias or mask: a speed ceiling, not a peer
 BOUNDS = (CEILING, FLOOR, FLASH)
+# The size each family sweeps (the plot's x axis, taken out of the series name) and its title.
+SWEPT = {"token_logprobs": ("V", "vocabulary size V"), "reward_attention": ("L", "sequence length L"),
+         "fused_linear_dpo_loss": ("B*T", "tokens B*T"),
+         "plackett_luce_loss": ("N", "candidates per list N")}
 
 
 def device_name(device: torch.device) -> str:
@@ -188,7 +192,8 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
         lambda: defaultdict(list))
     for r in results:
         if r.ms is not None:
-            series = re.sub(r"\s*[VL]=\d+", "", r.config)  # the swept size is the x axis
+            swept = re.escape(SWEPT.get(r.kernel, SWEPT["token_logprobs"])[0])
+            series = re.sub(rf"\s*{swept}=\d+", "", r.config)  # the swept size is the x axis
             value = r.tflops if r.flops else r.gbps
             panels[(r.kernel, r.mode, series)][r.provider].append((r.x, value))
     if not panels:
@@ -199,9 +204,9 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=provider)
         ax.set_title(f"{kernel} {mode}\n{series}", fontsize=8)
-        ax.set_xlabel({"reward_attention": "sequence length L",
-                       "fused_linear_dpo_loss": "tokens B*T"}.get(kernel, "vocabulary size V"))
-        ax.set_ylabel("GB/s (compulsory traffic)" if kernel == "token_logprobs" else "TFLOP/s")
+        ax.set_xlabel(SWEPT.get(kernel, SWEPT["token_logprobs"])[1])
+        ax.set_ylabel("TFLOP/s" if any(r.flops for r in results if r.kernel == kernel)
+                      else "GB/s (compulsory traffic)")
         ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
