@@ -88,10 +88,13 @@ def backward(target_grad, coef, hidden, weight, ids, bias, lse, temperature, sof
             if softcap is not None:  # d capped / d logits = 1 - tanh^2, from the capped values
                 squash = 1.0 - (dlogits / softcap).square_()
             # softmax(z) from the saved LSE, in place: -coef * exp(z - lse)
-            dlogits.mul_(inv_t).sub_(lse[rows, None]).exp_().mul_(-coef[rows, None])
+            if temperature != 1.0:  # a full pass over the tile: skipped at the usual T = 1
+                dlogits.mul_(inv_t)
+            dlogits.sub_(lse[rows, None]).exp_().mul_(-coef[rows, None])
             inside, column = _local(chunk_ids, block)
             dlogits.scatter_add_(1, column, torch.where(inside, target_grad[rows], 0.0))
-            dlogits.mul_(inv_t)
+            if temperature != 1.0:
+                dlogits.mul_(inv_t)
             if squash is not None:
                 dlogits.mul_(squash)
                 del squash
