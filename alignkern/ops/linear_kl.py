@@ -19,7 +19,6 @@ import torch
 
 from .. import _backend, reference
 from . import linear_logprobs_cpu as _tiles_cpu
-from . import token_logprobs as _tokens
 from .linear_logprobs import SUPPORTED_DTYPES, _accumulation_dtype, _as_matrix, _row_chunks
 
 GPU_CHUNK_BYTES = 256 * 2**20
@@ -87,15 +86,10 @@ def _scaled_rows(hidden, ref_hidden, rows, temperature, acc):
     return h, rh
 
 
-def _row_lse(logits):
-    """Each row's log-sum-exp, by the vectorised C++ token_logprobs kernel (one read)."""
-    no_targets = torch.empty((logits.shape[0], 0), dtype=torch.int64)
-    return _tokens._run_forward(logits, no_targets, 1.0, -100, "cpu")[1]
-
-
 def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
     """Per tile: lse of z and y, and E_tile = sum softmax_tile(z) (z - y); merged across tiles
-    with weights exp(lse_tile - lse). Three passes over each tile after the GEMMs."""
+    with weights exp(lse_tile - lse). After the GEMMs: one C++ LSE read of each tile, then the gap
+and the softmax in place and one dot (z and y already carry 1/T)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     kl, lse, expect = (torch.empty(n_rows, dtype=acc) for _ in range(3))
     for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
@@ -103,9 +97,9 @@ def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
         z_parts, y_parts, e_parts = [], [], []
         for block in blocks:
             z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
-            z_lse = _row_lse(z)
+            z_lse = _tiles_cpu.tile_lse(z, 1.0)
             z_parts.append(z_lse)
-            y_parts.append(_row_lse(y))
+            y_parts.append(_tiles_cpu.tile_lse(y, 1.0))
             gap = y.neg_().add_(z)
             p = z.sub_(z_lse[:, None]).exp_()
             e_parts.append(torch.bmm(p[:, None, :], gap[:, :, None]).reshape(-1))

@@ -42,6 +42,13 @@ def _logits_tile(h, weight, bias, block, softcap, acc) -> torch.Tensor:
     return logits
 
 
+def tile_lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each row's log-sum-exp of ``logits / temperature``, by the vectorised C++ token_logprobs
+    kernel (one read of the tile)."""
+    no_targets = torch.empty((logits.shape[0], 0), dtype=torch.int64)
+    return _tokens._run_forward(logits, no_targets, temperature, -100, "cpu")[1]
+
+
 def _local(ids: torch.Tensor, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """Which ids fall in the vocabulary block, and their column in it (0 where they do not)."""
     inside = (ids >= block.start) & (ids < block.stop)
@@ -58,9 +65,7 @@ def forward(hidden, weight, ids, bias, temperature, softcap, ignore_index, acc):
         parts = []
         for block in blocks:
             logits = _logits_tile(h, weight, bias, block, softcap, acc)
-            no_targets = torch.empty((logits.shape[0], 0), dtype=torch.int64)
-            _, tile_lse = _tokens._run_forward(logits, no_targets, temperature, ignore_index, "cpu")
-            parts.append(tile_lse)
+            parts.append(tile_lse(logits, temperature))
             inside, column = _local(chunk_ids, block)
             z = logits.gather(1, column) / temperature
             picked[rows] = torch.where(inside, z, picked[rows])
