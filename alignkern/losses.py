@@ -186,8 +186,8 @@ def plackett_luce_loss(scores: torch.Tensor, rewards: torch.Tensor,
     keys = torch.where(valid, rewards.to(torch.float64), float("-inf"))
     unordered = keys.isnan().any(-1)
     # Excluded candidates sort last and get a score whose exp is 0, so they change no suffix.
-    order = torch.sort(keys.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf), dim=-1,
-                       descending=True, stable=True).indices
+    # A list with a NaN key is answered with NaN below, whatever order its sort gives.
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
     ranked = scores.gather(-1, order)
     ranked_valid = valid.gather(-1, order)
     ranked = torch.where(ranked_valid, ranked, torch.finfo(ranked.dtype).min)
