@@ -24,6 +24,11 @@ SWEPT = {"token_logprobs": ("V", "vocabulary size V"), "reward_attention": ("L",
          "plackett_luce_loss": ("N", "candidates per list N")}
 
 
+def _swept(kernel: str) -> tuple[str, str]:
+    """The swept size's key and axis title; the vocabulary for families not listed."""
+    return SWEPT.get(kernel, SWEPT["token_logprobs"])
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -192,7 +197,7 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
         lambda: defaultdict(list))
     for r in results:
         if r.ms is not None:
-            swept = re.escape(SWEPT.get(r.kernel, SWEPT["token_logprobs"])[0])
+            swept = re.escape(_swept(r.kernel)[0])
             series = re.sub(rf"\s*{swept}=\d+", "", r.config)  # the swept size is the x axis
             value = r.tflops if r.flops else r.gbps
             panels[(r.kernel, r.mode, series)][r.provider].append((r.x, value))
@@ -204,7 +209,7 @@ def write_plot(results, device: torch.device, out_dir: str) -> str:
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=provider)
         ax.set_title(f"{kernel} {mode}\n{series}", fontsize=8)
-        ax.set_xlabel(SWEPT.get(kernel, SWEPT["token_logprobs"])[1])
+        ax.set_xlabel(_swept(kernel)[1])
         ax.set_ylabel("TFLOP/s" if any(r.flops for r in results if r.kernel == kernel)
                       else "GB/s (compulsory traffic)")
         ax.set_xscale("log")
