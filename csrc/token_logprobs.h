@@ -3,7 +3,7 @@
 // rows_aligned (CUDA) promises that every row start is a multiple of 16 bytes from the base.
 // Targets are int64 and contiguous (n_rows, k); out and lse are contiguous in the accumulation type
 // (float64 for float64 logits, float32 otherwise); grad_logits is contiguous (n_rows, vocab) in the
-// logits' dtype. A grad_lse address of 0 means "no gradient for the LSE".
+// logits' dtype.
 #pragma once
 #include <cstdint>
 
@@ -22,11 +22,11 @@ void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t
                             uintptr_t row_offsets, uintptr_t targets, int64_t k, uintptr_t out,
                             uintptr_t lse, double temperature, int64_t ignore_index);
 
-void token_logprobs_bwd_cpu(uintptr_t grad_out, int64_t g_row_stride, int64_t g_col_stride,
-                            uintptr_t grad_lse, int64_t glse_stride, uintptr_t logits, int dtype,
-                            int64_t n_rows, int64_t vocab, uintptr_t row_offsets, uintptr_t targets,
-                            int64_t k, uintptr_t lse, uintptr_t grad_logits, double temperature,
-                            int64_t ignore_index);
+// The dense part of the backward: grad_logits = -coef * softmax(logits / T) / T, with coef (n_rows,)
+// contiguous in the accumulation type; the caller writes the target columns afterwards.
+void token_logprobs_bwd_cpu(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
+                            int64_t vocab, uintptr_t row_offsets, uintptr_t lse,
+                            uintptr_t grad_logits, double temperature);
 
 #ifdef ALIGNKERN_WITH_CUDA
 void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
@@ -34,11 +34,9 @@ void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_
                              uintptr_t out, uintptr_t lse, double temperature, int64_t ignore_index,
                              uintptr_t stream);
 
-void token_logprobs_bwd_cuda(uintptr_t grad_out, int64_t g_row_stride, int64_t g_col_stride,
-                             uintptr_t grad_lse, int64_t glse_stride, uintptr_t logits, int dtype,
-                             int64_t n_rows, int64_t vocab, uintptr_t row_offsets, int rows_aligned,
-                             uintptr_t targets, int64_t k, uintptr_t lse, uintptr_t grad_logits,
-                             double temperature, int64_t ignore_index, uintptr_t stream);
+void token_logprobs_bwd_cuda(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
+                             int64_t vocab, uintptr_t row_offsets, int rows_aligned, uintptr_t lse,
+                             uintptr_t grad_logits, double temperature, uintptr_t stream);
 #endif
 
 }  // namespace alignkern

@@ -345,10 +345,29 @@ def test_error_zero_dim_logits():
         alignkern.token_logprobs(torch.tensor(1.0), torch.tensor(0))
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan"), 1e31, 3.4e39, 1e-31])
 def test_error_bad_temperature(temperature):
+    """Outside [1e-30, 1e30] 1 / temperature leaves float32's normal range: refused, not NaN."""
     with pytest.raises(ValueError, match="temperature must be positive and finite"):
         alignkern.token_logprobs(torch.randn(2, 5), torch.zeros(2).long(), temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature,error", [(None, TypeError), ("2", TypeError), (True, TypeError),
+                                               (torch.tensor(1.0), TypeError)])
+def test_error_temperature_of_the_wrong_kind(temperature, error):
+    with pytest.raises(error, match="token_logprobs: temperature must be a real number, got"):
+        alignkern.token_logprobs(torch.randn(2, 5), torch.zeros(2).long(), temperature=temperature)
+
+
+@pytest.mark.parametrize("ignore_index,error,message", [
+    (2**64, ValueError, "ignore_index must fit in int64, got 18446744073709551616"),
+    (-100.5, TypeError, "ignore_index must be an integer, got float -100.5"),
+    (True, TypeError, "ignore_index must be an integer, got bool True"),
+    ("-100", TypeError, "ignore_index must be an integer, got str '-100'"),
+])
+def test_error_ignore_index(ignore_index, error, message):
+    with pytest.raises(error, match=f"token_logprobs: {message}"):
+        alignkern.token_logprobs(torch.randn(2, 5), torch.zeros(2).long(), ignore_index=ignore_index)
 
 
 @pytest.mark.parametrize("bad_id", [5, -1, 10**9])
@@ -384,13 +403,86 @@ def test_error_cuda_backend_unavailable_on_cpu_tensors():
         alignkern.token_logprobs(torch.randn(2, 5), torch.zeros(2).long())
 
 
+# ----------------------------------------------------------------------------- extremes and cost
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e9, 1e20, 1e30])
+@pytest.mark.parametrize("temperature", [0.37, 3.0])
+def test_huge_scaled_logits_stay_finite_and_never_positive(backend, magnitude, temperature):
+    """|logits / T| up to 1e30 with T != 1: the float64 reference is finite and never positive,
+    so every backend must be. (A multiply-add that fuses logits * (1/T) in some places only made
+    the cpu backend return +inf and log-probabilities tens of nats above 0.)"""
+    logits = (torch.randn(6, 333, dtype=torch.float64) * magnitude * temperature).float()
+    targets = torch.stack([logits.argmax(-1), torch.randint(0, 333, (6,))], -1)
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    out, lse = run(backend, x, targets.to(DEVICE), temperature=temperature, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert (out <= 0).all(), out
+    ref_out, ref_lse = reference_fp64(logits, targets, temperature=temperature)
+    # float32 holds z = logits / T to eps * |z|, so that is the error to expect.
+    z_ulp = torch.finfo(torch.float32).eps * float(logits.abs().max()) / temperature
+    torch.testing.assert_close(out.double().cpu(), ref_out, rtol=1e-6, atol=4 * z_ulp)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-6, atol=4 * z_ulp)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    assert torch.isfinite(grad).all()
+    expected = reference_grads(logits, targets, grad_out.cpu(), temperature=temperature)
+    torch.testing.assert_close(grad.double().cpu(), expected, rtol=1e-4, atol=1e-6 / temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_temperature_stays_finite(backend):
+    logits, targets = make_inputs((5,), 200, 3, torch.float32, ignore_share=0.0, scale=1.0)
+    out = run(backend, logits, targets, temperature=1e-30)
+    ref = reference_fp64(logits, targets, temperature=1e-30)[0]
+    assert torch.isfinite(out).all() and (out <= 0).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend unavailable")
+def test_cpu_cost_is_linear_in_the_number_of_targets():
+    """Forward + backward with 16x more targets per row takes far less than 16^2 = 256x longer
+    (the backward once compared every target with every other: K = 16,000 took 6.3 s)."""
+    logits = torch.randn(8, 64, requires_grad=True)
+
+    def seconds(k):
+        targets = torch.randint(0, 64, (8, k))
+        grad_out = torch.randn(8, k)
+
+        def step():
+            out = run("cpu", logits, targets)
+            torch.autograd.grad(out, logits, grad_out)
+
+        step()
+        return min(measure.time_ms(step, torch.device("cpu"), budget_s=0.5, min_reps=5)) / 1e3
+
+    small, large = seconds(1000), seconds(16000)
+    assert large < 64 * small, f"K = 16000 took {large:.3f} s, K = 1000 took {small:.4f} s"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_leaves_token_logprobs_alone(backend):
+    """token_logprobs reads its logits in float32 whatever the autocast state, like
+    log_softmax: the same values and gradients inside and outside an autocast region."""
+    logits, targets = make_inputs((7,), 300, 2, torch.float32)
+    x = logits.clone().requires_grad_(True)
+    out = run(backend, x, targets)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        inside = run(backend, x, targets)
+        (grad_inside,) = torch.autograd.grad(inside, x, grad_out)
+    assert torch.equal(inside, out) and torch.equal(grad_inside, grad)
+
+
 # ----------------------------------------------------------------------------- memory
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
 def test_kernels_never_allocate_float32_logits(backend):
     """Forward allocates O(N*K); forward+backward only the gradient itself (bf16 here)."""
-    n, vocab = (512, 65536) if backend == "cpu" else (8, 4096)
+    n, vocab = (512, 65536) if backend == "cpu" else (8, 16384)
     logits = torch.randn(n, vocab, dtype=torch.bfloat16, device=DEVICE)
     targets = torch.randint(0, vocab, (n, 2), device=DEVICE)
     fp32_bytes = n * vocab * 4

@@ -10,16 +10,19 @@ Registered ops:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from typing import NamedTuple
 
 import torch
 
-from .. import _backend, reference
+from .. import _autocast, _backend, _checks, reference
+from . import _targets
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-TARGET_DTYPES = (torch.int32, torch.int64)
+SUPPORTED_DTYPES = _checks.FLOAT_DTYPES
+TARGET_DTYPES = _checks.INDEX_DTYPES
 
 
 class TokenLogprobs(NamedTuple):
@@ -36,61 +39,79 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- validation
 
 
-def _validate(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
-    """DESIGN.md's error contract; every message names the argument, the expected and the got."""
-    for name, value in (("logits", logits), ("targets", targets)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"token_logprobs: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            "token_logprobs: logits must be float32, float16, bfloat16 or float64, "
-            f"got {logits.dtype}"
-        )
-    if targets.dtype not in TARGET_DTYPES:
-        raise TypeError(
-            f"token_logprobs: targets must be int32 or int64 token ids, got {targets.dtype}"
-        )
+def _check_inputs(fn: str, logits, targets, temperature, ignore_index) -> tuple[float, int]:
+    """DESIGN.md's error contract for the forward's arguments; returns the scalars as
+    ``(float, int)``."""
+    _checks.tensor(fn, "logits", logits, dtypes=SUPPORTED_DTYPES)
+    _checks.tensor(fn, "targets", targets, dtypes=TARGET_DTYPES)
     if logits.dim() < 1:
-        raise ValueError("token_logprobs: logits must have shape (..., V), got a 0-d tensor")
+        raise ValueError(f"{fn}: logits must have shape (..., V), got a 0-d tensor")
     if logits.shape[-1] == 0:
         raise ValueError(
-            "token_logprobs: logits must have a non-empty vocabulary (last dimension V > 0), "
+            f"{fn}: logits must have a non-empty vocabulary (last dimension V > 0), "
             f"got shape {tuple(logits.shape)}"
         )
     lead = tuple(logits.shape[:-1])
     shape = tuple(targets.shape)
     if not (shape == lead or (len(shape) == len(lead) + 1 and shape[:-1] == lead)):
         raise ValueError(
-            f"token_logprobs: targets must have shape {lead} or {lead + ('K',)} to match logits "
+            f"{fn}: targets must have shape {lead} or {lead + ('K',)} to match logits "
             f"of shape {tuple(logits.shape)}, got {shape}"
         )
-    if logits.device != targets.device:
-        raise ValueError(
-            "token_logprobs: logits and targets must be on the same device, got logits on "
-            f"{logits.device} and targets on {targets.device}"
-        )
-    if not (0 < temperature < float("inf")):
-        raise ValueError(
-            f"token_logprobs: temperature must be positive and finite, got {temperature}"
-        )
+    _checks.same_device(fn, logits=logits, targets=targets)
+    return _checks.temperature(fn, temperature), _checks.integer(fn, "ignore_index", ignore_index)
 
 
-def _check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int,
-                      name: str = "token_logprobs") -> None:
-    """IndexError for ids outside [0, V) that are not ignore_index. Costs one device sync;
-    ALIGNKERN_VALIDATE=0 turns it off (the kernels then give NaN for such ids)."""
-    if os.environ.get("ALIGNKERN_VALIDATE", "1") == "0" or targets.numel() == 0:
-        return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+def _check_gradients(fn: str, grad_out, grad_lse, lse, targets, rows_arg: str, rows) -> None:
+    """The backward's extra tensors: ``grad_out`` shaped like the targets, ``grad_lse`` (or None)
+    and ``lse`` shaped like the leading dimensions of ``rows`` (the logits, or the hidden states
+    of linear_logprobs, named ``rows_arg``), real floating point, on the same device."""
+    lead = tuple(rows.shape[:-1])
+    _checks.tensor(fn, "grad_out", grad_out, floating=True)
+    _checks.shape(fn, "grad_out", grad_out, targets.shape, "the shape of targets")
+    _checks.optional_tensor(fn, "grad_lse", grad_lse, floating=True)
+    if grad_lse is not None:
+        _checks.shape(fn, "grad_lse", grad_lse, lead, f"the leading shape of {rows_arg}")
+    _checks.tensor(fn, "lse", lse, floating=True)
+    _checks.shape(fn, "lse", lse, lead, f"the leading shape of {rows_arg}")
+    _checks.same_device(fn, **{rows_arg: rows}, grad_out=grad_out, grad_lse=grad_lse, lse=lse)
+
+
+# Set while a public function that has already checked its ids (and named them in its own
+# words) calls a registered op, so the op does not check them, and sync the device, again.
+_IDS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("alignkern_ids_checked",
+                                                                     default=False)
+
+
+def _check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int | None,
+                      name: str = "token_logprobs", arg: str = "targets") -> None:
+    """IndexError for ids outside [0, V) that are not ``ignore_index`` (None: no id is ignored).
+    Costs one device sync; ALIGNKERN_VALIDATE=0 turns it off (the kernels then give NaN for such
+    ids)."""
+    if (_IDS_CHECKED.get() or os.environ.get("ALIGNKERN_VALIDATE", "1") == "0"
+            or targets.numel() == 0 or torch.compiler.is_compiling()):
+        return  # when compiling, the op checks them as the graph runs
+    bad = (targets < 0) | (targets >= vocab)
+    if ignore_index is not None:
+        bad &= targets != ignore_index
     if bool(bad.any()):
         first = int(targets[bad][0])
-        raise IndexError(
-            f"{name}: targets must be token ids in [0, {vocab}) or ignore_index "
-            f"({ignore_index}), got {first}"
-        )
+        allowed = "" if ignore_index is None else f" or ignore_index ({ignore_index})"
+        raise IndexError(f"{name}: {arg} must be token ids in [0, {vocab}){allowed}, got {first}")
 
 
-def _check_backend(backend: str, logits: torch.Tensor) -> str:
+@contextlib.contextmanager
+def ids_already_checked():
+    """Inside the block, registered ops skip their own id check (the caller has done it)."""
+    token = _IDS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _IDS_CHECKED.reset(token)
+
+
+def _check_backend(backend: str, logits: torch.Tensor, fn: str = "token_logprobs") -> str:
+    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
     if backend == "auto":
         return _backend.resolve_backend(logits.device)
     reason = _backend.unavailable_reason(backend, logits.device)
@@ -98,7 +119,7 @@ def _check_backend(backend: str, logits: torch.Tensor) -> str:
         raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
     if backend == "cuda" and logits.dtype == torch.float64:
         raise TypeError(
-            "token_logprobs: the cuda backend takes float32, float16 or bfloat16 logits, "
+            f"{fn}: the cuda backend takes float32, float16 or bfloat16 logits, "
             "got float64 (use the triton or reference backend)"
         )
     return backend
@@ -138,6 +159,19 @@ def _as_rows(logits: torch.Tensor, targets: torch.Tensor) -> _Rows:
     return _Rows(logits, offsets.reshape(-1).contiguous(), aligned16, vocab, ids)
 
 
+def _target_logits(rows: _Rows, acc: torch.dtype) -> torch.Tensor:
+    """The logits at each target id ``(N, K)`` in ``acc`` (clamped ids where out of range), read
+    through a flat view of the rows' storage so that no copy of the logits is made."""
+    n_rows, k = rows.targets.shape
+    if n_rows == 0 or k == 0:
+        return torch.zeros((n_rows, k), dtype=acc, device=rows.logits.device)
+    lead_sizes, lead_strides = rows.logits.shape[:-1], rows.logits.stride()[:-1]
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(lead_sizes, lead_strides))
+    flat = rows.logits.as_strided((extent - 1 + rows.vocab,), (1,))
+    index = rows.offsets[:, None] + rows.targets.clamp(0, rows.vocab - 1)
+    return flat[index].to(acc)
+
+
 def _cpp_forward(rows: _Rows, out, lse, temperature, ignore_index, on_cuda: bool) -> None:
     ext = _backend.extension()
     args = [
@@ -155,25 +189,18 @@ def _cpp_forward(rows: _Rows, out, lse, temperature, ignore_index, on_cuda: bool
         ext.token_logprobs_fwd_cpu(*args, *tail)
 
 
-def _cpp_backward(grad_out, grad_lse, rows: _Rows, lse, grad, temperature, ignore_index,
-                  on_cuda: bool) -> None:
+def _cpp_dense_backward(coef, rows: _Rows, lse, grad, temperature, on_cuda: bool) -> None:
+    """grad = -coef * softmax(logits / T) / T over every column (no target terms)."""
     ext = _backend.extension()
-    head = [
-        grad_out.data_ptr(), grad_out.stride(0), grad_out.stride(1),
-        0 if grad_lse is None else grad_lse.data_ptr(),
-        0 if grad_lse is None else grad_lse.stride(0),
-        rows.logits.data_ptr(), _backend.DTYPE_CODES[rows.logits.dtype], rows.targets.shape[0],
-        rows.vocab, rows.offsets.data_ptr(),
-    ]
-    tail = [rows.targets.data_ptr(), rows.targets.shape[1], lse.data_ptr(), grad.data_ptr(),
-            float(temperature), int(ignore_index)]
+    args = [coef.data_ptr(), rows.logits.data_ptr(), _backend.DTYPE_CODES[rows.logits.dtype],
+            rows.targets.shape[0], rows.vocab, rows.offsets.data_ptr()]
+    tail = [lse.data_ptr(), grad.data_ptr(), float(temperature)]
     if on_cuda:
         with torch.cuda.device(rows.logits.device):
-            ext.token_logprobs_bwd_cuda(
-                *head, int(rows.aligned16), *tail, _backend.cuda_stream(rows.logits.device)
-            )
+            ext.token_logprobs_bwd_cuda(*args, int(rows.aligned16), *tail,
+                                        _backend.cuda_stream(rows.logits.device))
     else:
-        ext.token_logprobs_bwd_cpu(*head, *tail)
+        ext.token_logprobs_bwd_cpu(*args, *tail)
 
 
 def _poisoned(shape, dtype, device) -> torch.Tensor:
@@ -205,21 +232,23 @@ def _run_backward(grad_out, grad_lse, logits, targets, lse, temperature, ignore_
             grad_out, grad_lse, logits, targets, lse, temperature, ignore_index
         )
     rows = _as_rows(logits, targets)
-    n_rows, k = rows.targets.shape
+    n_rows = rows.targets.shape[0]
     acc = _accumulation_dtype(logits.dtype)
-    # Small (N, K) / (N,) tensors: reshape keeps stride-0 expansions as views.
-    grad_out = grad_out.to(acc).reshape(n_rows, k)
-    grad_lse = None if grad_lse is None else grad_lse.to(acc).reshape(n_rows)
+    g, coef, valid = _targets.gradient_terms(grad_out, grad_lse, rows.targets, rows.vocab,
+                                             ignore_index, acc)
     lse = lse.to(acc).reshape(n_rows).contiguous()
-    grad = _poisoned((n_rows, rows.vocab), logits.dtype, logits.device)
-    if backend == "triton":
-        from ..triton_kernels import token_logprobs as kernels
+    grad, flat = _targets.gradient_buffer(n_rows, rows.vocab, logits.dtype, logits.device)
+    if n_rows:
+        if backend == "triton":
+            from ..triton_kernels import token_logprobs as kernels
 
-        kernels.token_logprobs_bwd(grad_out, grad_lse, rows.logits, rows.offsets, rows.vocab,
-                                   rows.targets, lse, grad, temperature, ignore_index)
-    else:
-        _cpp_backward(grad_out, grad_lse, rows, lse, grad, temperature, ignore_index,
-                      on_cuda=backend == "cuda")
+            kernels.token_logprobs_dense_bwd(coef, rows.logits, rows.offsets, rows.vocab, lse,
+                                             grad, temperature)
+        else:
+            _cpp_dense_backward(coef, rows, lse, grad, temperature, on_cuda=backend == "cuda")
+    inv_t = 1.0 / temperature
+    _targets.write_target_columns(flat, rows.vocab, rows.targets, valid, g, coef,
+                                  _target_logits(rows, acc) * inv_t, lse, inv_t)
     return grad.reshape(logits.shape)
 
 
@@ -234,32 +263,40 @@ def _token_logprobs_op(
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _validate(logits, targets, temperature)
-    _check_target_ids(targets, logits.shape[-1], ignore_index)
+    temperature, ignore_index = _check_inputs("token_logprobs", logits, targets, temperature,
+                                              ignore_index)
     backend = _check_backend(backend, logits)
+    _check_target_ids(targets, logits.shape[-1], ignore_index)
     return _run_forward(logits, targets, temperature, ignore_index, backend)
 
 
-@_token_logprobs_op.register_fake
-def _token_logprobs_fake(logits, targets, temperature, ignore_index, backend):
-    torch._check(logits.dim() >= 1, lambda: "token_logprobs: logits must have shape (..., V)")
-    torch._check(logits.shape[-1] > 0, lambda: "token_logprobs: logits has an empty vocabulary")
+def _fake_checks(fn, logits, targets) -> None:
+    """What the fake kernels can check without data (torch._check, so symbolic shapes work)."""
+    _checks.same_device_in_fake(fn, logits=logits, targets=targets)
+    torch._check(logits.dim() >= 1, lambda: f"{fn}: logits must have shape (..., V)")
+    torch._check(logits.shape[-1] > 0, lambda: f"{fn}: logits has an empty vocabulary")
     torch._check(
         logits.dtype in SUPPORTED_DTYPES,
-        lambda: f"token_logprobs: logits must be a float tensor, got {logits.dtype}",
+        lambda: f"{fn}: logits must be a float tensor, got {logits.dtype}",
     )
     torch._check(
         targets.dtype in TARGET_DTYPES,
-        lambda: f"token_logprobs: targets must be int32 or int64, got {targets.dtype}",
+        lambda: f"{fn}: targets must be int32 or int64, got {targets.dtype}",
     )
     lead = logits.shape[:-1]
     torch._check(
         tuple(targets.shape) == tuple(lead) or tuple(targets.shape[:-1]) == tuple(lead),
-        lambda: f"token_logprobs: targets shape {tuple(targets.shape)} does not match logits "
+        lambda: f"{fn}: targets shape {tuple(targets.shape)} does not match logits "
         f"{tuple(logits.shape)}",
     )
+
+
+@_token_logprobs_op.register_fake
+def _token_logprobs_fake(logits, targets, temperature, ignore_index, backend):
+    _fake_checks("token_logprobs", logits, targets)
     acc = _accumulation_dtype(logits.dtype)
-    return targets.new_empty(targets.shape, dtype=acc), logits.new_empty(lead, dtype=acc)
+    return targets.new_empty(targets.shape, dtype=acc), logits.new_empty(logits.shape[:-1],
+                                                                         dtype=acc)
 
 
 @torch.library.custom_op("alignkern::token_logprobs_backward", mutates_args=())
@@ -273,7 +310,10 @@ def _token_logprobs_backward_op(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    backend = _check_backend(backend, logits)
+    fn = "token_logprobs_backward"
+    temperature, ignore_index = _check_inputs(fn, logits, targets, temperature, ignore_index)
+    _check_gradients(fn, grad_out, grad_lse, lse, targets, "logits", logits)
+    backend = _check_backend(backend, logits, fn)
     return _run_backward(grad_out, grad_lse, logits, targets, lse, temperature, ignore_index,
                          backend)
 
@@ -281,6 +321,13 @@ def _token_logprobs_backward_op(
 @_token_logprobs_backward_op.register_fake
 def _token_logprobs_backward_fake(grad_out, grad_lse, logits, targets, lse, temperature,
                                   ignore_index, backend):
+    fn = "token_logprobs_backward"
+    _fake_checks(fn, logits, targets)
+    _checks.same_device_in_fake(fn, logits=logits, grad_out=grad_out, grad_lse=grad_lse, lse=lse)
+    torch._check(grad_out.shape == targets.shape,
+                 lambda: f"{fn}: grad_out must have the shape of targets")
+    torch._check(lse.shape == logits.shape[:-1],
+                 lambda: f"{fn}: lse must have the leading shape of logits")
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -303,6 +350,8 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("token_logprobs")
+_autocast.register("token_logprobs_backward")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -334,8 +383,10 @@ def token_logprobs(
 
     Raises:
         TypeError: logits not floating point, or targets not int32/int64.
+        TypeError: a temperature that is not a real number, an ignore_index that is not an
+            integer.
         ValueError: shapes that do not match, an empty vocabulary, mixed devices, a temperature
-            that is not positive and finite.
+            outside [1e-30, 1e30], an ignore_index outside int64.
         IndexError: a target id outside ``[0, V)`` that is not ``ignore_index`` (checked unless
             ``ALIGNKERN_VALIDATE=0``; kernels then return NaN for that element).
         RuntimeError: the requested backend cannot run here.
@@ -345,10 +396,15 @@ def token_logprobs(
         >>> alignkern.token_logprobs(logits, torch.tensor([1, 2, 3, 4])).shape
         torch.Size([4])
     """
+    fn = "token_logprobs"
     if torch.compiler.is_compiling():
-        backend = "auto"  # resolved when the compiled graph runs, not when it is traced
+        # Tensors are checked by the fake kernel now and by the op when the graph runs; the
+        # backend is resolved then too.
+        temperature = _checks.temperature(fn, temperature)
+        ignore_index = _checks.integer(fn, "ignore_index", ignore_index)
+        backend = "auto"
     else:
-        _validate(logits, targets, temperature)
+        temperature, ignore_index = _check_inputs(fn, logits, targets, temperature, ignore_index)
         backend = _check_backend("auto", logits)
-    out, lse = _token_logprobs_op(logits, targets, float(temperature), int(ignore_index), backend)
+    out, lse = _token_logprobs_op(logits, targets, temperature, ignore_index, backend)
     return TokenLogprobs(out, lse) if return_lse else out

@@ -2,9 +2,14 @@
 
 Forward: one program per row walks the vocabulary in BLOCK_V tiles with an online log-sum-exp, then
 gathers the K target logits directly. Backward: one program per row recomputes softmax from the
-saved LSE tile by tile and writes the gradient in the logits' dtype. Everything is computed in the
-output's float type (float32, or float64 for float64 logits) right after loading, which also keeps
-the Triton interpreter exact for bfloat16.
+saved LSE tile by tile and writes the dense part of the gradient, ``-coef * softmax / T``, in the
+logits' dtype; the caller writes the K target columns (alignkern/ops/_targets.py). Everything is
+computed in the output's float type (float32, or float64 for float64 logits) right after loading,
+which also keeps the Triton interpreter exact for bfloat16.
+
+Both kernels compile with ``enable_fp_fusion=False``: z = x * inv_t must round the same way in the
+maximum, the sum and the gathers, or at |z| ~ 1e9 a fused multiply-add makes a log-probability
+tens of nats positive.
 """
 
 from __future__ import annotations
@@ -60,49 +65,29 @@ def _token_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _token_logprobs_bwd_kernel(
-    grad_out_ptr,
-    g_row_stride,
-    g_col_stride,
-    grad_lse_ptr,
-    glse_stride,
+def _token_logprobs_dense_bwd_kernel(
+    coef_ptr,
     logits_ptr,
     row_offsets_ptr,
     vocab,
-    targets_ptr,
-    k,
     lse_ptr,
     grad_logits_ptr,
     inv_t,
-    ignore_index,
-    HAS_GRAD_LSE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """grad = -coef * softmax(z) * inv_t over the whole row; the target columns are written
+    afterwards by the caller."""
     acc_dtype = lse_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + tl.load(row_offsets_ptr + row)
-    g_ptr = grad_out_ptr + row * g_row_stride
-    # coef = sum of valid g_k - g_lse; an out-of-range id makes the row NaN.
-    coef = tl.zeros([], acc_dtype)
-    if HAS_GRAD_LSE:
-        coef -= tl.load(grad_lse_ptr + row * glse_stride).to(acc_dtype)
-    for j in range(k):
-        t = tl.load(targets_ptr + row * k + j)
-        g = tl.load(g_ptr + j * g_col_stride).to(acc_dtype)
-        g = tl.where((t >= 0) & (t < vocab), g, float("nan"))
-        coef += tl.where(t == ignore_index, 0.0, g)
+    scale = -tl.load(coef_ptr + row).to(acc_dtype) * inv_t
     lse = tl.load(lse_ptr + row)
     out_row_ptr = grad_logits_ptr + row * vocab
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < vocab
         z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(acc_dtype) * inv_t
-        grad = -coef * tl.exp(z - lse)
-        for j in range(k):
-            t = tl.load(targets_ptr + row * k + j)
-            g = tl.load(g_ptr + j * g_col_stride).to(acc_dtype)
-            grad += tl.where((cols == t) & (t != ignore_index), g, 0.0)
-        grad = grad * inv_t
+        grad = scale * tl.exp(z - lse)
         tl.store(out_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -131,32 +116,26 @@ def token_logprobs_fwd(
     block, warps = _launch_config(vocab, logits.dtype)
     _token_logprobs_fwd_kernel[(n_rows,)](
         logits, row_offsets, vocab, targets, k, out, lse, 1.0 / temperature, ignore_index,
-        BLOCK_V=block, num_warps=warps,
+        BLOCK_V=block, num_warps=warps, enable_fp_fusion=False,
     )
 
 
-def token_logprobs_bwd(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
+def token_logprobs_dense_bwd(
+    coef: torch.Tensor,
     logits: torch.Tensor,
     row_offsets: torch.Tensor,
     vocab: int,
-    targets: torch.Tensor,
     lse: torch.Tensor,
     grad_logits: torch.Tensor,
     temperature: float,
-    ignore_index: int,
 ) -> None:
-    """Fill ``grad_logits (N, V)`` (contiguous, logits' dtype); ``grad_out (N, K)`` and
-    ``grad_lse (N,)`` may have any strides, including 0."""
-    n_rows, k = targets.shape
+    """Fill ``grad_logits (N, V)`` (contiguous, logits' dtype) with ``-coef * softmax / T``;
+    ``coef (N,)`` and ``lse (N,)`` contiguous in the accumulation dtype."""
+    n_rows = coef.shape[0]
     if n_rows == 0:
         return
     block, warps = _launch_config(vocab, logits.dtype)
-    has_grad_lse = grad_lse is not None
-    _token_logprobs_bwd_kernel[(n_rows,)](
-        grad_out, grad_out.stride(0), grad_out.stride(1),
-        grad_lse if has_grad_lse else lse, grad_lse.stride(0) if has_grad_lse else 0,
-        logits, row_offsets, vocab, targets, k, lse, grad_logits, 1.0 / temperature, ignore_index,
-        HAS_GRAD_LSE=has_grad_lse, BLOCK_V=block, num_warps=warps,
+    _token_logprobs_dense_bwd_kernel[(n_rows,)](
+        coef, logits, row_offsets, vocab, lse, grad_logits, 1.0 / temperature,
+        BLOCK_V=block, num_warps=warps, enable_fp_fusion=False,
     )

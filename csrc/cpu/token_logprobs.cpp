@@ -1,6 +1,10 @@
 // token_logprobs on the CPU: one OpenMP task per row, one pass over the row in L1-sized chunks with
 // an online log-sum-exp, then K gathers. The backward recomputes softmax from the saved LSE and
-// writes the gradient in the logits' dtype; no [N, V] float temporary is ever allocated.
+// writes its dense part in the logits' dtype; no [N, V] float temporary is ever allocated.
+//
+// Built with -ffp-contract=off: z = x * inv_t must round the same way in the maximum, the sum and
+// the gathers (a fused multiply-add would skip that rounding in some places only, and at |z| ~ 1e9
+// the difference is tens of nats), so that z_t <= max z <= lse and no log-probability is positive.
 //
 // The float chunk loops are compiled for AVX-512, AVX2 and baseline x86-64 (picked at load time)
 // and use a polynomial exp that the compiler can vectorise; libm's expf cannot be vectorised
@@ -178,7 +182,7 @@ void forward_rows(const T* logits, int64_t n_rows, int64_t vocab, const int64_t*
                   const int64_t* targets, int64_t k, typename Storage<T>::Acc* out,
                   typename Storage<T>::Acc* lse, double temperature, int64_t ignore_index) {
   using Acc = typename Storage<T>::Acc;
-  const Acc inv_t = Acc(1) / static_cast<Acc>(temperature);
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n_rows; ++r) {
     const T* row = logits + row_offsets[r];
@@ -199,48 +203,25 @@ void forward_rows(const T* logits, int64_t n_rows, int64_t vocab, const int64_t*
   }
 }
 
-// grad_z_v = sum_k g_k [t_k = v] - coef * softmax_v, coef = sum_{k valid} g_k - g_lse;
-// grad_logits = grad_z / temperature. An out-of-range id makes its whole row NaN.
+// The dense part of the gradient, grad_logits_v = -coef * softmax(z)_v / temperature; the caller
+// then writes the target columns (alignkern/ops/_targets.py), once each.
 template <typename T>
-void backward_rows(const typename Storage<T>::Acc* grad_out, int64_t g_row_stride,
-                   int64_t g_col_stride, const typename Storage<T>::Acc* grad_lse,
-                   int64_t glse_stride, const T* logits, int64_t n_rows, int64_t vocab,
-                   const int64_t* row_offsets, const int64_t* targets, int64_t k,
-                   const typename Storage<T>::Acc* lse, T* grad_logits, double temperature,
-                   int64_t ignore_index) {
+void dense_backward_rows(const typename Storage<T>::Acc* coef, const T* logits, int64_t n_rows,
+                         int64_t vocab, const int64_t* row_offsets,
+                         const typename Storage<T>::Acc* lse, T* grad_logits, double temperature) {
   using Acc = typename Storage<T>::Acc;
-  const Acc inv_t = Acc(1) / static_cast<Acc>(temperature);
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n_rows; ++r) {
-    const int64_t* row_targets = targets + r * k;
-    const Acc* g = grad_out + r * g_row_stride;
-    Acc coef = grad_lse == nullptr ? Acc(0) : -grad_lse[r * glse_stride];
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t t = row_targets[j];
-      if (t == ignore_index) continue;
-      coef += (t < 0 || t >= vocab) ? std::numeric_limits<Acc>::quiet_NaN() : g[j * g_col_stride];
-    }
     const T* row = logits + row_offsets[r];
     T* grad_row = grad_logits + r * vocab;
-    const Acc row_lse = lse[r];
     Acc in_buffer[kChunk];
     Acc out_buffer[kChunk];
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       const Acc* x = load_chunk<T>(row + start, n, in_buffer);
-      chunk_scaled_softmax(x, n, inv_t, row_lse, -coef * inv_t, out_buffer);
+      chunk_scaled_softmax(x, n, inv_t, lse[r], -coef[r] * inv_t, out_buffer);
       for (int64_t i = 0; i < n; ++i) grad_row[start + i] = Storage<T>::store(out_buffer[i]);
-    }
-    // The target columns: add every g_k that points at the column, in Acc before rounding once.
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t t = row_targets[j];
-      if (t == ignore_index || t < 0 || t >= vocab) continue;
-      Acc picked = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        if (row_targets[i] == t) picked += g[i * g_col_stride];
-      }
-      const Acc p = exp_nonpositive(Storage<T>::load(row[t]) * inv_t - row_lse);
-      grad_row[t] = Storage<T>::store((picked - coef * p) * inv_t);
     }
   }
 }
@@ -260,20 +241,16 @@ void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t
   });
 }
 
-void token_logprobs_bwd_cpu(uintptr_t grad_out, int64_t g_row_stride, int64_t g_col_stride,
-                            uintptr_t grad_lse, int64_t glse_stride, uintptr_t logits, int dtype,
-                            int64_t n_rows, int64_t vocab, uintptr_t row_offsets, uintptr_t targets,
-                            int64_t k, uintptr_t lse, uintptr_t grad_logits, double temperature,
-                            int64_t ignore_index) {
+void token_logprobs_bwd_cpu(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
+                            int64_t vocab, uintptr_t row_offsets, uintptr_t lse,
+                            uintptr_t grad_logits, double temperature) {
   check_token_logprobs_args(vocab, temperature);
   dispatch_dtype(to_dtype(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Storage<T>::Acc;
-    backward_rows<T>(as_ptr<const Acc>(grad_out), g_row_stride, g_col_stride,
-                     grad_lse == 0 ? nullptr : as_ptr<const Acc>(grad_lse), glse_stride,
-                     as_ptr<const T>(logits), n_rows, vocab, as_ptr<const int64_t>(row_offsets),
-                     as_ptr<const int64_t>(targets), k, as_ptr<const Acc>(lse),
-                     as_ptr<T>(grad_logits), temperature, ignore_index);
+    dense_backward_rows<T>(as_ptr<const Acc>(coef), as_ptr<const T>(logits), n_rows, vocab,
+                           as_ptr<const int64_t>(row_offsets), as_ptr<const Acc>(lse),
+                           as_ptr<T>(grad_logits), temperature);
   });
 }
 

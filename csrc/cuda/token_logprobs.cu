@@ -1,8 +1,13 @@
 // token_logprobs on CUDA: one thread block per row. Forward: each thread keeps an online
 // log-sum-exp (max, sum) over its 16-byte vectors of the row, the block merges them, then K threads
-// gather the target logits. Backward: recompute softmax from the saved LSE, add the upstream
-// gradient at target columns, write the gradient in the logits' dtype with 16-byte stores.
+// gather the target logits. Backward: recompute softmax from the saved LSE and write its dense part
+// -coef * softmax / T in the logits' dtype with 16-byte stores; the caller writes the target
+// columns afterwards (alignkern/ops/_targets.py), so the cost is O(V + K) per row.
 // float64 logits are not handled here (the Python layer refuses them for this backend).
+//
+// z = x * inv_t is formed with __fmul_rn, which the compiler never contracts into a multiply-add:
+// the maximum, the sum and the gathers must round z the same way, or at |z| ~ 1e9 a log-probability
+// could come out tens of nats positive.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -93,11 +98,11 @@ __global__ void __launch_bounds__(kThreads)
     const Vec<T, VEC> loaded = vec_ptr[i];
     float x[VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) x[j] = to_f32(loaded.v[j]) * inv_t;
+    for (int j = 0; j < VEC; ++j) x[j] = __fmul_rn(to_f32(loaded.v[j]), inv_t);
     update_lse<T, VEC>(acc, x);
   }
   for (int64_t col = n_vec * VEC + threadIdx.x; col < vocab; col += kThreads) {
-    const float x[1] = {to_f32(row_ptr[col]) * inv_t};
+    const float x[1] = {__fmul_rn(to_f32(row_ptr[col]), inv_t)};
     update_lse<T, 1>(acc, x);
   }
   const OnlineLse total = block_lse_reduce(acc);
@@ -111,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
     } else if (t < 0 || t >= vocab) {
       value = NAN;
     } else {
-      value = to_f32(row_ptr[t]) * inv_t - row_lse;
+      value = __fmul_rn(to_f32(row_ptr[t]), inv_t) - row_lse;
     }
     out[row * k + j] = value;
   }
@@ -119,33 +124,17 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    token_logprobs_bwd_kernel(const float* __restrict__ grad_out, int64_t g_row_stride,
-                              int64_t g_col_stride, const float* __restrict__ grad_lse,
-                              int64_t glse_stride, const T* __restrict__ logits, int64_t vocab,
-                              const int64_t* __restrict__ row_offsets,
-                              const int64_t* __restrict__ targets, int64_t k,
+    token_logprobs_bwd_kernel(const float* __restrict__ coef, const T* __restrict__ logits,
+                              int64_t vocab, const int64_t* __restrict__ row_offsets,
                               const float* __restrict__ lse, T* __restrict__ grad_logits,
-                              float inv_t, int64_t ignore_index) {
+                              float inv_t) {
   const int64_t row = blockIdx.x;
-  const int64_t* row_targets = targets + row * k;
-  const float* g = grad_out + row * g_row_stride;
-  // coef = sum of valid g_k minus g_lse; every thread computes it (K is small and cached).
-  float coef = grad_lse == nullptr ? 0.0f : -grad_lse[row * glse_stride];
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t t = row_targets[j];
-    if (t == ignore_index) continue;
-    coef += (t < 0 || t >= vocab) ? NAN : g[j * g_col_stride];
-  }
+  const float scale = -coef[row] * inv_t;
   const float row_lse = lse[row];
   const T* row_ptr = logits + row_offsets[row];
   T* grad_row = grad_logits + row * vocab;
-
-  auto grad_at = [&](float z, int64_t col) {
-    float picked = 0.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      if (row_targets[j] == col) picked += g[j * g_col_stride];
-    }
-    return (picked - coef * __expf(z - row_lse)) * inv_t;
+  auto grad_at = [&](T x) {
+    return from_f32<T>(scale * __expf(__fmul_rn(to_f32(x), inv_t) - row_lse));
   };
 
   const int64_t n_vec = vocab / VEC;
@@ -155,13 +144,11 @@ __global__ void __launch_bounds__(kThreads)
     const Vec<T, VEC> loaded = in_vec[i];
     Vec<T, VEC> result;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      result.v[j] = from_f32<T>(grad_at(to_f32(loaded.v[j]) * inv_t, i * VEC + j));
-    }
+    for (int j = 0; j < VEC; ++j) result.v[j] = grad_at(loaded.v[j]);
     out_vec[i] = result;
   }
   for (int64_t col = n_vec * VEC + threadIdx.x; col < vocab; col += kThreads) {
-    grad_row[col] = from_f32<T>(grad_at(to_f32(row_ptr[col]) * inv_t, col));
+    grad_row[col] = grad_at(row_ptr[col]);
   }
 }
 
@@ -170,7 +157,6 @@ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
-// 16-byte vectors need every row start aligned to 16 bytes.
 // 16-byte vectors need every row start aligned to 16 bytes; the caller knows from the strides.
 inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
 
@@ -196,20 +182,15 @@ void launch_forward(uintptr_t logits, int64_t n_rows, int64_t vocab, uintptr_t r
 }
 
 template <typename T>
-void launch_backward(uintptr_t grad_out, int64_t g_row_stride, int64_t g_col_stride,
-                     uintptr_t grad_lse, int64_t glse_stride, uintptr_t logits, int64_t n_rows,
-                     int64_t vocab, uintptr_t row_offsets, bool rows_aligned, uintptr_t targets,
-                     int64_t k, uintptr_t lse, uintptr_t grad_logits, float inv_t, int64_t ignore_index,
-                     cudaStream_t stream) {
+void launch_backward(uintptr_t coef, uintptr_t logits, int64_t n_rows, int64_t vocab,
+                     uintptr_t row_offsets, bool rows_aligned, uintptr_t lse, uintptr_t grad_logits,
+                     float inv_t, cudaStream_t stream) {
   if (n_rows == 0) return;
   const dim3 grid(static_cast<unsigned>(n_rows));
   auto args = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(
-        as_ptr<const float>(grad_out), g_row_stride, g_col_stride,
-        grad_lse == 0 ? nullptr : as_ptr<const float>(grad_lse), glse_stride,
-        as_ptr<const T>(logits), vocab, as_ptr<const int64_t>(row_offsets),
-        as_ptr<const int64_t>(targets), k,
-        as_ptr<const float>(lse), as_ptr<T>(grad_logits), inv_t, ignore_index);
+    kernel<<<grid, kThreads, 0, stream>>>(as_ptr<const float>(coef), as_ptr<const T>(logits),
+                                          vocab, as_ptr<const int64_t>(row_offsets),
+                                          as_ptr<const float>(lse), as_ptr<T>(grad_logits), inv_t);
   };
   if (rows_aligned && is_aligned16(logits) && is_aligned16(grad_logits) &&
       (vocab * static_cast<int64_t>(sizeof(T))) % 16 == 0) {
@@ -252,17 +233,14 @@ void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_
   });
 }
 
-void token_logprobs_bwd_cuda(uintptr_t grad_out, int64_t g_row_stride, int64_t g_col_stride,
-                             uintptr_t grad_lse, int64_t glse_stride, uintptr_t logits, int dtype,
-                             int64_t n_rows, int64_t vocab, uintptr_t row_offsets, int rows_aligned,
-                             uintptr_t targets, int64_t k, uintptr_t lse, uintptr_t grad_logits,
-                             double temperature, int64_t ignore_index, uintptr_t stream) {
+void token_logprobs_bwd_cuda(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
+                             int64_t vocab, uintptr_t row_offsets, int rows_aligned, uintptr_t lse,
+                             uintptr_t grad_logits, double temperature, uintptr_t stream) {
   const float inv_t = checked_inverse_temperature(n_rows, vocab, temperature);
   dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_backward<T>(grad_out, g_row_stride, g_col_stride, grad_lse, glse_stride, logits,
-                       n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, lse, grad_logits,
-                       inv_t, ignore_index, reinterpret_cast<cudaStream_t>(stream));
+    launch_backward<T>(coef, logits, n_rows, vocab, row_offsets, rows_aligned != 0, lse,
+                       grad_logits, inv_t, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
