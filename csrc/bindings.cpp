@@ -36,7 +36,7 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd_cuda", &alignkern::token_logprobs_bwd_cuda,
         py::call_guard<py::gil_scoped_release>());
-  m.def("linear_logprobs_fwd_cuda", &alignkern::linear_logprobs_fwd_cuda,
+  m.def("linear_logprobs_lse_cuda", &alignkern::linear_logprobs_lse_cuda,
         py::call_guard<py::gil_scoped_release>());
   m.def("reward_attention_fwd_cuda", &alignkern::reward_attention_fwd_cuda,
         py::call_guard<py::gil_scoped_release>());

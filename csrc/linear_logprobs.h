@@ -1,9 +1,8 @@
-// Entry points of the linear_logprobs kernels: log-probabilities of chosen tokens computed straight
-// from hidden states and the LM head, without materialising the (n_rows, vocab) logits.
-// Pointers are raw addresses; strides are in elements. hidden is (n_rows, hidden_size) and weight
-// is (vocab, hidden_size), both with column stride 1; bias is (vocab,) in the same dtype, or 0 for
-// none. Targets are int64 and contiguous (n_rows, k); out (n_rows, k) and lse (n_rows,) are
-// contiguous float32. A softcap <= 0 means "no softcap".
+// Entry points of the linear_logprobs kernels: the log-sum-exp of every row of the scaled logits
+// computed straight from hidden states and the LM head, without materialising the (n_rows, vocab)
+// logits. Pointers are raw addresses; strides are in elements. hidden is (n_rows, hidden_size) and
+// weight is (vocab, hidden_size), both with column stride 1; bias is (vocab,) in the same dtype, or
+// 0 for none. lse (n_rows,) is contiguous float32. A softcap <= 0 means "no softcap".
 #pragma once
 #include <cstdint>
 
@@ -14,20 +13,18 @@ namespace alignkern {
 // What every entry point checks before touching memory (Python validated already; this guards
 // direct callers of alignkern._C).
 inline void check_linear_logprobs_args(int64_t n_rows, int64_t vocab, int64_t hidden_size,
-                                       int64_t k, double temperature) {
+                                       double temperature) {
   check_arg(n_rows >= 0, "linear_logprobs: the number of rows must not be negative");
   check_arg(vocab > 0, "linear_logprobs: vocabulary size must be positive");
   check_arg(hidden_size > 0, "linear_logprobs: hidden size must be positive");
-  check_arg(k >= 0, "linear_logprobs: the number of targets per row must not be negative");
   check_arg(temperature > 0, "linear_logprobs: temperature must be positive");
 }
 
 #ifdef ALIGNKERN_WITH_CUDA
-void linear_logprobs_fwd_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
+void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
                               int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
-                              int64_t vocab, int64_t hidden_size, uintptr_t targets, int64_t k,
-                              uintptr_t out, uintptr_t lse, double temperature, double softcap,
-                              int64_t ignore_index, uintptr_t stream);
+                              int64_t vocab, int64_t hidden_size, uintptr_t lse,
+                              double temperature, double softcap, uintptr_t stream);
 #endif
 
 }  // namespace alignkern

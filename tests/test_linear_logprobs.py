@@ -127,7 +127,7 @@ def test_empty_and_single_rows(backend, lead):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_and_many_targets_per_row(backend):
-    """K = 0 returns (N, 0) and the LSE; K = 70 exceeds one launch's 64 target slots."""
+    """K = 0 returns (N, 0) and the LSE; K = 70 with repeated ids."""
     h, w, _, targets = make_inputs((5,), 200, 70, torch.float32)
     out = run(backend, h, w, targets)
     torch.testing.assert_close(out.double(), reference_fp64(h, w, targets)[0], rtol=5e-5, atol=5e-5)
@@ -517,7 +517,8 @@ def test_error_target_out_of_range(bad_id):
 def test_error_shapes_of_targets_and_bias():
     with pytest.raises(ValueError, match=r"targets must have shape \(3,\) or \(3, 'K'\).*\(4,\)"):
         alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(4).long())
-    with pytest.raises(ValueError, match=r"bias must have shape \(V,\) = \(20,\), got \(19,\)"):
+    with pytest.raises(ValueError,
+                       match=r"bias must have shape \(20,\) \(\(V,\), V from weight\), got \(19,\)"):
         alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(3).long(),
                                   bias=torch.zeros(19))
 
@@ -533,27 +534,161 @@ def test_error_bad_temperature_and_softcap(value):
 
 def test_error_scoring_helpers():
     h, w = torch.randn(3, 8), _head()
-    with pytest.raises(ValueError, match="options must be a 1-D tensor of K token ids, got \\(2, 1\\)"):
+    with pytest.raises(ValueError, match="options must be a non-empty 1-D tensor of K token ids, "
+                                         r"got shape \(2, 1\)"):
         alignkern.option_logprobs(h, w, torch.zeros(2, 1).long())
-    with pytest.raises(ValueError, match="options must hold at least one"):
+    with pytest.raises(ValueError, match=r"options must be a non-empty.*got shape \(0,\)"):
         alignkern.option_logprobs(h, w, torch.zeros(0).long())
     with pytest.raises(ValueError, match="values must be given for K = 3"):
         alignkern.self_eval_scores(h, w, torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"values must have shape \(2,\) like options, got \(3,\)"):
+    with pytest.raises(ValueError, match=r"values must have shape \(2,\) \(one value per option\), "
+                                         r"got \(3,\)"):
         alignkern.self_eval_scores(h, w, torch.tensor([1, 2]), torch.ones(3))
-    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'none'"):
+    with pytest.raises(ValueError, match="reduction must be one of 'sum', 'mean', got 'none'"):
         alignkern.sequence_logprobs(h[None], w, torch.zeros(1, 3).long(), reduction="none")
     with pytest.raises(ValueError, match=r"hidden must have shape \(B, T, H\), got \(3, 8\)"):
         alignkern.sequence_logprobs(h, w, torch.zeros(3).long())
-    with pytest.raises(ValueError, match=r"targets must have shape \(B, T\) = \(1, 3\), got \(1, 4\)"):
+    with pytest.raises(ValueError, match=r"targets must have shape \(1, 3\) \(\(B, T\) of hidden\), "
+                                         r"got \(1, 4\)"):
         alignkern.sequence_logprobs(h[None], w, torch.zeros(1, 4).long())
-    with pytest.raises(ValueError, match=r"mask must have shape \(1, 3\) like targets, got \(3,\)"):
+    with pytest.raises(ValueError, match=r"mask must have shape \(1, 3\) \(the shape of targets\), "
+                                         r"got \(3,\)"):
         alignkern.sequence_logprobs(h[None], w, torch.zeros(1, 3).long(), torch.ones(3).bool())
 
 
 def test_error_cuda_backend_unavailable_on_cpu_tensors():
     with alignkern.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(3).long())
+
+
+def test_error_options_are_never_ignored():
+    """An option id of -100 is not ignore_index here: it is out of range, and named so."""
+    h, w = torch.randn(3, 8), _head()
+    for fn in (alignkern.option_logprobs, alignkern.self_eval_scores):
+        with pytest.raises(IndexError, match=rf"^{fn.__name__}: options must be token ids in "
+                                             r"\[0, 20\), got -100"):
+            fn(h, w, torch.tensor([-100, 5]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_out_of_range_option_is_nan_not_zero(backend, monkeypatch):
+    """With ALIGNKERN_VALIDATE=0 an option id of -100 gives NaN (not a log-probability of 0, which
+    made the options' mass exceed 1)."""
+    monkeypatch.setenv("ALIGNKERN_VALIDATE", "0")
+    h, w, _, _ = make_inputs((4,), 30, None, torch.float32)
+    with alignkern.use_backend(backend):
+        out = alignkern.option_logprobs(h, w, torch.tensor([-100, 5], device=DEVICE))
+        score, mass = alignkern.self_eval_scores(h, w, torch.tensor([-100, 5], device=DEVICE))
+    assert out[:, 0].isnan().all() and not out[:, 1].isnan().any()
+    assert mass.isnan().all() and score.isnan().all()
+
+
+def test_error_out_of_range_id_in_sequence_logprobs_names_it():
+    h, w = torch.randn(1, 3, 8), _head()
+    with pytest.raises(IndexError, match=r"^sequence_logprobs: targets must be token ids in \[0, 20\)"):
+        alignkern.sequence_logprobs(h, w, torch.tensor([[1, 2, 25]]))
+
+
+@pytest.mark.parametrize("fn", ["linear_logprobs", "sequence_logprobs", "option_logprobs"])
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(temperature=None), TypeError, "temperature must be a real number, got None"),
+    (dict(temperature="2"), TypeError, "temperature must be a real number, got str '2'"),
+    (dict(temperature=True), TypeError, "temperature must be a real number, got bool True"),
+    (dict(temperature=1e31), ValueError, "temperature must be positive and finite, within"),
+    (dict(softcap="30"), TypeError, "softcap must be None or a real number, got str '30'"),
+    (dict(ignore_index=2**64), ValueError, "ignore_index must fit in int64"),
+    (dict(ignore_index=-100.5), TypeError, "ignore_index must be an integer, got float -100.5"),
+])
+def test_error_scalars_of_the_wrong_kind(fn, kwargs, error, message):
+    h, w = torch.randn(2, 3, 8), _head()
+    args = {"linear_logprobs": (h, w, torch.zeros(2, 3).long()),
+            "sequence_logprobs": (h, w, torch.zeros(2, 3).long()),
+            "option_logprobs": (h, w, torch.tensor([1, 2]))}[fn]
+    if fn == "option_logprobs" and "ignore_index" in kwargs:
+        pytest.skip("option_logprobs takes no ignore_index")
+    with pytest.raises(error, match=f"^{fn}: {message}"):
+        getattr(alignkern, fn)(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- extremes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e9, 1e20])
+def test_huge_scaled_logits_stay_finite_and_never_positive(backend, magnitude):
+    """Logits of 1e9 and beyond with T = 0.37: finite, never positive, and as close to the float64
+    reference as float32 logits allow."""
+    temperature = 0.37
+    h, w, _, _ = make_inputs((6,), 300, None, torch.float32)
+    h = h * (magnitude * temperature)
+    logits = reference.linear_logits(h.double(), w.double())
+    targets = torch.stack([logits.argmax(-1), torch.randint(0, 300, (6,), device=DEVICE)], -1)
+    x = h.clone().requires_grad_(True)
+    out, lse = run(backend, x, w, targets, temperature=temperature, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert (out <= 0).all(), out
+    ref_out, ref_lse = reference_fp64(h, w, targets, temperature=temperature)
+    z_ulp = 64 * torch.finfo(torch.float32).eps * float(logits.abs().max()) / temperature
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=z_ulp)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=z_ulp)
+    (grad,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert torch.isfinite(grad).all()
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def _autocast_and_cast_by_hand(backend, leaves, targets, **kw):
+    """``(out, grads)`` under torch.autocast, and the same with the operands cast to bfloat16 by
+    hand (no autocast), each with the same random upstream gradient."""
+    with alignkern.use_backend(backend):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            out = alignkern.linear_logprobs(*leaves[:2], targets, bias=leaves[2], **kw)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        cast = [x.detach().to(torch.bfloat16).requires_grad_(True) for x in leaves]
+        by_hand = alignkern.linear_logprobs(*cast[:2], targets, bias=cast[2], **kw)
+        return out, grads, by_hand, torch.autograd.grad(by_hand, cast, grad_out), grad_out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_gradient_is_the_gradient_of_the_forward(backend):
+    """Under torch.autocast the op casts hidden, weight and bias to bfloat16 once; forward and
+    backward then compute from those operands: exactly what the op gives for operands cast by
+    hand, with the gradients arriving at the float32 leaves in float32, and close to float64
+    autograd of that function. (The backward once recomputed the logits in float32 against a
+    forward computed in bfloat16.)"""
+    h, w, b, targets = make_inputs((24,), 500, 2, torch.float32, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    out, grads, by_hand, hand_grads, grad_out = _autocast_and_cast_by_hand(
+        backend, leaves, targets, temperature=0.8)
+    assert out.dtype == torch.float32 and torch.equal(out, by_hand)
+    cast = [x.to(torch.bfloat16) for x in (h, w, b)]
+    expected = reference_grads(*cast, targets, grad_out, temperature=0.8)
+    for name, got, hand, want in zip(("hidden", "weight", "bias"), grads, hand_grads, expected):
+        assert got.dtype == torch.float32, name
+        assert torch.equal(got, hand.float()), name
+        assert_close_scaled(got, want, GRAD_TOL[torch.bfloat16])
+
+
+def test_autocast_under_torch_compile():
+    torch._dynamo.reset()
+    h, w, _, targets = make_inputs((8,), 200, 2, torch.float32)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w)]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def scores(hh, ww):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            return alignkern.linear_logprobs(hh, ww, targets)
+
+    out = scores(*leaves)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    cast = [x.detach().to(torch.bfloat16).requires_grad_(True) for x in leaves]
+    by_hand = alignkern.linear_logprobs(*cast, targets)
+    assert torch.equal(out, by_hand)
+    for got, hand in zip(grads, torch.autograd.grad(by_hand, cast, grad_out)):
+        assert torch.equal(got, hand.float())
 
 
 # ----------------------------------------------------------------------------- memory

@@ -12,7 +12,10 @@ Registered ops:
 
 Backends: ``triton`` (fused tl.dot kernels), ``cuda`` (tensor-core forward from csrc/cuda; its
 backward runs the Triton kernels), ``cpu`` (``linear_logprobs_cpu``: BLAS GEMMs over tiles of
-at most 16 MiB of logits), ``reference``.
+at most 16 MiB of logits), ``reference``. On the triton and cuda paths the kernels compute only
+the log-sum-exp and the dense part of the gradient; the K target logits are one dot product each
+(``_target_logits``) and the K target columns of the gradient are written afterwards
+(``ops/_targets.py``), so the cost is O(N·(V + K)·H) for any K.
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _backend, reference
+from .. import _autocast, _backend, _checks, reference
+from . import _targets
 from . import linear_logprobs_cpu as _cpu
 from . import token_logprobs as _tokens
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DTYPES = _checks.FLOAT_DTYPES
 # One chunk of dlogits (in the inputs' dtype) in the Triton backward before its two GEMMs; under
 # the interpreter (CPU tensors) the cpu backend's tile size.
 GPU_CHUNK_BYTES = 256 * 2**20
+# Gathered hidden rows and LM-head rows per chunk when the target logits are computed one dot
+# product each (the triton and cuda paths).
+TARGET_CHUNK_BYTES = 64 * 2**20
 
 
 class LinearLogprobs(NamedTuple):
@@ -47,69 +54,48 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- validation
 
 
-def _validate(name, hidden, weight, targets, bias, temperature, softcap) -> None:
-    """DESIGN.md's error contract; every message names the argument, the expected and the got."""
-    for arg, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
-    if hidden.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name}: hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}"
-        )
+def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignore_index):
+    """DESIGN.md's error contract for the forward's arguments; every message names the argument,
+    the expected and the got. Returns ``(temperature, softcap, ignore_index)`` as Python numbers."""
+    _checks.tensor(fn, "hidden", hidden, dtypes=SUPPORTED_DTYPES)
+    _checks.tensor(fn, "weight", weight)
+    _checks.tensor(fn, "targets", targets, dtypes=_tokens.TARGET_DTYPES)
+    _checks.optional_tensor(fn, "bias", bias)
     if weight.dim() != 2:
-        raise ValueError(
-            f"{name}: weight must be the 2-D LM head (V, H), got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"{fn}: weight must be the 2-D LM head (V, H), got shape "
+                         f"{tuple(weight.shape)}")
     if hidden.dim() < 1:
-        raise ValueError(f"{name}: hidden must have shape (..., H), got a 0-d tensor")
+        raise ValueError(f"{fn}: hidden must have shape (..., H), got a 0-d tensor")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"{name}: hidden size mismatch: hidden has H = {hidden.shape[-1]} (shape "
+            f"{fn}: hidden size mismatch: hidden has H = {hidden.shape[-1]} (shape "
             f"{tuple(hidden.shape)}) but weight (V, H) has H = {weight.shape[1]} (shape "
             f"{tuple(weight.shape)})"
         )
     if weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(
-            f"{name}: weight must have a non-empty vocabulary and hidden size, got shape "
-            f"{tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"{name}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"
-        )
-    if targets.dtype not in _tokens.TARGET_DTYPES:
-        raise TypeError(f"{name}: targets must be int32 or int64 token ids, got {targets.dtype}")
+        raise ValueError(f"{fn}: weight must have a non-empty vocabulary and hidden size, got "
+                         f"shape {tuple(weight.shape)}")
+    for arg, value in (("weight", weight), ("bias", bias)):
+        if value is not None and value.dtype != hidden.dtype:
+            raise TypeError(f"{fn}: {arg} must have the dtype of hidden ({hidden.dtype}), got "
+                            f"{value.dtype}")
     lead = tuple(hidden.shape[:-1])
     shape = tuple(targets.shape)
     if not (shape == lead or (len(shape) == len(lead) + 1 and shape[:-1] == lead)):
         raise ValueError(
-            f"{name}: targets must have shape {lead} or {lead + ('K',)} to match hidden of shape "
+            f"{fn}: targets must have shape {lead} or {lead + ('K',)} to match hidden of shape "
             f"{tuple(hidden.shape)}, got {shape}"
         )
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"{name}: bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
-            )
-        if bias.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name}: bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}"
-            )
-    devices = {arg: t.device for arg, t in
-               (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias))
-               if t is not None}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{arg} on {device}" for arg, device in devices.items())
-        raise ValueError(f"{name}: all tensors must be on the same device, got {listed}")
-    if not (0 < temperature < math.inf):
-        raise ValueError(f"{name}: temperature must be positive and finite, got {temperature}")
-    if softcap is not None and not (0 < softcap < math.inf):
-        raise ValueError(f"{name}: softcap must be None or positive and finite, got {softcap}")
+        _checks.shape(fn, "bias", bias, (weight.shape[0],), "(V,), V from weight")
+    _checks.same_device(fn, hidden=hidden, weight=weight, targets=targets, bias=bias)
+    return (_checks.temperature(fn, temperature),
+            _checks.real(fn, "softcap", softcap, positive=True, optional=True),
+            _checks.integer(fn, "ignore_index", ignore_index))
 
 
-def _check_backend(backend: str, hidden: torch.Tensor) -> str:
+def _check_backend(backend: str, hidden: torch.Tensor, fn: str = "linear_logprobs") -> str:
+    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
     if backend == "auto":
         return _backend.resolve_backend(hidden.device)
     reason = _backend.unavailable_reason(backend, hidden.device)
@@ -117,7 +103,7 @@ def _check_backend(backend: str, hidden: torch.Tensor) -> str:
         raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
     if backend == "cuda" and hidden.dtype == torch.float64:
         raise TypeError(
-            "linear_logprobs: the cuda backend takes float32, float16 or bfloat16 inputs, got "
+            f"{fn}: the cuda backend takes float32, float16 or bfloat16 inputs, got "
             "float64 (use the triton or reference backend)"
         )
     return backend
@@ -144,58 +130,53 @@ def _row_chunks(n_rows: int, row_bytes: int, budget: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_rows))
 
 
-def _target_gradients(grad_out, grad_lse, ids, vocab, ignore_index, acc):
-    """Per target ``g_k`` (0 for ignored or out-of-range ids) and per row ``coef`` = sum of valid
-    ``g_k`` - ``g_lse``, NaN for a row with an out-of-range id."""
+def _target_logits(hidden, weight, bias, ids, softcap, acc) -> torch.Tensor:
+    """The logit at each target id after bias and softcap, ``(N, K)`` in ``acc``: one dot product
+    per (row, id) pair, in chunks of at most ``TARGET_CHUNK_BYTES`` of gathered operands, so the
+    cost is O(N·K·H) however large V is (ids out of range are clamped; callers mask them)."""
     n_rows, k = ids.shape
-    g = grad_out.to(acc).reshape(n_rows, k)
-    ignored = ids == ignore_index
-    out_of_range = ~ignored & ((ids < 0) | (ids >= vocab))
-    coef = g.masked_fill(ignored, 0.0).masked_fill(out_of_range, math.nan).sum(-1)
-    if grad_lse is not None:
-        coef = coef - grad_lse.to(acc).reshape(n_rows)
-    return g.masked_fill(ignored | out_of_range, 0.0).contiguous(), coef.contiguous()
+    vocab, hidden_size = weight.shape
+    rows = torch.arange(n_rows, device=ids.device).repeat_interleave(k)
+    columns = ids.clamp(0, vocab - 1).reshape(-1)
+    out = torch.empty(n_rows * k, dtype=acc, device=hidden.device)
+    step = max(1, TARGET_CHUNK_BYTES // (2 * hidden_size * acc.itemsize))
+    for start in range(0, n_rows * k, step):
+        pair = slice(start, start + step)
+        dots = torch.linalg.vecdot(hidden[rows[pair]].to(acc), weight[columns[pair]].to(acc))
+        if bias is not None:
+            dots += bias[columns[pair]].to(acc)
+        out[pair] = dots
+    if softcap is not None:
+        out = softcap * torch.tanh(out / softcap)
+    return out.reshape(n_rows, k)
 
 
 # ----------------------------------------------------------------------------- triton backend
 
 
-def _triton_forward(hidden, weight, ids, bias, temperature, softcap, ignore_index, backend):
-    acc = _accumulation_dtype(hidden.dtype)
+def _gpu_lse(hidden, weight, bias, temperature, softcap, backend, acc):
+    """Each row's log-sum-exp, by the CUDA kernel or the Triton kernel (whose vocabulary splits
+    are merged here)."""
     n_rows, device = hidden.shape[0], hidden.device
     if backend == "cuda":
-        out = _tokens._poisoned(ids.shape, acc, device)
         lse = _tokens._poisoned((n_rows,), acc, device)
-        _cuda_forward(hidden, weight, ids, bias, out, lse, temperature, softcap, ignore_index)
-        return out, lse
+        with torch.cuda.device(device):
+            _backend.extension().linear_logprobs_lse_cuda(
+                hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0),
+                0 if bias is None else bias.data_ptr(), _backend.DTYPE_CODES[hidden.dtype],
+                n_rows, weight.shape[0], weight.shape[1], lse.data_ptr(), float(temperature),
+                0.0 if softcap is None else float(softcap), _backend.cuda_stream(device))
+        return lse
     from ..triton_kernels import linear_logprobs as kernels
 
-    picked = _tokens._poisoned(ids.shape, acc, device)
     lse_parts = kernels.linear_logprobs_fwd(
-        hidden, weight, bias, ids, picked,
-        lambda splits: _tokens._poisoned((splits, n_rows), acc, device), temperature, softcap,
+        hidden, weight, bias, lambda splits: _tokens._poisoned((splits, n_rows), acc, device),
+        temperature, softcap,
     )
-    lse = lse_parts[0] if lse_parts.shape[0] == 1 else torch.logsumexp(lse_parts, dim=0)
-    ignored = ids == ignore_index
-    in_range = (ids >= 0) & (ids < weight.shape[0])
-    out = torch.where(in_range, picked - lse[:, None], math.nan).masked_fill_(ignored, 0.0)
-    return out, lse
+    return lse_parts[0] if lse_parts.shape[0] == 1 else torch.logsumexp(lse_parts, dim=0)
 
 
-def _cuda_forward(hidden, weight, ids, bias, out, lse, temperature, softcap, ignore_index):
-    ext = _backend.extension()
-    with torch.cuda.device(hidden.device):
-        ext.linear_logprobs_fwd_cuda(
-            hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0),
-            0 if bias is None else bias.contiguous().data_ptr(),
-            _backend.DTYPE_CODES[hidden.dtype], hidden.shape[0], weight.shape[0], weight.shape[1],
-            ids.data_ptr(), ids.shape[1], out.data_ptr(), lse.data_ptr(), float(temperature),
-            0.0 if softcap is None else float(softcap), int(ignore_index),
-            _backend.cuda_stream(hidden.device),
-        )
-
-
-def _triton_backward(target_grad, coef, hidden, weight, ids, bias, lse, temperature, softcap,
+def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap,
                      need_hidden, need_weight, need_bias, acc):
     """Same contract as ``linear_logprobs_cpu.backward``."""
     from ..triton_kernels import linear_logprobs as kernels
@@ -206,12 +187,18 @@ def _triton_backward(target_grad, coef, hidden, weight, ids, bias, lse, temperat
     grad_hidden = hidden.new_empty((n_rows, hidden_size)) if need_hidden else None
     grad_weight = weight.new_zeros((vocab, hidden_size)) if need_weight else None
     grad_bias = torch.zeros((vocab,), dtype=acc, device=hidden.device) if need_bias else None
+    capped = _target_logits(hidden, weight, bias, ids, softcap, acc)
+    squash = None if softcap is None else 1.0 - (capped / softcap).square()
+    inv_t = 1.0 / temperature
     budget = GPU_CHUNK_BYTES if hidden.is_cuda else _cpu.TILE_BYTES
     for rows in _row_chunks(n_rows, vocab * hidden.element_size(), budget):
         h = hidden[rows]
-        dlogits = _tokens._poisoned((h.shape[0], vocab), hidden.dtype, hidden.device)
-        kernels.linear_logprobs_dlogits(h, weight, bias, ids[rows], target_grad[rows], coef[rows],
-                                        lse[rows], dlogits, temperature, softcap)
+        dlogits, flat = _targets.gradient_buffer(h.shape[0], vocab, hidden.dtype, hidden.device)
+        kernels.linear_logprobs_dlogits(h, weight, bias, coef[rows], lse[rows], dlogits,
+                                        temperature, softcap)
+        _targets.write_target_columns(flat, vocab, ids[rows], valid[rows], g[rows], coef[rows],
+                                      capped[rows] * inv_t, lse[rows], inv_t,
+                                      None if squash is None else squash[rows])
         if need_hidden:
             torch.mm(dlogits, weight, out=grad_hidden[rows])
         if need_weight:
@@ -249,11 +236,17 @@ def _run_forward(hidden, weight, targets, bias, temperature, softcap, ignore_ind
                                          ignore_index)
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
+    acc = _accumulation_dtype(hidden.dtype)
+    valid, out_of_range = _targets.target_masks(ids, w.shape[0], ignore_index)
     if backend == "cpu":
-        acc = _accumulation_dtype(hidden.dtype)
-        out, lse = _cpu.forward(h, w, ids, bias, temperature, softcap, ignore_index, acc)
+        z, lse = _cpu.forward(h, w, ids, valid, bias, temperature, softcap, acc)
     else:
-        out, lse = _triton_forward(h, w, ids, bias, temperature, softcap, ignore_index, backend)
+        lse = _gpu_lse(h, w, bias, temperature, softcap, backend, acc)
+        z = _target_logits(h, w, bias, ids, softcap, acc) * (1.0 / temperature)
+    # A log-probability is at most 0; on the GPU path z and the LSE come from different
+    # summation orders, so z can exceed the LSE by a rounding error where p is close to 1.
+    out = (z - lse[:, None]).clamp_(max=0.0)
+    out = out.masked_fill_(~valid, 0.0).masked_fill_(out_of_range, math.nan)
     return out.reshape(targets.shape), lse.reshape(hidden.shape[:-1])
 
 
@@ -268,9 +261,10 @@ def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temper
         grads = _reference_backward(grad_out, grad_lse, h, w, ids, bias, lse, temperature, softcap,
                                     ignore_index, need_hidden, need_weight, need_bias)
     else:  # cuda's backward is the Triton path until a CUDA backward exists
-        target_grad, coef = _target_gradients(grad_out, grad_lse, ids, w.shape[0], ignore_index, acc)
+        g, coef, valid = _targets.gradient_terms(grad_out, grad_lse, ids, w.shape[0],
+                                                 ignore_index, acc)
         implementation = _cpu.backward if backend == "cpu" else _triton_backward
-        grads = implementation(target_grad, coef, h, w, ids, bias, lse, temperature, softcap,
+        grads = implementation(g, coef, h, w, ids, valid, bias, lse, temperature, softcap,
                                need_hidden, need_weight, need_bias, acc)
     grad_hidden, grad_weight, grad_bias = grads
     return (
@@ -297,34 +291,42 @@ def _linear_logprobs_op(
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _validate("linear_logprobs", hidden, weight, targets, bias, temperature, softcap)
-    _tokens._check_target_ids(targets, weight.shape[0], ignore_index, "linear_logprobs")
+    fn = "linear_logprobs"
+    temperature, softcap, ignore_index = _check_inputs(fn, hidden, weight, targets, bias,
+                                                       temperature, softcap, ignore_index)
     backend = _check_backend(backend, hidden)
+    _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
     return _run_forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
+
+
+def _fake_checks(fn, hidden, weight, targets, **others) -> None:
+    _checks.same_device_in_fake(fn, hidden=hidden, weight=weight, targets=targets, **others)
+    torch._check(weight.dim() == 2, lambda: f"{fn}: weight must be 2-D (V, H)")
+    torch._check(
+        hidden.shape[-1] == weight.shape[1],
+        lambda: f"{fn}: hidden size mismatch, hidden {tuple(hidden.shape)} vs weight "
+        f"{tuple(weight.shape)}",
+    )
+    torch._check(hidden.dtype == weight.dtype, lambda: f"{fn}: dtypes must match")
+    torch._check(
+        targets.dtype in _tokens.TARGET_DTYPES,
+        lambda: f"{fn}: targets must be int32 or int64, got {targets.dtype}",
+    )
+    lead = hidden.shape[:-1]
+    torch._check(
+        tuple(targets.shape) == tuple(lead) or tuple(targets.shape[:-1]) == tuple(lead),
+        lambda: f"{fn}: targets shape {tuple(targets.shape)} does not match hidden "
+        f"{tuple(hidden.shape)}",
+    )
 
 
 @_linear_logprobs_op.register_fake
 def _linear_logprobs_fake(hidden, weight, targets, bias, temperature, softcap, ignore_index,
                           backend):
-    torch._check(weight.dim() == 2, lambda: "linear_logprobs: weight must be 2-D (V, H)")
-    torch._check(
-        hidden.shape[-1] == weight.shape[1],
-        lambda: f"linear_logprobs: hidden size mismatch, hidden {tuple(hidden.shape)} vs weight "
-        f"{tuple(weight.shape)}",
-    )
-    torch._check(hidden.dtype == weight.dtype, lambda: "linear_logprobs: dtypes must match")
-    torch._check(
-        targets.dtype in _tokens.TARGET_DTYPES,
-        lambda: f"linear_logprobs: targets must be int32 or int64, got {targets.dtype}",
-    )
-    lead = hidden.shape[:-1]
-    torch._check(
-        tuple(targets.shape) == tuple(lead) or tuple(targets.shape[:-1]) == tuple(lead),
-        lambda: f"linear_logprobs: targets shape {tuple(targets.shape)} does not match hidden "
-        f"{tuple(hidden.shape)}",
-    )
+    _fake_checks("linear_logprobs", hidden, weight, targets, bias=bias)
     acc = _accumulation_dtype(hidden.dtype)
-    return hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(lead, dtype=acc)
+    return hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(hidden.shape[:-1],
+                                                                        dtype=acc)
 
 
 @torch.library.custom_op("alignkern::linear_logprobs_backward", mutates_args=())
@@ -344,7 +346,14 @@ def _linear_logprobs_backward_op(
     need_bias_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _check_backend(backend, hidden)
+    fn = "linear_logprobs_backward"
+    temperature, softcap, ignore_index = _check_inputs(fn, hidden, weight, targets, bias,
+                                                       temperature, softcap, ignore_index)
+    _tokens._check_gradients(fn, grad_out, grad_lse, lse, targets, "hidden", hidden)
+    for arg, value in (("need_hidden_grad", need_hidden_grad),
+                       ("need_weight_grad", need_weight_grad), ("need_bias_grad", need_bias_grad)):
+        _checks.boolean(fn, arg, value)
+    backend = _check_backend(backend, hidden, fn)
     return _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temperature,
                          softcap, ignore_index, need_hidden_grad, need_weight_grad,
                          need_bias_grad, backend)
@@ -354,6 +363,13 @@ def _linear_logprobs_backward_op(
 def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, bias, lse,
                                    temperature, softcap, ignore_index, need_hidden_grad,
                                    need_weight_grad, need_bias_grad, backend):
+    fn = "linear_logprobs_backward"
+    _fake_checks(fn, hidden, weight, targets, bias=bias, grad_out=grad_out, grad_lse=grad_lse,
+                 lse=lse)
+    torch._check(grad_out.shape == targets.shape,
+                 lambda: f"{fn}: grad_out must have the shape of targets")
+    torch._check(lse.shape == hidden.shape[:-1],
+                 lambda: f"{fn}: lse must have the leading shape of hidden")
     return (
         hidden.new_empty(hidden.shape) if need_hidden_grad else _empty(hidden),
         weight.new_empty(weight.shape) if need_weight_grad else _empty(hidden),
@@ -387,20 +403,33 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("linear_logprobs", ("hidden", "weight", "bias"))
+_autocast.register("linear_logprobs_backward")
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def _call(name, hidden, weight, targets, bias, temperature, softcap, ignore_index):
+def _call(name, hidden, weight, targets, bias, temperature, softcap, ignore_index, *,
+          check_ids=True):
+    """The public functions' path into the op: validation in ``name``'s words (ids too, unless
+    the caller has checked them itself), then the registered op."""
     if torch.compiler.is_compiling():
-        backend = "auto"  # resolved when the compiled graph runs, not when it is traced
-    else:
-        _validate(name, hidden, weight, targets, bias, temperature, softcap)
-        backend = _check_backend("auto", hidden)
-    return _linear_logprobs_op(hidden, weight, targets, bias, float(temperature),
-                               None if softcap is None else float(softcap), int(ignore_index),
-                               backend)
+        # Tensors are checked by the fake kernel now and by the op when the graph runs; the
+        # backend is resolved then too.
+        temperature = _checks.temperature(name, temperature)
+        softcap = _checks.real(name, "softcap", softcap, positive=True, optional=True)
+        ignore_index = _checks.integer(name, "ignore_index", ignore_index)
+        return _linear_logprobs_op(hidden, weight, targets, bias, temperature, softcap,
+                                   ignore_index, "auto")
+    temperature, softcap, ignore_index = _check_inputs(name, hidden, weight, targets, bias,
+                                                       temperature, softcap, ignore_index)
+    backend = _check_backend("auto", hidden, name)
+    if check_ids:
+        _tokens._check_target_ids(targets, weight.shape[0], ignore_index, name)
+    with _tokens.ids_already_checked():
+        return _linear_logprobs_op(hidden, weight, targets, bias, temperature, softcap,
+                                   ignore_index, backend)
 
 
 def linear_logprobs(

@@ -7,6 +7,9 @@ reads the LM head once per row chunk. Each tile's log-sum-exp comes from the C++
 kernel; the tiles' LSEs are merged with ``torch.logsumexp``. The backward recomputes each tile,
 turns it into ``dlogits`` in place and feeds two GEMMs; nothing is atomic, so it is deterministic.
 
+The target ids of a row chunk are sorted once, so each vocabulary block touches only the targets
+that fall in it: O(N·K log K) for the targets on top of the GEMMs, never O(K) per block.
+
 All functions take ``hidden (N, H)``, ``weight (V, H)``, ``ids (N, K)`` int64 and return buffers in
 the accumulation dtype; the caller casts.
 """
@@ -49,45 +52,51 @@ def tile_lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return _tokens._run_forward(logits, no_targets, temperature, -100, "cpu")[1]
 
 
-def _local(ids: torch.Tensor, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which ids fall in the vocabulary block, and their column in it (0 where they do not)."""
-    inside = (ids >= block.start) & (ids < block.stop)
-    return inside, torch.where(inside, ids - block.start, 0)
+def _targets_by_block(ids: torch.Tensor, valid: torch.Tensor, blocks: list[slice]):
+    """For each vocabulary block, ``(row, column in the block, slot)`` of the valid targets that
+    fall in it: the valid ids of the row chunk sorted once, then cut at the block starts."""
+    rows, slots = valid.nonzero(as_tuple=True)
+    picked = ids[rows, slots]
+    picked, order = picked.sort(stable=True)
+    rows, slots = rows[order], slots[order]
+    starts = torch.tensor([block.start for block in blocks] + [blocks[-1].stop])
+    bounds = torch.searchsorted(picked, starts).tolist()
+    for block, begin, end in zip(blocks, bounds[:-1], bounds[1:]):
+        yield rows[begin:end], picked[begin:end] - block.start, slots[begin:end]
 
 
-def forward(hidden, weight, ids, bias, temperature, softcap, ignore_index, acc):
-    """``(out (N, K), lse (N,))``, as token_logprobs of the logits."""
+def forward(hidden, weight, ids, valid, bias, temperature, softcap, acc):
+    """``(z_t (N, K), lse (N,))``: the scaled logit at each valid target (0 elsewhere) and each
+    row's log-sum-exp, z_t and the LSE read from the same tiles with the same 1 / T."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    picked = torch.zeros(ids.shape, dtype=acc)  # z at each id
+    picked = torch.zeros(ids.shape, dtype=acc)
     lse = _tokens._poisoned((n_rows,), acc, hidden.device)
+    inv_t = torch.tensor(1.0 / temperature, dtype=acc)  # rounded as the C++ kernel rounds it
     for rows, blocks in _tiles(n_rows, vocab, acc.itemsize):
-        h, chunk_ids = hidden[rows].to(acc), ids[rows]
+        h, chunk_picked = hidden[rows].to(acc), picked[rows]
         parts = []
-        for block in blocks:
+        by_block = _targets_by_block(ids[rows], valid[rows], blocks)
+        for block, (row, column, slot) in zip(blocks, by_block):
             logits = _logits_tile(h, weight, bias, block, softcap, acc)
             parts.append(tile_lse(logits, temperature))
-            inside, column = _local(chunk_ids, block)
-            z = logits.gather(1, column) / temperature
-            picked[rows] = torch.where(inside, z, picked[rows])
+            chunk_picked[row, slot] = logits[row, column] * inv_t
         lse[rows] = torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
-    ignored = ids == ignore_index
-    in_range = (ids >= 0) & (ids < vocab)
-    out = torch.where(in_range, picked - lse[:, None], float("nan")).masked_fill_(ignored, 0.0)
-    return out, lse
+    return picked, lse
 
 
-def backward(target_grad, coef, hidden, weight, ids, bias, lse, temperature, softcap,
+def backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap,
              need_hidden, need_weight, need_bias, acc):
-    """``(dhidden, dweight, dbias)`` (None where not needed) from the per-target gradients
-    (0 for ignored ids) and each row's ``coef`` = sum of valid g_k - g_lse."""
+    """``(dhidden, dweight, dbias)`` (None where not needed) from the per-slot gradients ``g``
+    (0 for slots that are not valid) and each row's ``coef`` = sum of valid g_k - g_lse."""
     n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=acc) if need_hidden else None
     grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
     grad_bias = torch.zeros((vocab,), dtype=acc) if need_bias else None
     inv_t = 1.0 / temperature
     for rows, blocks in _tiles(n_rows, vocab, acc.itemsize):
-        h, chunk_ids = hidden[rows].to(acc), ids[rows]
-        for block in blocks:
+        h, chunk_g = hidden[rows].to(acc), g[rows]
+        by_block = _targets_by_block(ids[rows], valid[rows], blocks)
+        for block, (row, column, slot) in zip(blocks, by_block):
             dlogits = _logits_tile(h, weight, bias, block, softcap, acc)
             squash = None
             if softcap is not None:  # d capped / d logits = 1 - tanh^2, from the capped values
@@ -96,8 +105,8 @@ def backward(target_grad, coef, hidden, weight, ids, bias, lse, temperature, sof
             if temperature != 1.0:  # a full pass over the tile: skipped at the usual T = 1
                 dlogits.mul_(inv_t)
             dlogits.sub_(lse[rows, None]).exp_().mul_(-coef[rows, None])
-            inside, column = _local(chunk_ids, block)
-            dlogits.scatter_add_(1, column, torch.where(inside, target_grad[rows], 0.0))
+            # repeated ids of a row add up: index_put_ accumulates in order on the CPU
+            dlogits.index_put_((row, column), chunk_g[row, slot], accumulate=True)
             if temperature != 1.0:
                 dlogits.mul_(inv_t)
             if squash is not None:

@@ -9,7 +9,13 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _checks
+from . import token_logprobs as _tokens
 from .linear_logprobs import _call
+
+# The ignore_index handed to the op by the option functions: options are checked to lie in
+# [0, V) first, so no option equals it (int32 options cannot even hold it).
+NO_IGNORED_ID = _checks.INT64_MIN
 
 
 class SelfEvalScores(NamedTuple):
@@ -20,12 +26,24 @@ class SelfEvalScores(NamedTuple):
     mass: torch.Tensor
 
 
-def _check_options(name: str, options: torch.Tensor, hidden: torch.Tensor) -> None:
-    if not isinstance(options, torch.Tensor) or options.dim() != 1:
-        got = tuple(options.shape) if isinstance(options, torch.Tensor) else type(options).__name__
-        raise ValueError(f"{name}: options must be a 1-D tensor of K token ids, got {got}")
-    if options.shape[0] == 0:
-        raise ValueError(f"{name}: options must hold at least one token id, got an empty tensor")
+def _check_options(name: str, options, weight) -> None:
+    """options: a non-empty 1-D int32/int64 tensor of ids in [0, V) (never an ignore_index:
+    every option is scored)."""
+    _checks.tensor(name, "options", options, dtypes=_checks.INDEX_DTYPES)
+    if options.dim() != 1 or options.shape[0] == 0:
+        raise ValueError(f"{name}: options must be a non-empty 1-D tensor of K token ids, got "
+                         f"shape {tuple(options.shape)}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        _tokens._check_target_ids(options, weight.shape[0], None, name, "options")
+
+
+def _option_logprobs(name, hidden, weight, options, bias, temperature, softcap) -> torch.Tensor:
+    _check_options(name, options, weight)
+    targets = options.expand(*hidden.shape[:-1], options.shape[0]) \
+        if isinstance(hidden, torch.Tensor) else options
+    # No id is ignored: the op's ignore_index is a value no option can take once checked.
+    return _call(name, hidden, weight, targets, bias, temperature, softcap, NO_IGNORED_ID,
+                 check_ids=False)[0]
 
 
 def option_logprobs(
@@ -41,13 +59,14 @@ def option_logprobs(
     "(A)"/"(B)", "Yes"/"No", rating tokens), normalised over the full vocabulary.
 
     The option ids are expanded without a copy of the hidden states; the LM head is read once per
-    tile of rows, exactly as ``linear_logprobs`` with ``targets = options`` at every row.
-    Raises what ``linear_logprobs`` raises, and ``ValueError`` for options that are not a
-    non-empty 1-D tensor.
+    tile of rows, exactly as ``linear_logprobs`` with ``targets = options`` at every row. Options
+    are never ignored (-100 is not special here).
+    Raises what ``linear_logprobs`` raises; ``TypeError``/``ValueError`` for options that are not
+    a non-empty 1-D int32/int64 tensor, and ``IndexError`` for an option outside ``[0, V)``
+    (unless ``ALIGNKERN_VALIDATE=0``: its log-probability is then NaN).
     """
-    _check_options("option_logprobs", options, hidden)
-    targets = options.expand(*hidden.shape[:-1], options.shape[0])
-    return _call("option_logprobs", hidden, weight, targets, bias, temperature, softcap, -100)[0]
+    return _option_logprobs("option_logprobs", hidden, weight, options, bias, temperature,
+                            softcap)
 
 
 def self_eval_scores(
@@ -77,20 +96,21 @@ def self_eval_scores(
         >>> s = alignkern.self_eval_scores(last_hidden, lm_head, torch.tensor([id_A, id_B]))
         >>> s.score  # p(A) - p(B) among the two answers, in [-1, 1]
     """
-    _check_options("self_eval_scores", options, hidden)
+    name = "self_eval_scores"
+    _check_options(name, options, weight)
     k = options.shape[0]
     if values is None:
         if k != 2:
             raise ValueError(
-                f"self_eval_scores: values must be given for K = {k} options (the default "
-                "(+1, -1) is defined for K = 2 only)"
+                f"{name}: values must be given for K = {k} options (the default (+1, -1) is "
+                "defined for K = 2 only)"
             )
-        values = torch.tensor([1.0, -1.0], device=hidden.device)
-    if not isinstance(values, torch.Tensor) or tuple(values.shape) != (k,):
-        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(f"self_eval_scores: values must have shape ({k},) like options, got {got}")
-    logprobs = option_logprobs(hidden, weight, options, bias=bias, temperature=temperature,
-                               softcap=softcap)
+        values = torch.tensor([1.0, -1.0], device=options.device)
+    _checks.tensor(name, "values", values)
+    if values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"{name}: values must be a real tensor, got {values.dtype}")
+    _checks.shape(name, "values", values, (k,), "one value per option")
+    logprobs = _option_logprobs(name, hidden, weight, options, bias, temperature, softcap)
     p = torch.softmax(logprobs, dim=-1)
     score = (p * values.to(device=p.device, dtype=p.dtype)).sum(-1)
     mass = torch.logsumexp(logprobs, dim=-1).exp()
@@ -121,30 +141,24 @@ def sequence_logprobs(
     Returns:
         ``(B,)`` float32 (float64 for float64 inputs), differentiable in hidden, weight, bias.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"sequence_logprobs: reduction must be 'sum' or 'mean', got {reduction!r}")
-    if isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
-        raise ValueError(
-            f"sequence_logprobs: hidden must have shape (B, T, H), got {tuple(hidden.shape)}"
-        )
-    if isinstance(targets, torch.Tensor) and isinstance(hidden, torch.Tensor) and \
-            tuple(targets.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(
-            f"sequence_logprobs: targets must have shape (B, T) = {tuple(hidden.shape[:2])}, got "
-            f"{tuple(targets.shape)}"
-        )
+    name = "sequence_logprobs"
+    _checks.choice(name, "reduction", reduction, ("sum", "mean"))
+    _checks.tensor(name, "hidden", hidden)
+    _checks.tensor(name, "targets", targets, dtypes=_checks.INDEX_DTYPES)
+    if hidden.dim() != 3:
+        raise ValueError(f"{name}: hidden must have shape (B, T, H), got {tuple(hidden.shape)}")
+    _checks.shape(name, "targets", targets, hidden.shape[:2], "(B, T) of hidden")
+    ignore_index = _checks.integer(name, "ignore_index", ignore_index)
     counted = targets != ignore_index
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape):
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(
-                f"sequence_logprobs: mask must have shape {tuple(targets.shape)} like targets, "
-                f"got {got}"
-            )
+        _checks.tensor(name, "mask", mask)
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"{name}: mask must be a bool (or integer 0/1) tensor, got "
+                            f"{mask.dtype}")
+        _checks.shape(name, "mask", mask, targets.shape, "the shape of targets")
         counted = counted & mask.to(torch.bool)
         targets = targets.masked_fill(~counted, ignore_index)
-    logprobs = _call("sequence_logprobs", hidden, weight, targets, bias, temperature, softcap,
-                     ignore_index)[0]
+    logprobs = _call(name, hidden, weight, targets, bias, temperature, softcap, ignore_index)[0]
     total = logprobs.sum(-1)  # ignored positions are exactly 0
     if reduction == "mean":
         return total / counted.sum(-1).clamp(min=1).to(total.dtype)

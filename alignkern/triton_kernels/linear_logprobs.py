@@ -3,14 +3,19 @@
 Forward: a program owns BLOCK_N rows of ``hidden`` and walks its split of the vocabulary (all of
 it, unless there are too few row tiles to fill the GPU) in BLOCK_V tiles; each logits tile is
 ``tl.dot`` over BLOCK_H slices of the hidden size (fp32 accumulation), then bias, softcap and
-temperature are applied in registers, the rows' online log-sum-exp is updated and the target
-logits that fall in the tile are picked up. The launcher merges the splits' LSEs. Nothing of size
-(N, V) is written.
+temperature are applied in registers and the rows' online log-sum-exp is updated. The launcher
+merges the splits' LSEs; the logits at the target ids come from one dot product each
+(ops/linear_logprobs.py), so the kernel's cost does not grow with the number of targets. Nothing
+of size (N, V) is written.
 
 Backward: for one chunk of rows, a grid of (row tile, vocabulary tile) programs recomputes each
-logits tile from the saved LSE and writes ``dlogits`` for the chunk only; the launcher then turns
-the chunk into ``dhidden`` and ``dweight`` with two GEMMs (cuBLAS on GPU). There are no atomics,
-so the gradients are deterministic; the extra memory is one chunk of ``dlogits``.
+logits tile from the saved LSE and writes the dense part of ``dlogits`` for the chunk only; the
+caller writes the target columns (ops/_targets.py) and turns the chunk into ``dhidden`` and
+``dweight`` with two GEMMs (cuBLAS on GPU). There are no atomics, so the gradients are
+deterministic; the extra memory is one chunk of ``dlogits``.
+
+Both kernels compile with ``enable_fp_fusion=False``, so z = logits * inv_t is rounded once and
+the same way in the maximum and in the sum.
 
 Under the Triton interpreter bf16/fp16 operands are upcast before ``tl.dot`` (the interpreter gives
 wrong answers otherwise); on a GPU they go to the tensor cores as they are. float32 operands use
@@ -24,9 +29,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-# Targets picked up per forward launch: the (BLOCK_N, BLOCK_K) accumulator lives in registers.
-MAX_TARGETS_PER_LAUNCH = 64
 
 
 @triton.jit
@@ -71,26 +73,19 @@ def _scaled_logits_tile(
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
-    hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-    targets_ptr, targets_row_stride, k, picked_ptr, picked_row_stride, lse_part_ptr,
+    hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr, lse_part_ptr,
     n_rows, vocab, hidden_size, split_size, inv_t, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Program (i, j): rows [i*BLOCK_N, ...) over the vocabulary split [j*split_size, ...).
-    Writes the split's log-sum-exp to lse_part[j, row] and z at each target id that falls in the
-    split to picked[row, slot] (exactly one split owns an id, so no two programs write a slot)."""
+    Writes the split's log-sum-exp to lse_part[j, row]."""
     acc_dtype = lse_part_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
     v_begin = tl.program_id(1) * split_size
     v_end = tl.minimum(v_begin + split_size, vocab)
-    slots = tl.arange(0, BLOCK_K)
-    slot_ok = slots < k
-    ids = tl.load(targets_ptr + rows64[:, None] * targets_row_stride + slots[None, :],
-                  mask=row_ok[:, None] & slot_ok[None, :], other=-1)
-    picked = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)
     m = tl.full([BLOCK_N], float("-inf"), acc_dtype)  # running max of z
     s = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m))
     for v_start in range(v_begin, v_end, BLOCK_V):
@@ -108,28 +103,19 @@ def _linear_logprobs_fwd_kernel(
         alpha = tl.where(rescale, tl.exp(_reference_point(m) - ref_new), 1.0)
         s = s * alpha + tl.sum(tl.exp(z - ref_new[:, None]), 1)
         m = m_new
-        for j in range(k):
-            t = tl.sum(tl.where(slots[None, :] == j, ids, 0), 1)
-            z_t = tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
-            in_tile = (t >= v_start) & (t < v_start + BLOCK_V)
-            picked = tl.where((slots[None, :] == j) & in_tile[:, None], z_t[:, None], picked)
     tl.store(lse_part_ptr + tl.program_id(1).to(tl.int64) * n_rows + rows64,
              _reference_point(m) + tl.log(s), mask=row_ok)
-    mine = (ids >= v_begin) & (ids < v_end)
-    tl.store(picked_ptr + rows64[:, None] * picked_row_stride + slots[None, :], picked,
-             mask=row_ok[:, None] & slot_ok[None, :] & mine)
 
 
 @triton.jit
 def _linear_logprobs_dlogits_kernel(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-    targets_ptr, k, target_grad_ptr, coef_ptr, lse_ptr, dlogits_ptr,
-    n_rows, vocab, hidden_size, inv_t, softcap,
+    coef_ptr, lse_ptr, dlogits_ptr, n_rows, vocab, hidden_size, inv_t, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """dlogits = (sum_k g_k [t_k = v] - coef * softmax(z)_v) * inv_t, times the softcap's
-    derivative; ``target_grad`` has 0 for ignored ids, ``coef`` = sum of valid g_k - g_lse."""
+    """The dense part of dlogits: -coef * softmax(z)_v * inv_t, times the softcap's derivative;
+    ``coef`` = sum of valid g_k - g_lse. The caller writes the target columns afterwards."""
     acc_dtype = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -143,12 +129,7 @@ def _linear_logprobs_dlogits_kernel(
     )
     lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
-    grad = -coef[:, None] * tl.exp(z - lse[:, None])
-    for j in range(k):
-        t = tl.load(targets_ptr + rows64 * k + j, mask=row_ok, other=-1)
-        g = tl.load(target_grad_ptr + rows64 * k + j, mask=row_ok, other=0.0)
-        grad += tl.where(cols[None, :] == t[:, None], g[:, None], 0.0)
-    grad = grad * inv_t
+    grad = -coef[:, None] * tl.exp(z - lse[:, None]) * inv_t
     if HAS_SOFTCAP:
         tanh = capped / softcap
         grad = grad * (1.0 - tanh * tanh)
@@ -191,12 +172,11 @@ def _vocab_splits(n_row_blocks: int, vocab: int, block_v: int, device: torch.dev
     return max(1, min(wanted, triton.cdiv(vocab, 4 * block_v)))
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, picked, lse_parts_out, temperature, softcap):
-    """Fill ``picked (N, K)`` with z at every in-range target id (other slots are left as they
-    are) and return ``lse_parts (S, N)``: the log-sum-exp of each of S vocabulary splits.
-    ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous last dimension; ``targets (N, K)``
-    int64 contiguous; ``lse_parts_out(S)`` allocates the (S, N) buffer."""
-    n_rows, k = targets.shape
+def linear_logprobs_fwd(hidden, weight, bias, lse_parts_out, temperature, softcap):
+    """Return ``lse_parts (S, N)``: the log-sum-exp of each of S vocabulary splits of every row.
+    ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous last dimension;
+    ``lse_parts_out(S)`` allocates the (S, N) buffer."""
+    n_rows = hidden.shape[0]
     vocab, hidden_size = weight.shape
     tiles = _tiles(n_rows, vocab, hidden_size, hidden.dtype)
     row_blocks = triton.cdiv(n_rows, tiles["BLOCK_N"])
@@ -206,23 +186,19 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, picked, lse_parts_out, te
     lse_parts = lse_parts_out(splits)
     if n_rows == 0:
         return lse_parts
-    for first in range(0, max(k, 1), MAX_TARGETS_PER_LAUNCH):
-        count = min(MAX_TARGETS_PER_LAUNCH, k - first)
-        _linear_logprobs_fwd_kernel[(row_blocks, splits)](
-            hidden, hidden.stride(0), weight, weight.stride(0),
-            bias if bias is not None else weight,
-            targets[:, first:], targets.stride(0), count, picked[:, first:], picked.stride(0),
-            lse_parts, n_rows, vocab, hidden_size, split_size, 1.0 / temperature, softcap or 1.0,
-            **_flags(hidden, bias, softcap), BLOCK_K=max(2, triton.next_power_of_2(count)),
-            **tiles,
-        )
+    _linear_logprobs_fwd_kernel[(row_blocks, splits)](
+        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
+        lse_parts, n_rows, vocab, hidden_size, split_size, 1.0 / temperature, softcap or 1.0,
+        **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
+    )
     return lse_parts
 
 
-def linear_logprobs_dlogits(hidden, weight, bias, targets, target_grad, coef, lse, dlogits,
-                            temperature, softcap) -> None:
-    """Fill ``dlogits (n, V)`` for one chunk of ``n`` rows (see the kernel for the formula)."""
-    n_rows, k = targets.shape
+def linear_logprobs_dlogits(hidden, weight, bias, coef, lse, dlogits, temperature,
+                            softcap) -> None:
+    """Fill ``dlogits (n, V)`` for one chunk of ``n`` rows with the dense part of the gradient
+    (see the kernel for the formula)."""
+    n_rows = hidden.shape[0]
     vocab, hidden_size = weight.shape
     if n_rows == 0:
         return
@@ -230,6 +206,6 @@ def linear_logprobs_dlogits(hidden, weight, bias, targets, target_grad, coef, ls
     grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))
     _linear_logprobs_dlogits_kernel[grid](
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-        targets, k, target_grad, coef, lse, dlogits, n_rows, vocab, hidden_size,
-        1.0 / temperature, softcap or 1.0, **_flags(hidden, bias, softcap), **tiles,
+        coef, lse, dlogits, n_rows, vocab, hidden_size, 1.0 / temperature, softcap or 1.0,
+        **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
     )

@@ -1,5 +1,7 @@
-// linear_logprobs forward on CUDA: log p(target) from hidden states and the LM head without ever
-// writing the (n_rows, vocab) logits to global memory.
+// linear_logprobs forward on CUDA: the log-sum-exp of every row of the scaled logits, from hidden
+// states and the LM head, without ever writing the (n_rows, vocab) logits to global memory. (The
+// logits at the target ids are one dot product each, computed by the caller, so this kernel's cost
+// does not grow with the number of targets.)
 //
 // One thread block owns kBM rows of hidden and walks the whole vocabulary in tiles of kBN columns.
 // For each vocabulary tile:
@@ -8,11 +10,10 @@
 //      nvcuda::wmma for float16/bfloat16 (fp32 accumulators), with plain fp32 FMAs for float32 (no
 //      TF32, so float32 keeps PyTorch's fp32 matmul precision);
 //   2. the fp32 tile is stored to shared memory, where two threads per row add the bias, apply the
-//      softcap and the temperature, fold their half of the columns into an online log-sum-exp
-//      (max m, sum s), and write the scaled logits of the row's targets that fall in the tile to
-//      out.
-// After the last tile the two halves of each row merge their (m, s), lse is written and out becomes
-// z_t - lse (0 for ignore_index, NaN for ids outside [0, vocab)).
+//      softcap and the temperature (z = x * inv_t with __fmul_rn, never contracted into a
+//      multiply-add, so z rounds the same way in the maximum and the sum), and fold their half of
+//      the columns into an online log-sum-exp (max m, sum s).
+// After the last tile the two halves of each row merge their (m, s) and lse is written.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -37,7 +38,6 @@ constexpr int kBN = 64;                // vocabulary columns per tile
 constexpr int kBK = 32;                // hidden elements per shared-memory stage
 constexpr int kThreads = 128;          // 4 warps; 2 threads per row in the epilogue
 constexpr int kCPitch = kBN + 4;       // fp32 tile pitch; wmma stores need a multiple of 4
-constexpr int kMaxCachedTargets = 16;  // targets per row kept in shared memory; more stay global
 static_assert(kThreads == 2 * kBM, "the epilogue gives each row two threads");
 
 // Pitch of the staged hidden/weight tiles: 16 bytes of padding keeps every row 16-byte aligned
@@ -174,7 +174,7 @@ __device__ __forceinline__ float finish_logit(float dot, const T* bias, int64_t 
                                               float inv_t) {
   float x = bias == nullptr ? dot : dot + to_f32(bias[col]);
   if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-  return x * inv_t;
+  return __fmul_rn(x, inv_t);
 }
 
 // Folds columns half, half + 2, ... (< n_cols) of one row of the logits tile into acc.
@@ -201,39 +201,24 @@ __device__ __forceinline__ void fold_row(OnlineLse& acc, const float* c_row, int
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    linear_logprobs_fwd_kernel(const T* __restrict__ hidden, int64_t hidden_stride,
+    linear_logprobs_lse_kernel(const T* __restrict__ hidden, int64_t hidden_stride,
                                const T* __restrict__ weight, int64_t weight_stride,
                                const T* __restrict__ bias, int64_t n_rows, int64_t vocab,
-                               int64_t hidden_size, const int64_t* __restrict__ targets, int64_t k,
-                               float* __restrict__ out, float* __restrict__ lse, float inv_t,
-                               float softcap, int64_t ignore_index) {
+                               int64_t hidden_size, float* __restrict__ lse, float inv_t,
+                               float softcap) {
   __shared__ __align__(128) T a_tile[kBM * kPitch<T>];
   __shared__ __align__(128) T b_tile[kBN * kPitch<T>];
   __shared__ __align__(128) float c_tile[kBM * kCPitch];
-  __shared__ int64_t target_cache[kBM * kMaxCachedTargets];
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t rows_left = n_rows - row0;
   const T* hidden_block = hidden + row0 * hidden_stride;
 
-  // Epilogue role: row local_row of the block, columns and targets of parity `half`.
+  // Epilogue role: row local_row of the block, columns of parity `half`.
   const int local_row = threadIdx.x / 2;
   const int half = threadIdx.x % 2;
   const bool row_valid = local_row < rows_left;
   const int64_t row = row0 + local_row;
-
-  const bool cache_targets = k <= kMaxCachedTargets;
-  if (cache_targets) {
-    const int64_t n = (rows_left < kBM ? rows_left : kBM) * k;
-    for (int64_t i = threadIdx.x; i < n; i += kThreads) target_cache[i] = targets[row0 * k + i];
-  }
-  __syncthreads();
-  const int64_t* row_targets = nullptr;
-  float* out_row = nullptr;
-  if (row_valid) {
-    row_targets = cache_targets ? target_cache + local_row * k : targets + row * k;
-    out_row = out + row * k;
-  }
 
   OnlineLse acc{-INFINITY, 0.0f};
   typename TileProduct<T>::type tile;
@@ -253,45 +238,24 @@ __global__ void __launch_bounds__(kThreads)
     // c_tile is next written after the next tile's first k-loop barrier, which every thread
     // reaches only once done with this epilogue, so no barrier is needed after it.
     if (row_valid) {
-      const float* c_row = c_tile + local_row * kCPitch;
-      fold_row(acc, c_row, half, n_cols, bias, v0, softcap, inv_t);
-      for (int64_t j = half; j < k; j += 2) {
-        const int64_t t = row_targets[j];
-        if (t != ignore_index && t >= v0 && t < v0 + n_cols) {
-          out_row[j] = finish_logit(c_row[t - v0], bias, t, softcap, inv_t);
-        }
-      }
+      fold_row(acc, c_tile + local_row * kCPitch, half, n_cols, bias, v0, softcap, inv_t);
     }
   }
 
   // The two threads of a row are neighbouring lanes; every lane takes part in the shuffle.
   const OnlineLse other{__shfl_xor_sync(0xffffffffu, acc.m, 1),
                         __shfl_xor_sync(0xffffffffu, acc.s, 1)};
-  if (!row_valid) return;
+  if (!row_valid || half != 0) return;
   const OnlineLse total = lse_merge(acc, other);
-  const float row_lse = lse_reference(total.m) + logf(total.s);
-  if (half == 0) lse[row] = row_lse;
-  // out_row[j] already holds z_t for valid targets (written by this thread: same j parity).
-  for (int64_t j = half; j < k; j += 2) {
-    const int64_t t = row_targets[j];
-    if (t == ignore_index) {
-      out_row[j] = 0.0f;
-    } else if (t < 0 || t >= vocab) {
-      out_row[j] = NAN;
-    } else {
-      out_row[j] -= row_lse;
-    }
-  }
+  lse[row] = lse_reference(total.m) + logf(total.s);
 }
 
 inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
 
 template <typename T>
-void launch_forward(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight,
-                    int64_t weight_stride, uintptr_t bias, int64_t n_rows, int64_t vocab,
-                    int64_t hidden_size, uintptr_t targets, int64_t k, uintptr_t out,
-                    uintptr_t lse, float inv_t, float softcap, int64_t ignore_index,
-                    cudaStream_t stream) {
+void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64_t weight_stride,
+                uintptr_t bias, int64_t n_rows, int64_t vocab, int64_t hidden_size, uintptr_t lse,
+                float inv_t, float softcap, cudaStream_t stream) {
   if (n_rows == 0) return;
   const int64_t n_blocks = (n_rows + kBM - 1) / kBM;
   check_arg(n_blocks <= 2147483647, "linear_logprobs: too many rows for one CUDA grid");
@@ -306,34 +270,32 @@ void launch_forward(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight,
     kernel<<<static_cast<unsigned>(n_blocks), kThreads, 0, stream>>>(
         as_ptr<const T>(hidden), hidden_stride, as_ptr<const T>(weight), weight_stride,
         bias == 0 ? nullptr : as_ptr<const T>(bias), n_rows, vocab, hidden_size,
-        as_ptr<const int64_t>(targets), k, as_ptr<float>(out), as_ptr<float>(lse), inv_t, softcap,
-        ignore_index);
+        as_ptr<float>(lse), inv_t, softcap);
   };
   if (vectorised) {
-    run(linear_logprobs_fwd_kernel<T, vec>);
+    run(linear_logprobs_lse_kernel<T, vec>);
   } else {
-    run(linear_logprobs_fwd_kernel<T, 1>);
+    run(linear_logprobs_lse_kernel<T, 1>);
   }
   ALIGNKERN_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
-void linear_logprobs_fwd_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
+void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
                               int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
-                              int64_t vocab, int64_t hidden_size, uintptr_t targets, int64_t k,
-                              uintptr_t out, uintptr_t lse, double temperature, double softcap,
-                              int64_t ignore_index, uintptr_t stream) {
-  check_linear_logprobs_args(n_rows, vocab, hidden_size, k, temperature);
+                              int64_t vocab, int64_t hidden_size, uintptr_t lse,
+                              double temperature, double softcap, uintptr_t stream) {
+  check_linear_logprobs_args(n_rows, vocab, hidden_size, temperature);
   check_arg(dtype >= 0 && dtype <= 2,
             "linear_logprobs: the cuda kernel takes float32, float16 or bfloat16 (dtype codes "
             "0-2), got dtype code " + std::to_string(dtype));
   const float inv_t = static_cast<float>(1.0 / temperature);
   const float cap = softcap > 0 ? static_cast<float>(softcap) : 0.0f;
   auto launch = [&](auto tag) {
-    launch_forward<decltype(tag)>(hidden, hidden_row_stride, weight, weight_row_stride, bias,
-                                  n_rows, vocab, hidden_size, targets, k, out, lse, inv_t, cap,
-                                  ignore_index, reinterpret_cast<cudaStream_t>(stream));
+    launch_lse<decltype(tag)>(hidden, hidden_row_stride, weight, weight_row_stride, bias, n_rows,
+                              vocab, hidden_size, lse, inv_t, cap,
+                              reinterpret_cast<cudaStream_t>(stream));
   };
   switch (to_dtype(dtype)) {
     case DType::Float32: launch(float{}); break;
