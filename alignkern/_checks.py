@@ -89,10 +89,10 @@ def real(fn: str, arg: str, value, *, positive: bool = False, finite: bool = Tru
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {arg} must be {either}a real number, got {describe(value)}")
     number = float(value)
-    wanted = [word for word, asked in (("positive", positive), ("finite", finite)) if asked]
     if math.isnan(number) or (finite and math.isinf(number)) or (positive and number <= 0):
-        raise ValueError(f"{fn}: {arg} must be {either}{' and '.join(wanted) or 'a number'}, "
-                         f"got {number}")
+        wanted = ("positive" + (" and finite" if finite else "") if positive
+                  else "a finite number" if finite else "a number")
+        raise ValueError(f"{fn}: {arg} must be {either}{wanted}, got {number}")
     if low is not None and number < low:
         raise ValueError(f"{fn}: {arg} must be at least {low:g}, got {number:g}")
     if high is not None and number > high:

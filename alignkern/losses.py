@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from .ops.linear_kl import linear_kl
 from .ops.scoring import sequence_logprobs
 
@@ -32,22 +33,33 @@ __all__ = ["bradley_terry_loss", "dpo_loss", "fused_linear_dpo_loss", "plackett_
 
 REDUCTIONS = ("mean", "sum", "none")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# Losses compute in float32 for all but float64 inputs: a larger beta, margin or alpha would turn
+# into inf there (and inf * 0 into NaN).
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _reduce(name: str, losses: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "none":
-        return losses
-    raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+# ----------------------------------------------------------------------------- argument checks
 
 
-def _in_loss_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Losses are computed and returned in float32 (float64 for float64 inputs); gradients still
-    reach half-precision inputs in their own dtype."""
-    return tuple(t if t.dtype == torch.float64 else t.float() for t in tensors)
+def _real_tensor(name: str, arg: str, value, *, floating: bool = True) -> torch.Tensor:
+    """A tensor of a real floating-point dtype (with ``floating=False`` also integer or bool: for
+    correctness, labels, masks, rewards that only rank). Complex is refused either way."""
+    _checks.tensor(name, arg, value, floating=floating)
+    if value.is_complex():
+        raise TypeError(f"{name}: {arg} must be a real tensor (floating-point, integer or bool), "
+                        f"got {value.dtype}")
+    return value
+
+
+def _check_inputs(name: str, *, integral_ok: tuple[str, ...] = (),
+                  **tensors: torch.Tensor | None) -> None:
+    """``tensors`` (None skipped) must be real tensors (``_real_tensor``; those named in
+    ``integral_ok`` may be integer or bool) of one shape on one device."""
+    present = {arg: t for arg, t in tensors.items() if t is not None}
+    for arg, value in present.items():
+        _real_tensor(name, arg, value, floating=arg not in integral_ok)
+    _check_same_shape(name, **present)
+    _checks.same_device(name, **present)
 
 
 def _check_same_shape(name: str, **tensors: torch.Tensor) -> None:
@@ -57,15 +69,68 @@ def _check_same_shape(name: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{name}: shapes must match, got {listed}")
 
 
+def _check_binary(name: str, arg: str, value: torch.Tensor, what: str) -> None:
+    """``value`` must be non-empty and hold only 0 and 1 (or False and True)."""
+    bad = ~((value == 0) | (value == 1))
+    if value.numel() == 0 or bool(bad.any()):
+        found = "no values" if value.numel() == 0 else f"{value[bad].flatten()[0].item()!r}"
+        raise ValueError(f"{name}: {arg} must be a non-empty tensor of {what} (bool or 0/1), got "
+                         f"{_checks.describe(value)} holding {found}")
+
+
+def _scalar(name: str, arg: str, value, **kwargs) -> float:
+    """A finite real number (not bool, str or tensor) that stays finite in float32."""
+    number = _checks.real(name, arg, value, **kwargs)
+    if abs(number) > FLOAT32_MAX:
+        raise ValueError(f"{name}: {arg} must be at most {FLOAT32_MAX:.4g} in magnitude (losses "
+                         f"compute in float32), got {number:g}")
+    return number
+
+
+def _dpo_options(name: str, beta, loss_type, label_smoothing, reduction
+                 ) -> tuple[float, str, float, str]:
+    """``dpo_loss``'s scalar arguments, checked: beta positive and finite, label_smoothing in
+    [0, 0.5)."""
+    loss_type = _checks.choice(name, "loss_type", loss_type, DPO_LOSS_TYPES)
+    reduction = _checks.choice(name, "reduction", reduction, REDUCTIONS)
+    beta = _scalar(name, "beta", beta, positive=True)
+    label_smoothing = _checks.real(name, "label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing}"
+                         + (" (robust DPO divides by 1 - 2 * label_smoothing)"
+                            if loss_type == "robust" else ""))
+    return beta, loss_type, label_smoothing, reduction
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``reduction`` is one of REDUCTIONS, already checked."""
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+def _in_loss_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Losses are computed and returned in float32 (float64 for float64 inputs); gradients still
+    reach half-precision inputs in their own dtype."""
+    return tuple(t if t.dtype == torch.float64 else t.float() for t in tensors)
+
+
 # ----------------------------------------------------------------------------- pairwise
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: float = 0.0,
                        reduction: str = "mean") -> torch.Tensor:
-    """``-logsigmoid(chosen - rejected - margin)`` for reward-model scores of each pair."""
-    _check_same_shape("bradley_terry_loss", chosen=chosen, rejected=rejected)
+    """``-logsigmoid(chosen - rejected - margin)`` for reward-model scores ``chosen, rejected``
+    (any one shape, real floating-point); ``margin`` a finite number. Returns float32 (float64
+    for float64 inputs), of the inputs' shape with ``reduction="none"``."""
+    name = "bradley_terry_loss"
+    _check_inputs(name, chosen=chosen, rejected=rejected)
+    margin = _scalar(name, "margin", margin)
+    reduction = _checks.choice(name, "reduction", reduction, REDUCTIONS)
     chosen, rejected = _in_loss_dtype(chosen, rejected)
-    return _reduce("bradley_terry_loss", -F.logsigmoid(chosen - rejected - margin), reduction)
+    return _reduce(-F.logsigmoid(chosen - rejected - margin), reduction)
 
 
 class DPOOutput(NamedTuple):
@@ -90,18 +155,16 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     - ``"robust"``: ``(-(1 - ls) logsigmoid(beta h) + ls logsigmoid(-beta h)) / (1 - 2 ls)``
     - ``"hinge"``: ``relu(1 - beta h)``
     - ``"ipo"``: ``(h - 1 / (2 beta))^2``
+
+    The four inputs are real floating-point tensors of one shape on one device; ``beta`` is
+    positive and finite, ``label_smoothing`` in ``[0, 0.5)``. Loss and metrics are float32
+    (float64 for float64 inputs).
     """
     name = "dpo_loss"
-    _check_same_shape(name, policy_chosen=policy_chosen, policy_rejected=policy_rejected,
-                      ref_chosen=ref_chosen, ref_rejected=ref_rejected)
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"{name}: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if not beta > 0:
-        raise ValueError(f"{name}: beta must be positive, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing}"
-                         + (" (robust DPO divides by 1 - 2 * label_smoothing)"
-                            if loss_type == "robust" else ""))
+    _check_inputs(name, policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                  ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    beta, loss_type, label_smoothing, reduction = _dpo_options(name, beta, loss_type,
+                                                               label_smoothing, reduction)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = _in_loss_dtype(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     chosen_logratio = policy_chosen - ref_chosen
@@ -119,7 +182,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         losses = (h - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * chosen_logratio.detach()
     rejected_rewards = beta * rejected_logratio.detach()
-    return DPOOutput(_reduce(name, losses, reduction), chosen_rewards, rejected_rewards,
+    return DPOOutput(_reduce(losses, reduction), chosen_rewards, rejected_rewards,
                      chosen_rewards - rejected_rewards,
                      (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype))
 
@@ -135,13 +198,23 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     the B rejected ones; ``targets``, ``mask (2B, T)``. Sequence log-likelihoods come from
     ``sequence_logprobs`` (no logits materialised); the reference side is ``ref_logps (2B,)`` or
     computed from ``ref_hidden`` and ``ref_weight`` (no gradient). Gradients flow to ``hidden``
-    and ``weight``. ``average_log_prob`` uses the mean over tokens instead of the sum (IPO)."""
+    and ``weight``. ``average_log_prob`` (a bool) uses the mean over tokens instead of the sum
+    (IPO). The scalar arguments are checked as ``dpo_loss`` checks them, before any work."""
     name = "fused_linear_dpo_loss"
+    _checks.tensor(name, "hidden", hidden, floating=True)
+    _checks.optional_tensor(name, "ref_logps", ref_logps, floating=True)
+    _checks.optional_tensor(name, "ref_hidden", ref_hidden, floating=True)
+    _checks.same_device(name, hidden=hidden, ref_logps=ref_logps, ref_hidden=ref_hidden)
+    beta, loss_type, label_smoothing, reduction = _dpo_options(name, beta, loss_type,
+                                                               label_smoothing, reduction)
+    average_log_prob = _checks.boolean(name, "average_log_prob", average_log_prob)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
         raise ValueError(f"{name}: hidden must be (2B, T, H), chosen rows then rejected rows, got "
                          f"shape {tuple(hidden.shape)}")
     if (ref_logps is None) == (ref_hidden is None):
         raise ValueError(f"{name}: give exactly one of ref_logps or ref_hidden (with ref_weight)")
+    if ref_logps is not None:
+        _checks.shape(name, "ref_logps", ref_logps, hidden.shape[:1])
     reduction_kind = "mean" if average_log_prob else "sum"
     policy = sequence_logprobs(hidden, weight, targets, mask, reduction=reduction_kind)
     if ref_logps is None:
@@ -150,9 +223,6 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         with torch.no_grad():
             ref_logps = sequence_logprobs(ref_hidden, ref_weight, targets, mask,
                                           reduction=reduction_kind)
-    if tuple(ref_logps.shape) != tuple(policy.shape):
-        raise ValueError(f"{name}: ref_logps must have shape {tuple(policy.shape)}, got "
-                         f"{tuple(ref_logps.shape)}")
     half = hidden.shape[0] // 2
     ref_logps = ref_logps.to(policy.dtype)
     return dpo_loss(policy[:half], policy[half:], ref_logps[:half], ref_logps[half:], beta=beta,
@@ -170,11 +240,12 @@ def plackett_luce_loss(scores: torch.Tensor, rewards: torch.Tensor,
     false) take no part; a list with a NaN reward among its kept candidates has no ordering and
     gets a NaN loss. ``scores, rewards (B, N)`` (or ``(N,)``); returns float32 (float64 for
     float64 scores), ``(B,)`` with ``reduction="none"``. One stable sort and a reverse
-    log-cumsum-exp: O(N log N) time, O(B·N) memory."""
+    log-cumsum-exp: O(N log N) time, O(B·N) memory. ``scores`` are real floating-point; ``rewards``
+    (only compared) and ``mask`` may also be integer or bool."""
     name = "plackett_luce_loss"
-    _check_same_shape(name, scores=scores, rewards=rewards)
-    if mask is not None:
-        _check_same_shape(name, scores=scores, mask=mask)
+    _check_inputs(name, integral_ok=("rewards", "mask"), scores=scores, rewards=rewards,
+                  mask=mask)
+    reduction = _checks.choice(name, "reduction", reduction, REDUCTIONS)
     if scores.dim() not in (1, 2):
         raise ValueError(f"{name}: scores must be (N,) or (B, N), got {tuple(scores.shape)}")
     single = scores.dim() == 1
@@ -194,7 +265,7 @@ def plackett_luce_loss(scores: torch.Tensor, rewards: torch.Tensor,
     suffix = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)
     losses = torch.where(ranked_valid, suffix - ranked, 0.0).sum(-1)
     losses = torch.where(unordered, math.nan, losses)
-    return _reduce(name, losses[0] if single else losses, reduction)
+    return _reduce(losses[0] if single else losses, reduction)
 
 
 # ----------------------------------------------------------------------------- self-correction
@@ -202,8 +273,12 @@ def plackett_luce_loss(scores: torch.Tensor, rewards: torch.Tensor,
 
 def score_shaping(r1: torch.Tensor, r2: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """SCoRe's second-attempt reward ``r2 + alpha * (r2 - r1)``: a bonus for improving on the first
-    attempt and a penalty for making it worse."""
-    _check_same_shape("score_shaping", r1=r1, r2=r2)
+    attempt and a penalty for making it worse. ``r1, r2``: rewards of one shape, floating-point or
+    integer/bool correctness (those are taken as float32); ``alpha`` a finite number."""
+    name = "score_shaping"
+    _check_inputs(name, integral_ok=("r1", "r2"), r1=r1, r2=r2)
+    alpha = _scalar(name, "alpha", alpha)
+    r1, r2 = (r if r.is_floating_point() else r.float() for r in (r1, r2))
     return r2 + alpha * (r2 - r1)
 
 
@@ -219,13 +294,12 @@ class SelfCorrectionMetrics(NamedTuple):
 
 
 def self_correction_metrics(r1: torch.Tensor, r2: torch.Tensor) -> SelfCorrectionMetrics:
-    """From per-problem correctness at the first and second attempt (``(N,)``, bool or 0/1)."""
+    """From per-problem correctness at the first and second attempt (``(N,)``, bool or 0/1 of any
+    real dtype); each metric is a float64 scalar."""
     name = "self_correction_metrics"
-    _check_same_shape(name, r1=r1, r2=r2)
+    _check_inputs(name, integral_ok=("r1", "r2"), r1=r1, r2=r2)
     for arg, r in (("r1", r1), ("r2", r2)):
-        if r.numel() == 0 or not bool(((r == 0) | (r == 1)).all()):
-            raise ValueError(f"{name}: {arg} must be a non-empty tensor of correctness values "
-                             "(bool or 0/1)")
+        _check_binary(name, arg, r, "correctness values")
     first, second = r1.to(torch.float64), r2.to(torch.float64)
     acc_t1, acc_t2 = first.mean(), second.mean()
     return SelfCorrectionMetrics(acc_t1, acc_t2, acc_t2 - acc_t1,
@@ -245,13 +319,20 @@ class Distinguishability(NamedTuple):
 
 def preference_distinguishability(features: torch.Tensor,
                                   labels: torch.Tensor) -> Distinguishability:
-    """``features (N, d)`` (e.g. embeddings of responses), ``labels (N,)`` bool (True = preferred).
-    Covariances are the population ones (divided by the class size)."""
+    """``features (N, d)`` (e.g. embeddings of responses; any real dtype, computed in float32, or
+    float64 for float64), ``labels (N,)`` bool or 0/1 (1 = preferred). Covariances are the
+    population ones (divided by the class size). Non-finite features give NaN (or inf) results
+    rather than an error. Returns three scalars in the compute dtype."""
     name = "preference_distinguishability"
+    _real_tensor(name, "features", features, floating=False)
+    _real_tensor(name, "labels", labels, floating=False)
+    _checks.same_device(name, features=features, labels=labels)
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise ValueError(f"{name}: features must be (N, d) and labels (N,), got "
                          f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    _check_binary(name, "labels", labels, "labels")
     labels = labels.to(torch.bool)
+    (features,) = _in_loss_dtype(features)
     positive, negative = features[labels], features[~labels]
     if positive.shape[0] == 0 or negative.shape[0] == 0:
         raise ValueError(f"{name}: labels must contain both classes, got {int(labels.sum())} "
@@ -261,9 +342,14 @@ def preference_distinguishability(features: torch.Tensor,
         centred = x - x.mean(0)
         return centred.T @ centred / x.shape[0]
 
+    def operator_norm(c):  # the SVD behind it refuses non-finite input: answer NaN instead
+        finite = c.isfinite()
+        return torch.where(finite.all(), torch.linalg.matrix_norm(c.where(finite, 0), ord=2),
+                           math.nan)
+
     covariances = [covariance(positive), covariance(negative)]
     return Distinguishability(
         torch.linalg.vector_norm(positive.mean(0) - negative.mean(0)),
-        torch.stack([torch.linalg.matrix_norm(c, ord=2) for c in covariances]).max(),
+        torch.stack([operator_norm(c) for c in covariances]).max(),
         torch.stack([c.trace() for c in covariances]).max(),
     )

@@ -333,6 +333,227 @@ def test_preference_distinguishability():
         losses.preference_distinguishability(features, labels[:5])
 
 
+# ----------------------------------------------------------------------------- bad and unusual input
+
+
+def _pair(n=4, dtype=torch.float32):
+    return torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+
+
+def _fused_call(**kw):
+    h, w, targets, mask = _dpo_inputs(batch=2, length=3, hidden=8, vocab=11)
+    kw.setdefault("ref_logps", torch.randn(4, device=DEVICE))
+    return losses.fused_linear_dpo_loss(h, w, targets, mask, **kw)
+
+
+def _distinguishability_inputs(dtype=torch.float64):
+    torch.manual_seed(3)
+    features = (torch.randn(12, 3, dtype=torch.float64) * 4).round().to(dtype)
+    return features, torch.arange(12) % 3 == 0
+
+
+x4, y4 = torch.zeros(4), torch.ones(4)
+LIST = [0.0, 1.0, 0.0, 1.0]
+NON_TENSOR_CASES = {
+    "bradley_terry_loss: chosen": lambda: losses.bradley_terry_loss(LIST, x4),
+    "bradley_terry_loss: rejected": lambda: losses.bradley_terry_loss(x4, LIST),
+    "dpo_loss: policy_chosen": lambda: losses.dpo_loss(LIST, x4, x4, x4),
+    "dpo_loss: policy_rejected": lambda: losses.dpo_loss(x4, LIST, x4, x4),
+    "dpo_loss: ref_chosen": lambda: losses.dpo_loss(x4, x4, LIST, x4),
+    "dpo_loss: ref_rejected": lambda: losses.dpo_loss(x4, x4, x4, 0.5),
+    "fused_linear_dpo_loss: ref_logps": lambda: _fused_call(ref_logps=LIST),
+    "plackett_luce_loss: scores": lambda: losses.plackett_luce_loss(LIST, x4),
+    "plackett_luce_loss: rewards": lambda: losses.plackett_luce_loss(x4, LIST),
+    "plackett_luce_loss: mask": lambda: losses.plackett_luce_loss(x4, y4, [True] * 4),
+    "score_shaping: r1": lambda: losses.score_shaping(LIST, x4, alpha=1.0),
+    "score_shaping: r2": lambda: losses.score_shaping(x4, LIST, alpha=1.0),
+    "self_correction_metrics: r1": lambda: losses.self_correction_metrics(LIST, y4),
+    "self_correction_metrics: r2": lambda: losses.self_correction_metrics(y4, (1, 0, 1, 0)),
+    "preference_distinguishability: features":
+        lambda: losses.preference_distinguishability([[0.0], [1.0]], torch.tensor([True, False])),
+    "preference_distinguishability: labels":
+        lambda: losses.preference_distinguishability(torch.zeros(4, 2), [1, 0, 1, 0]),
+}
+
+
+@pytest.mark.parametrize("where", NON_TENSOR_CASES)
+def test_non_tensor_inputs_raise_type_error_naming_the_argument(where):
+    with pytest.raises(TypeError, match=rf"^{where} must be a torch.Tensor, got (list|tuple|float)"):
+        NON_TENSOR_CASES[where]()
+
+
+c4 = torch.zeros(4, dtype=torch.complex64)
+REAL_FLOAT = r"must be a real floating-point tensor, got torch.complex(64|128)"
+REAL = r"must be a real tensor \(floating-point, integer or bool\), got torch.complex(64|128)"
+COMPLEX_CASES = {
+    "bradley_terry_loss: chosen": (REAL_FLOAT, lambda: losses.bradley_terry_loss(c4, c4)),
+    "dpo_loss: ref_rejected": (REAL_FLOAT, lambda: losses.dpo_loss(x4, x4, x4, c4)),
+    "fused_linear_dpo_loss: ref_logps": (REAL_FLOAT, lambda: _fused_call(ref_logps=c4)),
+    "plackett_luce_loss: scores": (REAL_FLOAT, lambda: losses.plackett_luce_loss(c4, x4)),
+    "plackett_luce_loss: rewards": (REAL, lambda: losses.plackett_luce_loss(x4, c4)),
+    "plackett_luce_loss: mask": (REAL, lambda: losses.plackett_luce_loss(x4, y4, c4 + 1)),
+    "score_shaping: r2": (REAL, lambda: losses.score_shaping(x4, c4, alpha=1.0)),
+    "self_correction_metrics: r1": (REAL, lambda: losses.self_correction_metrics(c4, y4)),
+    "preference_distinguishability: features":
+        (REAL, lambda: losses.preference_distinguishability(torch.zeros(4, 2, dtype=torch.complex128),
+                                                            torch.tensor([1, 0, 1, 0]))),
+    "preference_distinguishability: labels":
+        (REAL, lambda: losses.preference_distinguishability(torch.zeros(4, 2), c4)),
+}
+
+
+@pytest.mark.parametrize("where", COMPLEX_CASES)
+def test_complex_inputs_are_refused(where):
+    expected, call = COMPLEX_CASES[where]
+    with pytest.raises(TypeError, match=rf"^{where} {expected}"):
+        call()
+
+
+def test_integer_scores_are_refused_where_losses_want_floats():
+    with pytest.raises(TypeError, match="^bradley_terry_loss: chosen must be a real floating-point "
+                                        "tensor, got torch.int64"):
+        losses.bradley_terry_loss(torch.arange(3), torch.arange(3))
+    with pytest.raises(TypeError, match="^dpo_loss: policy_chosen must be a real floating-point"):
+        losses.dpo_loss(torch.ones(3, dtype=torch.int32), *torch.zeros(3, 3))
+
+
+def test_integer_and_bool_correctness_labels_and_ranks_stay_allowed():
+    r1 = torch.tensor([True, False, False, True])
+    r2 = torch.tensor([True, True, False, False])
+    m = losses.self_correction_metrics(r1, r2)
+    assert m == losses.self_correction_metrics(r1.long(), r2.float())
+    torch.testing.assert_close(losses.score_shaping(r1, r2, alpha=2.0),
+                               losses.score_shaping(r1.float(), r2.float(), alpha=2.0))
+    torch.testing.assert_close(losses.score_shaping(r1.int(), r2.int(), alpha=2.0),
+                               torch.tensor([1.0, 3.0, 0.0, -2.0]))
+    scores = torch.randn(2, 5, dtype=torch.float64)
+    ranks = torch.randint(0, 3, (2, 5))
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+    torch.testing.assert_close(losses.plackett_luce_loss(scores, ranks, mask, reduction="none"),
+                               losses.plackett_luce_loss(scores, ranks.double(), mask.bool(),
+                                                         reduction="none"))
+
+
+SCALAR_CASES = {
+    "dpo beta str": (TypeError, r"dpo_loss: beta must be a real number, got str '0.1'",
+                     lambda: losses.dpo_loss(x4, x4, x4, x4, beta="0.1")),
+    "dpo beta bool": (TypeError, r"dpo_loss: beta must be a real number, got bool True",
+                      lambda: losses.dpo_loss(x4, x4, x4, x4, beta=True)),
+    "dpo beta tensor": (TypeError, r"dpo_loss: beta must be a real number, got a torch.float32",
+                        lambda: losses.dpo_loss(x4, x4, x4, x4, beta=torch.tensor(0.1))),
+    "dpo beta inf": (ValueError, r"dpo_loss: beta must be positive and finite, got inf",
+                     lambda: losses.dpo_loss(x4, x4, x4, x4, beta=math.inf)),
+    "dpo beta nan": (ValueError, r"dpo_loss: beta must be positive and finite, got nan",
+                     lambda: losses.dpo_loss(x4, x4, x4, x4, beta=math.nan)),
+    "dpo beta overflows float32": (
+        ValueError, r"dpo_loss: beta must be at most 3.403e\+38 in magnitude .*got 1e\+39",
+        lambda: losses.dpo_loss(x4, x4, x4, x4, beta=1e39)),
+    "dpo label_smoothing str": (
+        TypeError, r"dpo_loss: label_smoothing must be a real number, got str",
+        lambda: losses.dpo_loss(x4, x4, x4, x4, label_smoothing="0")),
+    "dpo label_smoothing bool": (
+        TypeError, r"dpo_loss: label_smoothing must be a real number, got bool",
+        lambda: losses.dpo_loss(x4, x4, x4, x4, label_smoothing=True)),
+    "dpo label_smoothing nan": (
+        ValueError, r"dpo_loss: label_smoothing must be a finite number, got nan",
+        lambda: losses.dpo_loss(x4, x4, x4, x4, label_smoothing=math.nan)),
+    "dpo loss_type not a str": (
+        TypeError, r"dpo_loss: loss_type must be one of 'sigmoid', .*got int 1",
+        lambda: losses.dpo_loss(x4, x4, x4, x4, loss_type=1)),
+    "dpo reduction not a str": (
+        TypeError, r"dpo_loss: reduction must be one of 'mean', .*got None",
+        lambda: losses.dpo_loss(x4, x4, x4, x4, reduction=None)),
+    "bt margin str": (TypeError, r"bradley_terry_loss: margin must be a real number, got str",
+                      lambda: losses.bradley_terry_loss(x4, x4, margin="0.3")),
+    "bt margin tensor": (TypeError, r"bradley_terry_loss: margin must be a real number, got a",
+                         lambda: losses.bradley_terry_loss(x4, x4, margin=torch.tensor(0.3))),
+    "bt margin inf": (ValueError, r"bradley_terry_loss: margin must be a finite number, got -inf",
+                      lambda: losses.bradley_terry_loss(x4, x4, margin=-math.inf)),
+    "bt reduction": (TypeError, r"bradley_terry_loss: reduction must be one of .*got int 0",
+                     lambda: losses.bradley_terry_loss(x4, x4, reduction=0)),
+    "pl reduction": (TypeError, r"plackett_luce_loss: reduction must be one of .*got bool",
+                     lambda: losses.plackett_luce_loss(x4, x4, reduction=True)),
+    "shaping alpha None": (TypeError, r"score_shaping: alpha must be a real number, got None",
+                           lambda: losses.score_shaping(x4, y4, alpha=None)),
+    "shaping alpha nan": (ValueError, r"score_shaping: alpha must be a finite number, got nan",
+                          lambda: losses.score_shaping(x4, y4, alpha=math.nan)),
+    "fused beta inf": (ValueError, r"fused_linear_dpo_loss: beta must be positive and finite",
+                       lambda: _fused_call(beta=math.inf)),
+    "fused average_log_prob str": (
+        TypeError, r"fused_linear_dpo_loss: average_log_prob must be True or False, got str 'no'",
+        lambda: _fused_call(average_log_prob="no")),
+    "fused average_log_prob int": (
+        TypeError, r"fused_linear_dpo_loss: average_log_prob must be True or False, got int 1",
+        lambda: _fused_call(average_log_prob=1)),
+}
+
+
+@pytest.mark.parametrize("case", SCALAR_CASES)
+def test_scalar_arguments_get_clear_errors(case):
+    error, message, call = SCALAR_CASES[case]
+    with pytest.raises(error, match="^" + message):
+        call()
+
+
+def test_scalar_arguments_accept_ints_and_numpy_numbers():
+    import numpy as np
+
+    pc, pr = _pair(dtype=torch.float64)
+    rc, rr = _pair(dtype=torch.float64)
+    want = losses.dpo_loss(pc, pr, rc, rr, beta=2.0, label_smoothing=0.0)
+    assert losses.dpo_loss(pc, pr, rc, rr, beta=2, label_smoothing=0).loss == want.loss
+    assert losses.dpo_loss(pc, pr, rc, rr, beta=np.float32(2.0)).loss == want.loss
+    torch.testing.assert_close(losses.bradley_terry_loss(pc, pr, margin=np.int64(1)),
+                               losses.bradley_terry_loss(pc, pr, margin=1.0))
+
+
+def test_mixed_devices_are_a_value_error():
+    meta = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match=r"^dpo_loss: all tensors must be on the same device, got "
+                                         r"policy_chosen on cpu, .*ref_rejected on meta"):
+        losses.dpo_loss(x4, x4, x4, meta)
+    with pytest.raises(ValueError, match=r"^preference_distinguishability: all tensors must be on "
+                                         r"the same device"):
+        losses.preference_distinguishability(torch.zeros(4, 2), meta.bool())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64, torch.int8])
+def test_preference_distinguishability_computes_in_float32_for_half_and_integer_features(dtype):
+    features, labels = _distinguishability_inputs(dtype)  # small integers: exact in every dtype
+    got = losses.preference_distinguishability(features, labels)
+    want = losses.preference_distinguishability(features.double(), labels)
+    assert want.trace.dtype == torch.float64
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-6)
+
+
+def test_preference_distinguishability_nan_features_give_nan_not_an_error():
+    features, labels = _distinguishability_inputs()
+    for row in (0, 1):  # a preferred row, then a rejected one
+        bad = features.clone()
+        bad[row, 1] = math.nan
+        d = losses.preference_distinguishability(bad, labels)
+        assert all(math.isnan(v.item()) for v in d), d
+    bad = features.float()
+    bad[0, 0] = math.inf
+    d = losses.preference_distinguishability(bad, labels)
+    assert math.isinf(d.mean_distance.item()) and math.isnan(d.concentration.item())
+
+
+def test_preference_distinguishability_labels_must_be_bool_or_0_1():
+    features, labels = _distinguishability_inputs()
+    want = losses.preference_distinguishability(features, labels)
+    assert losses.preference_distinguishability(features, labels.long()) == want
+    assert losses.preference_distinguishability(features, labels.half()) == want
+    for bad, shown in ((labels * 2, "2"), (labels * 0.5, "0.5"), (labels.double() - 1, "-1.0")):
+        with pytest.raises(ValueError, match=rf"^preference_distinguishability: labels must be a "
+                                             rf"non-empty tensor of labels \(bool or 0/1\), got a "
+                                             rf"torch\.\w+ tensor of shape \(12,\) on cpu holding "
+                                             rf"{shown}"):
+            losses.preference_distinguishability(features, bad)
+
+
 # ----------------------------------------------------------------------------- linear_kl
 
 KL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
@@ -428,8 +649,42 @@ def test_linear_kl_errors():
         losses.linear_kl(h, w, rh, rw.double())
     with pytest.raises(ValueError, match="temperature must be positive and finite"):
         losses.linear_kl(h, w, rh, rw, temperature=0.0)
-    with pytest.raises(ValueError, match=r"mask must have shape \(4,\), got \(3,\)"):
+    with pytest.raises(ValueError,
+                       match=r"mask must have shape \(4,\) \(the leading shape of hidden\), got \(3,\)"):
         losses.linear_kl(h, w, rh, rw, torch.ones(3, dtype=torch.bool))
+
+
+def test_linear_kl_clear_errors_for_an_empty_hidden_size_and_a_list_mask():
+    h, w, rh, rw = _kl_inputs(lead=(4,), vocab=50)
+    with pytest.raises(ValueError, match=r"^linear_kl: weight must have a non-empty hidden size H, "
+                                         r"got shape \(50, 0\)"):
+        losses.linear_kl(h[:, :0], w[:, :0], rh, rw)
+    with pytest.raises(TypeError, match="^linear_kl: mask must be a torch.Tensor, got list"):
+        losses.linear_kl(h, w, rh, rw, [True, False, True, True])
+    with pytest.raises(TypeError, match="^linear_kl: mask must be a bool .* got torch.float32"):
+        losses.linear_kl(h, w, rh, rw, torch.ones(4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_kl_autocast_gradient_is_the_gradient_of_the_forward(backend):
+    """Under torch.autocast both sides are cast to bfloat16 once at the op: the result and the
+    policy gradients are exactly those of operands cast by hand (the inner GEMMs are not autocast
+    again, and the backward does not recompute in float32)."""
+    h, w, rh, rw = _kl_inputs(lead=(6,), vocab=300)
+    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    with alignkern.use_backend(backend):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            kl = losses.linear_kl(*leaves, rh, rw)
+        grad = torch.randn_like(kl)
+        got = torch.autograd.grad(kl, leaves, grad)
+        cast = [x.detach().to(torch.bfloat16).requires_grad_(True) for x in (h, w)]
+        by_hand = losses.linear_kl(*cast, rh.to(torch.bfloat16), rw.to(torch.bfloat16))
+        hand = torch.autograd.grad(by_hand, cast, grad)
+    assert kl.dtype == torch.float32 and torch.equal(kl, by_hand)
+    ref_kl, want = _kl_reference_grads(*(x.to(torch.bfloat16) for x in (h, w, rh, rw)), grad)
+    for g, gh, r in zip(got, hand, want):
+        assert g.dtype == torch.float32 and torch.equal(g, gh.float())
+        assert _scaled_error(g, r) < KL_TOL[torch.bfloat16]
 
 
 def test_linear_kl_cpu_memory_stays_a_fraction_of_two_logits_tensors():

@@ -17,49 +17,62 @@ import math
 
 import torch
 
-from .. import _backend, reference
+from .. import _autocast, _backend, _checks, reference
 from . import linear_logprobs_cpu as _tiles_cpu
 from .linear_logprobs import SUPPORTED_DTYPES, _accumulation_dtype, _as_matrix, _row_chunks
 
 GPU_CHUNK_BYTES = 256 * 2**20
 
 
-def _validate(hidden, weight, ref_hidden, ref_weight, mask, temperature) -> None:
-    name = "linear_kl"
+def _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature) -> float:
+    """DESIGN.md's error contract for the two sides; returns the temperature as a float."""
     for arg, value in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden),
                        ("ref_weight", ref_weight)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: {arg} must be float32, float16, bfloat16 or float64, got "
-                            f"{value.dtype}")
+        _checks.tensor(fn, arg, value, dtypes=SUPPORTED_DTYPES)
         if value.dtype != hidden.dtype:
-            raise TypeError(f"{name}: {arg} must have hidden's dtype ({hidden.dtype}), got "
+            raise TypeError(f"{fn}: {arg} must have hidden's dtype ({hidden.dtype}), got "
                             f"{value.dtype}")
-        if value.device != hidden.device:
-            raise ValueError(f"{name}: all tensors must be on the same device, got hidden on "
-                             f"{hidden.device} and {arg} on {value.device}")
+    _checks.same_device(fn, hidden=hidden, weight=weight, ref_hidden=ref_hidden,
+                        ref_weight=ref_weight)
     for side, h, w in (("", hidden, weight), ("ref_", ref_hidden, ref_weight)):
         if w.dim() != 2:
-            raise ValueError(f"{name}: {side}weight must be the 2-D LM head (V, H), got shape "
+            raise ValueError(f"{fn}: {side}weight must be the 2-D LM head (V, H), got shape "
                              f"{tuple(w.shape)}")
         if h.dim() < 1 or h.shape[-1] != w.shape[1]:
-            raise ValueError(f"{name}: hidden size mismatch: {side}hidden {tuple(h.shape)} vs "
+            raise ValueError(f"{fn}: hidden size mismatch: {side}hidden {tuple(h.shape)} vs "
                              f"{side}weight {tuple(w.shape)}")
+        if w.shape[1] == 0:
+            raise ValueError(f"{fn}: {side}weight must have a non-empty hidden size H, got shape "
+                             f"{tuple(w.shape)}")
     if weight.shape[0] != ref_weight.shape[0] or weight.shape[0] == 0:
-        raise ValueError(f"{name}: weight and ref_weight must share a non-empty vocabulary, got "
+        raise ValueError(f"{fn}: weight and ref_weight must share a non-empty vocabulary, got "
                          f"V = {weight.shape[0]} and {ref_weight.shape[0]}")
     if hidden.shape[:-1] != ref_hidden.shape[:-1]:
-        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} and ref_hidden "
+        raise ValueError(f"{fn}: hidden {tuple(hidden.shape)} and ref_hidden "
                          f"{tuple(ref_hidden.shape)} must have the same leading shape")
-    if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{name}: mask must have shape {tuple(hidden.shape[:-1])}, got "
-                         f"{tuple(mask.shape)}")
-    if not (0 < temperature < math.inf):
-        raise ValueError(f"{name}: temperature must be positive and finite, got {temperature}")
+    return _checks.temperature(fn, temperature)
 
 
-def _check_backend(backend: str, hidden: torch.Tensor) -> str:
+def _check_saved(fn, grad_kl, lse, expect, hidden) -> None:
+    """The backward's extra tensors, each shaped like hidden's rows, real floating point."""
+    for arg, value in (("grad_kl", grad_kl), ("lse", lse), ("expect", expect)):
+        _checks.tensor(fn, arg, value, floating=True)
+        _checks.shape(fn, arg, value, hidden.shape[:-1], "the leading shape of hidden")
+    _checks.same_device(fn, hidden=hidden, grad_kl=grad_kl, lse=lse, expect=expect)
+
+
+def _check_mask(fn, mask, hidden) -> None:
+    if mask is None:
+        return
+    _checks.tensor(fn, "mask", mask)
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{fn}: mask must be a bool (or integer 0/1) tensor, got {mask.dtype}")
+    _checks.shape(fn, "mask", mask, hidden.shape[:-1], "the leading shape of hidden")
+    _checks.same_device(fn, hidden=hidden, mask=mask)
+
+
+def _check_backend(backend: str, hidden: torch.Tensor, fn: str = "linear_kl") -> str:
+    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
     if backend == "auto":
         return _backend.resolve_backend(hidden.device)
     reason = _backend.unavailable_reason(backend, hidden.device)
@@ -175,7 +188,7 @@ def _matrices(hidden, weight, ref_hidden, ref_weight):
 def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
                   ref_weight: torch.Tensor, temperature: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _validate(hidden, weight, ref_hidden, ref_weight, None, temperature)
+    temperature = _check_inputs("linear_kl", hidden, weight, ref_hidden, ref_weight, temperature)
     backend = _check_backend(backend, hidden)
     acc = _accumulation_dtype(hidden.dtype)
     lead = hidden.shape[:-1]
@@ -191,8 +204,20 @@ def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     return tuple(t.reshape(lead) for t in outputs)
 
 
+def _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, **others) -> None:
+    _checks.same_device_in_fake(fn, hidden=hidden, weight=weight, ref_hidden=ref_hidden,
+                                ref_weight=ref_weight, **others)
+    torch._check(weight.dim() == 2 and ref_weight.dim() == 2,
+                 lambda: f"{fn}: weight and ref_weight must be 2-D (V, H)")
+    torch._check(hidden.shape[-1] == weight.shape[1] and ref_hidden.shape[-1] == ref_weight.shape[1],
+                 lambda: f"{fn}: hidden sizes do not match the heads")
+    torch._check(hidden.shape[:-1] == ref_hidden.shape[:-1],
+                 lambda: f"{fn}: hidden and ref_hidden must have the same leading shape")
+
+
 @_linear_kl_op.register_fake
 def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, backend):
+    _fake_checks("linear_kl", hidden, weight, ref_hidden, ref_weight)
     acc = _accumulation_dtype(hidden.dtype)
     return tuple(hidden.new_empty(hidden.shape[:-1], dtype=acc) for _ in range(3))
 
@@ -202,7 +227,11 @@ def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: 
                            ref_hidden: torch.Tensor, ref_weight: torch.Tensor, lse: torch.Tensor,
                            expect: torch.Tensor, temperature: float, need_weight_grad: bool,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = _check_backend(backend, hidden)
+    fn = "linear_kl_backward"
+    temperature = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature)
+    _check_saved(fn, grad_kl, lse, expect, hidden)
+    _checks.boolean(fn, "need_weight_grad", need_weight_grad)
+    backend = _check_backend(backend, hidden, fn)
     acc = _accumulation_dtype(hidden.dtype)
     h, w, rh, rw = _matrices(hidden, weight, ref_hidden, ref_weight)
     grad, lse, expect = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, lse, expect))
@@ -222,6 +251,12 @@ def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: 
 @_linear_kl_backward_op.register_fake
 def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect,
                              temperature, need_weight_grad, backend):
+    fn = "linear_kl_backward"
+    _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, grad_kl=grad_kl, lse=lse,
+                 expect=expect)
+    for arg, value in (("grad_kl", grad_kl), ("lse", lse), ("expect", expect)):
+        torch._check(value.shape == hidden.shape[:-1],
+                     lambda arg=arg: f"{fn}: {arg} must have the leading shape of hidden")
     return (hidden.new_empty(hidden.shape),
             weight.new_empty(weight.shape) if need_weight_grad else hidden.new_empty((0,)))
 
@@ -243,6 +278,8 @@ def _backward(ctx, grad_kl, grad_lse, grad_expect):
 
 
 _linear_kl_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("linear_kl", ("hidden", "weight", "ref_hidden", "ref_weight"))
+_autocast.register("linear_kl_backward")
 
 
 def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
@@ -259,10 +296,13 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
         ...                          mask=response_mask)
         >>> loss = rl_loss + beta * (kl.sum() / response_mask.sum())
     """
+    fn = "linear_kl"
     if torch.compiler.is_compiling():
+        temperature = _checks.temperature(fn, temperature)
         backend = "auto"
     else:
-        _validate(hidden, weight, ref_hidden, ref_weight, mask, temperature)
+        temperature = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature)
+        _check_mask(fn, mask, hidden)
         backend = _check_backend("auto", hidden)
     kl = _linear_kl_op(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
                        float(temperature), backend)[0]
