@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -34,14 +35,32 @@ def info() -> str:
     lines.append("backends:")
     for name, reason in _backend.backend_status().items():
         lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    lines.append(f"default backend for {device} tensors: "
-                 f"{_backend.default_backend(torch.device(device))}")
+    lines.append(_backend_in_use(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     lines.append("backward passes: token_logprobs runs its backward on the forward's backend;")
     lines.append("  linear_logprobs too, except the cuda backend (CUDA forward only), whose backward")
     lines.append("  runs the Triton kernels (deterministic: dlogits per row chunk + two GEMMs);")
     lines.append("  reward_attention likewise: cuda forward, Triton backward (deterministic dbias)")
     return "\n".join(lines)
+
+
+def _backend_in_use(device: torch.device) -> str:
+    """Which backend ops on ``device``'s tensors run, and where that choice comes from; if the
+    requested backend is unknown or cannot run, what is wrong (ops would raise)."""
+    from alignkern import _backend
+
+    default = _backend.default_backend(device)
+    source = "use_backend" if _backend._override.get() else "ALIGNKERN_BACKEND"
+    head = f"backend for {device.type} tensors:"
+    try:
+        name = _backend.resolve_backend(device)
+    except (ValueError, RuntimeError) as exc:
+        requested = _backend._override.get() or os.environ.get("ALIGNKERN_BACKEND")
+        return (f"{head} NONE, {source}={requested!r} is unusable; ops will raise\n"
+                f"  {type(exc).__name__}: {exc}\n"
+                f"  unset {source} or name an available backend (the default here is {default})")
+    if _backend.requested_backend() is None:
+        return f"{head} {name} (default)"
+    return f"{head} {name} (from {source}; the default is {default})"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ Backends:
 
 The default follows the device of the inputs. ``alignkern.use_backend(name)`` (a context manager)
 and the ``ALIGNKERN_BACKEND`` environment variable override it; the context manager wins. Asking for
-a backend that cannot run raises ``RuntimeError`` saying why.
+a backend that cannot run raises ``RuntimeError`` saying why; an unknown name, ``ValueError``.
 """
 
 from __future__ import annotations
@@ -108,10 +108,9 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
 def requested_backend() -> str | None:
     """The backend named by use_backend() or ALIGNKERN_BACKEND, if any."""
     name = _override.get() or os.environ.get("ALIGNKERN_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        raise RuntimeError(
-            f"ALIGNKERN_BACKEND / use_backend: unknown backend {name!r}; "
-            f"expected one of {', '.join(BACKENDS)}"
+    if name is not None and name not in BACKENDS:  # use_backend checks its name, so this is the env
+        raise ValueError(
+            f"ALIGNKERN_BACKEND: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}"
         )
     return name
 
@@ -135,7 +134,10 @@ def default_backend(device: torch.device) -> str:
 
 
 def resolve_backend(device: torch.device) -> str:
-    """The backend that runs an op on tensors of ``device``; RuntimeError if it cannot."""
+    """The backend that runs an op on tensors of ``device``.
+
+    ValueError if ALIGNKERN_BACKEND names no backend; RuntimeError if the requested one cannot run.
+    """
     name = requested_backend()
     if name is None:
         return default_backend(device)

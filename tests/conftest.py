@@ -1,5 +1,7 @@
 """Test setup: without a GPU, the Triton kernels run through the Triton interpreter, which must be
-switched on before any Triton kernel is imported."""
+switched on before any Triton kernel is imported, triton's own included: its standard-library
+functions (tl.max, tl.sum, ...) are decorated once, when triton is first imported, so triton is
+imported here, before any test can change TRITON_INTERPRET."""
 
 import os
 
@@ -8,6 +10,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        import triton  # noqa: F401  (fixes tl.* as interpreted, whatever a test sets later)
+    except ImportError:
+        pass
 
 import alignkern  # noqa: E402  (after TRITON_INTERPRET)
 from alignkern import _backend  # noqa: E402

@@ -8,6 +8,23 @@ import alignkern
 from alignkern import _backend
 
 
+@pytest.mark.skipif(HAS_GPU, reason="the Triton interpreter is for machines without a GPU")
+def test_switching_the_interpreter_off_in_a_test_does_not_break_later_triton_runs(monkeypatch):
+    """triton decorates its tl.* functions (tl.max, tl.sum...) once, when it is first imported; that
+    must happen under the interpreter (conftest), not while a test has set TRITON_INTERPRET=0."""
+    with monkeypatch.context() as m:
+        m.setenv("TRITON_INTERPRET", "0")
+        _backend.unavailable_reason("triton", torch.device("cpu"))  # imports triton, if not yet
+    reason = _backend.unavailable_reason("triton", torch.device("cpu"))
+    if reason is not None:  # no triton, or TRITON_INTERPRET=0 given to pytest
+        pytest.skip(reason)
+    logits, targets = torch.randn(3, 10), torch.tensor([1, 2, 3])
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
+    with alignkern.use_backend("triton"):
+        out = alignkern.token_logprobs(logits, targets)
+    torch.testing.assert_close(out.double(), expected)
+
+
 def test_default_backend_for_cpu_tensors_is_the_cpp_kernel():
     assert _backend.resolve_backend(torch.device("cpu")) == "cpu"
 
@@ -37,8 +54,9 @@ def test_unknown_backend_names_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="use_backend: name must be one of.*got 'tpu'"):
         with alignkern.use_backend("tpu"):
             pass
-    monkeypatch.setenv("ALIGNKERN_BACKEND", "tpu")
-    with pytest.raises(RuntimeError, match="unknown backend 'tpu'"):
+    monkeypatch.setenv("ALIGNKERN_BACKEND", "tpu")  # the same error type for the same mistake
+    with pytest.raises(ValueError, match="ALIGNKERN_BACKEND: unknown backend 'tpu'; "
+                                         "expected one of triton, cuda, cpu, reference"):
         alignkern.token_logprobs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
 
 

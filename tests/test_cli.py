@@ -4,6 +4,9 @@ import csv
 import subprocess
 import sys
 
+import pytest
+from conftest import DEVICE, HAS_GPU
+
 from alignkern.__main__ import info, main
 
 
@@ -13,6 +16,28 @@ def test_info_reports_versions_and_backends():
                      "triton ", "cuda ", "cpu ", "reference "):
         assert expected in text
     assert "available" in text
+
+
+def test_info_shows_the_backend_in_use_and_where_it_comes_from(monkeypatch):
+    monkeypatch.delenv("ALIGNKERN_BACKEND", raising=False)
+    default = "triton" if HAS_GPU else "cpu"
+    assert f"backend for {DEVICE.type} tensors: {default} (default)" in info()
+    monkeypatch.setenv("ALIGNKERN_BACKEND", "reference")
+    assert (f"backend for {DEVICE.type} tensors: reference (from ALIGNKERN_BACKEND; "
+            f"the default is {default})") in info()
+
+
+@pytest.mark.parametrize("name, error", [
+    ("tpu", "ValueError: ALIGNKERN_BACKEND: unknown backend 'tpu'; expected one of"),
+    ("cpu" if HAS_GPU else "cuda", "RuntimeError: alignkern backend"),  # known, cannot run here
+], ids=["unknown", "unavailable"])
+def test_info_flags_an_unusable_environment_backend_and_still_exits_0(monkeypatch, capsys, name,
+                                                                      error):
+    monkeypatch.setenv("ALIGNKERN_BACKEND", name)
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"backend for {DEVICE.type} tensors: NONE, ALIGNKERN_BACKEND={name!r} is unusable" in text
+    assert error in text and "unset ALIGNKERN_BACKEND" in text
 
 
 def test_module_entry_point_runs():
