@@ -160,6 +160,25 @@ def test_rows_that_see_no_key_are_zero_not_nan(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_ranks_compare_as_integers(backend):
+    """2**53 and 2**53 + 1 are one float64, but as ranks key 2**53 + 1 is hidden from query 2**53;
+    the int64 extremes are ranks too. Every backend must agree with the reference, which compares
+    the integers directly."""
+    base = 2**53
+    inputs = list(make_inputs(batch=2, len_q=9, len_k=11, head_dim=16, bias="shared"))
+    key_rank = base + torch.randint(0, 4, (2, 11), device=DEVICE)
+    query_rank = base + torch.randint(-1, 4, (2, 9), device=DEVICE)
+    key_rank[0, :2] = torch.tensor([base, base + 1])
+    query_rank[0, 0] = base
+    key_rank[1, :2] = torch.tensor([-(2**63), 2**63 - 1])
+    query_rank[1, 0] = 2**63 - 1
+    inputs[4:] = key_rank, query_rank
+    visible = reference.visible_keys(9, 11, key_rank, query_rank)
+    assert not visible[0, 0, 0, 1] and visible[0, 0, 0, 0]  # the case float64 gets wrong
+    check_forward_and_backward(backend, inputs, torch.float32, causal=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_gradient_is_bit_identical_across_runs(backend):
     inputs = make_inputs(len_q=65, len_k=70, bias="shared", ranks=True)
     q, k, v, key_bias, key_rank, query_rank = inputs
@@ -242,6 +261,23 @@ def test_segment_bias_feeds_reward_attention(backend):
     assert_close_scaled(grad, want, 1e-4)
 
 
+def test_segment_bias_with_no_examples():
+    """S = 0: only prompt tokens (every id negative); the bias is all zeros, still differentiable."""
+    rewards = torch.zeros(2, 0, requires_grad=True)
+    bias = alignkern.segment_bias(rewards, torch.full((2, 5), -1), beta=2.0)
+    assert bias.shape == (2, 5) and bias.dtype == rewards.dtype and (bias == 0).all()
+    (grad,) = torch.autograd.grad(bias, rewards, torch.ones_like(bias))
+    assert grad.shape == (2, 0)
+
+
+def test_segment_bias_refuses_lists():
+    with pytest.raises(TypeError, match="segment_bias: rewards must be a torch.Tensor, got list"):
+        alignkern.segment_bias([[0.5, 1.0]], torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="segment_bias: segment_ids must be a torch.Tensor, got "
+                                        "list"):
+        alignkern.segment_bias(torch.tensor([[0.5, 1.0]]), [[0, 1]])
+
+
 def test_segment_bias_errors():
     with pytest.raises(ValueError, match=r"rewards must be a \(B, S\) floating-point tensor"):
         alignkern.segment_bias(torch.zeros(3), torch.zeros(1, 3).long())
@@ -305,6 +341,53 @@ def test_torch_compile_inductor():
     assert_close_scaled(attend(q, k, v, key_bias), expected, 1e-5)
 
 
+@pytest.mark.parametrize("backend", available_backends(torch.device("cpu")))
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_casts_q_k_v_and_differentiates_what_it_computed(backend, compiled):
+    """Under CPU autocast to bfloat16, q, k and v are cast at the op's boundary (key_bias and the
+    ranks are not): the output is bfloat16, and the gradients are those of the float64 reference
+    evaluated on the bfloat16 q, k, v and the float32 key_bias, rounded to bfloat16 for q, k, v
+    (their gradients pass through bfloat16) and to float32 for key_bias.
+
+    Tolerance: 2 bfloat16 ulps of each entry. The kernels (not the reference backend) also take
+    ``delta = rowsum(dO * O)`` from the bfloat16 output they saved, as FlashAttention does; that
+    adds up to about 2 bfloat16 ulps of the largest entry (measured: 1.2)."""
+    torch._dynamo.reset()
+    cpu = torch.device("cpu")
+    inputs = make_inputs(batch=1, len_q=9, len_k=11, head_dim=16, bias="shared", ranks=True,
+                         device=cpu)
+    q, k, v, key_bias, key_rank, query_rank = inputs
+
+    def attend(q, k, v, bias):
+        return alignkern.reward_attention(q, k, v, key_bias=bias, key_rank=key_rank,
+                                          query_rank=query_rank, causal=True)
+
+    attend_maybe_compiled = torch.compile(attend, fullgraph=True, backend="aot_eager") \
+        if compiled else attend
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, key_bias)]
+    with alignkern.use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attend_maybe_compiled(*leaves)
+        assert out.dtype == torch.bfloat16
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        # Exactly what the op gives for q, k, v cast to bfloat16 by hand, outside autocast.
+        by_hand = [x.detach().to(torch.bfloat16).requires_grad_(True) for x in (q, k, v)]
+        by_hand.append(key_bias.clone().requires_grad_(True))
+        hand_out = attend(*by_hand)
+        hand_grads = torch.autograd.grad(hand_out, by_hand, grad_out)
+    assert torch.equal(out, hand_out)
+    for got, hand in zip(grads, hand_grads):
+        assert torch.equal(got, hand.to(got.dtype))
+    cast = [x.to(torch.bfloat16) for x in (q, k, v)]
+    expected = reference_grads((*cast, key_bias, key_rank, query_rank), grad_out, causal=True)
+    for name, leaf, got, want in zip(("dq", "dk", "dv", "dbias"), leaves, grads, expected):
+        assert got.dtype == leaf.dtype, name
+        rounded = want.to(torch.bfloat16 if name != "dbias" else torch.float32).double()
+        atol = (1e-5 if backend == "reference" else 2**-6) * float(want.abs().max())
+        torch.testing.assert_close(got.double(), rounded, rtol=2**-7, atol=atol, msg=name)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -360,13 +443,147 @@ def test_error_mixed_devices_and_scale():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="same device.*q on cpu.*k on meta"):
         alignkern.reward_attention(q, k.to("meta"), v)
-    with pytest.raises(ValueError, match="scale must be finite, got inf"):
+    with pytest.raises(ValueError, match="scale must be a finite number, got inf"):
         alignkern.reward_attention(q, k, v, scale=float("inf"))
 
 
 def test_error_cuda_backend_unavailable_on_cpu_tensors():
     with alignkern.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         alignkern.reward_attention(*_qkv())
+
+
+def test_error_empty_head_dim():
+    """D = 0 is refused before the default scale D ** -0.5 is computed."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"reward_attention: head dim D must be in \[1, 256\], "
+                                         "got 0"):
+        alignkern.reward_attention(q[..., :0], k[..., :0], v[..., :0])
+
+
+def test_error_scalars_and_arguments_of_the_wrong_type():
+    """A string is not a bool ("no" is truthy) nor a scale; a list is not a tensor."""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="reward_attention: causal must be True or False, got str "
+                                        "'no'"):
+        alignkern.reward_attention(q, k, v, causal="no")
+    with pytest.raises(TypeError, match="reward_attention: scale must be a real number, got str "
+                                        "'0.5'"):
+        alignkern.reward_attention(q, k, v, scale="0.5")
+    with pytest.raises(TypeError, match="reward_attention: key_bias must be a torch.Tensor, got "
+                                        "list"):
+        alignkern.reward_attention(q, k, v, key_bias=[[0.0] * 6])
+
+
+# The registered ops validate every argument themselves: a direct caller (a compiled graph, another
+# library) must never reach a kernel with inconsistent sizes. Arguments: B = 1, Hq = 4, Hkv = 2,
+# Lq = 5, Lk = 6, D = 8. Each case: the arguments it replaces, the error, and the message after
+# "<op>: ".
+_OP_ERRORS = {
+    "q 3-D": (lambda a: dict(q=a["q"][0]), ValueError,
+              r"q must be 4-D \(B, H, L, D\), got shape \(4, 5, 8\)"),
+    "q head dim": (lambda a: dict(q=a["q"][..., :4]), ValueError,
+                   "head dims differ: q has D = 4, k and v have D = 8"),
+    "k head dim": (lambda a: dict(k=a["k"][..., :4]), ValueError,
+                   r"k and v must have the same shape, got k \(1, 2, 6, 4\) and v \(1, 2, 6, 8\)"),
+    "k, v head dim": (lambda a: dict(k=a["k"][..., :4], v=a["v"][..., :4]), ValueError,
+                      "head dims differ: q has D = 8, k and v have D = 4"),
+    "v length": (lambda a: dict(v=a["v"][:, :, :3]), ValueError,
+                 "k and v must have the same shape"),
+    "k, v heads": (lambda a: dict(k=a["k"][:, :0], v=a["v"][:, :0]), ValueError,
+                   "the query heads Hq = 4 must be a multiple of the key/value heads Hkv = 0"),
+    "zero head dim": (lambda a: dict(q=a["q"][..., :0], k=a["k"][..., :0], v=a["v"][..., :0]),
+                      ValueError, r"head dim D must be in \[1, 256\], got 0"),
+    "key_bias shape": (lambda a: dict(key_bias=torch.zeros(1, 2, 6)), ValueError,
+                       r"key_bias must have shape \(B, Lk\) = \(1, 6\) or \(B, Hq, Lk\) = "
+                       r"\(1, 4, 6\), got \(1, 2, 6\)"),
+    "key_rank shape": (lambda a: dict(key_rank=torch.zeros(1, 5)), ValueError,
+                       r"key_rank must have shape \(B, L\) = \(1, 6\), got \(1, 5\)"),
+    "query_rank shape": (lambda a: dict(query_rank=torch.zeros(1, 6)), ValueError,
+                         r"query_rank must have shape \(B, L\) = \(1, 5\), got \(1, 6\)"),
+    "only key_rank": (lambda a: dict(query_rank=None), ValueError,
+                      "key_rank and query_rank go together: got only key_rank"),
+    "grad_out shape": (lambda a: dict(grad_out=a["grad_out"][..., :4]), ValueError,
+                       r"grad_out must have shape \(1, 4, 5, 8\).*got \(1, 4, 5, 4\)"),
+    "out shape": (lambda a: dict(out=a["out"][:, :, :4]), ValueError,
+                  r"out must have shape \(1, 4, 5, 8\).*got \(1, 4, 4, 8\)"),
+    "lse shape": (lambda a: dict(lse=torch.zeros(1, 4, 6)), ValueError,
+                  r"lse must have shape \(1, 4, 5\).*got \(1, 4, 6\)"),
+    "grad_lse shape": (lambda a: dict(grad_lse=torch.zeros(1, 4)), ValueError,
+                       r"grad_lse must have shape \(1, 4, 5\).*got \(1, 4\)"),
+    "q dtype": (lambda a: dict(q=a["q"].long()), TypeError,
+                "q must be float32, float16, bfloat16 or float64, got torch.int64"),
+    "k dtype": (lambda a: dict(k=a["k"].half()), TypeError,
+                r"k must have q's dtype \(torch.float32\), got torch.float16"),
+    "v dtype": (lambda a: dict(v=a["v"].double()), TypeError,
+                r"v must have q's dtype \(torch.float32\), got torch.float64"),
+    "key_bias dtype": (lambda a: dict(key_bias=torch.zeros(1, 6, dtype=torch.int32)), TypeError,
+                       "key_bias must be a floating-point tensor, got torch.int32"),
+    "key_rank dtype": (lambda a: dict(key_rank=torch.zeros(1, 6, dtype=torch.bool)), TypeError,
+                       "key_rank must be a real-valued tensor, got torch.bool"),
+    "query_rank dtype": (lambda a: dict(query_rank=torch.zeros(1, 5, dtype=torch.complex64)),
+                         TypeError, "query_rank must be a real-valued tensor, got torch.complex64"),
+    "grad_out dtype": (lambda a: dict(grad_out=a["grad_out"].long()), TypeError,
+                       "grad_out must be a real floating-point tensor, got torch.int64"),
+    "out dtype": (lambda a: dict(out=a["out"].int()), TypeError,
+                  "out must be a real floating-point tensor, got torch.int32"),
+    "lse dtype": (lambda a: dict(lse=a["lse"].long()), TypeError,
+                  "lse must be a real floating-point tensor, got torch.int64"),
+    "grad_lse dtype": (lambda a: dict(grad_lse=a["grad_lse"].to(torch.complex64)), TypeError,
+                       "grad_lse must be a real floating-point tensor, got torch.complex64"),
+    "scale": (lambda a: dict(scale=float("nan")), ValueError, "scale must be a finite number, got nan"),
+    "backend": (lambda a: dict(backend="bogus"), ValueError,
+                "backend must be one of 'auto', 'triton', 'cuda', 'cpu', 'reference', got .*'bogus'"),
+}
+
+
+def _op_arguments() -> dict:
+    """Valid arguments of alignkern::reward_attention_backward, by name, on the CPU."""
+    q, k, v = _qkv()
+    return dict(grad_out=torch.randn_like(q), grad_lse=torch.randn(1, 4, 5), q=q, k=k, v=v,
+                key_bias=torch.randn(1, 6), key_rank=torch.zeros(1, 6),
+                query_rank=torch.zeros(1, 5), out=torch.randn_like(q), lse=torch.randn(1, 4, 5),
+                causal=True, scale=0.3, need_bias_grad=True,
+                backend="cpu" if "cpu" in available_backends(torch.device("cpu")) else "reference")
+
+
+def _op_cases():
+    """Every case on the backward op, and on the forward op where it only replaces forward
+    arguments."""
+    forward = ("q", "k", "v", "key_bias", "key_rank", "query_rank", "causal", "scale", "backend")
+    for case, (replace, _, _) in _OP_ERRORS.items():
+        yield pytest.param("reward_attention_backward", case, id=f"backward-{case}")
+        if set(replace(_op_arguments())) <= set(forward):
+            yield pytest.param("reward_attention", case, id=f"forward-{case}")
+
+
+@pytest.mark.parametrize("op,case", list(_op_cases()))
+def test_registered_ops_validate_every_argument(op, case):
+    """Called directly, each op refuses each bad argument with a clear error before any kernel
+    runs (mis-shaped arguments used to reach the C++ backward kernel: out-of-bounds reads and
+    writes)."""
+    replace, error, message = _OP_ERRORS[case]
+    arguments = _op_arguments()
+    arguments.update(replace(arguments))
+    names = [a.name for a in getattr(torch.ops.alignkern, op).default._schema.arguments]
+    with pytest.raises(error, match=f"^{op}: {message}"):
+        getattr(torch.ops.alignkern, op)(*(arguments[name] for name in names))
+
+
+def test_registered_ops_fake_kernels_check_shapes():
+    """On meta tensors (the fake kernels, as torch.compile traces them) the shape checks hold too."""
+    arguments = {name: value.to("meta") if isinstance(value, torch.Tensor) else value
+                 for name, value in _op_arguments().items()}
+    names = [a.name for a in torch.ops.alignkern.reward_attention_backward.default._schema.arguments]
+    for arg, bad, message in (("lse", torch.zeros(1, 4, 6), "lse must have shape"),
+                              ("out", torch.zeros(1, 4, 4, 8), "out must have q's shape"),
+                              ("k", torch.zeros(1, 2, 6, 4), "k and v must have the same shape")):
+        with pytest.raises(RuntimeError, match=f"reward_attention_backward: {message}"):
+            torch.ops.alignkern.reward_attention_backward(
+                *(bad.to("meta") if name == arg else arguments[name] for name in names))
+    with pytest.raises(RuntimeError, match="reward_attention: key_rank must have shape"):
+        torch.ops.alignkern.reward_attention(
+            arguments["q"], arguments["k"], arguments["v"], None,
+            torch.zeros(1, 5, device="meta"), arguments["query_rank"], False, 0.3, "auto")
 
 
 # ----------------------------------------------------------------------------- memory

@@ -15,14 +15,16 @@ its backward runs the Triton kernels), ``cpu`` (csrc/cpu, forward and backward),
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from .. import _backend, reference
+from .. import _autocast, _backend, _checks, reference
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DTYPES = _checks.FLOAT_DTYPES
+# Rank dtypes PyTorch can compare (the reference backend compares them directly).
+RANK_DTYPES = (*_checks.FLOAT_DTYPES, torch.uint8, torch.int8, torch.int16, torch.int32,
+               torch.int64)
 MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -41,68 +43,113 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- validation
 
 
-def _shape(x) -> tuple:
+def _shape(x: torch.Tensor) -> tuple:
     return tuple(x.shape)
 
 
-def _validate(q, k, v, key_bias, key_rank, query_rank, scale) -> None:
-    """DESIGN.md's error contract; every message names the argument, the expected and the got."""
-    name = "reward_attention"
-    for arg, value in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != 4:
-            raise ValueError(f"{name}: {arg} must be 4-D (B, H, L, D), got shape {_shape(value)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: q must be float32, float16, bfloat16 or float64, got {q.dtype}")
+def _check_qkv(fn: str, q, k, v) -> None:
+    """q ``(B, Hq, Lq, D)``, k and v ``(B, Hkv, Lk, D)`` of one float dtype, ``Hq % Hkv == 0``,
+    ``1 <= D <= 256``."""
+    _checks.tensor(fn, "q", q, dtypes=SUPPORTED_DTYPES)
     for arg, value in (("k", k), ("v", v)):
+        _checks.tensor(fn, arg, value)
         if value.dtype != q.dtype:
-            raise TypeError(f"{name}: {arg} must have q's dtype ({q.dtype}), got {value.dtype}")
-    batch, heads_q, len_q, head_dim = q.shape
+            raise TypeError(f"{fn}: {arg} must have q's dtype ({q.dtype}), got {value.dtype}")
+    for arg, value in (("q", q), ("k", k), ("v", v)):
+        if value.dim() != 4:
+            raise ValueError(f"{fn}: {arg} must be 4-D (B, H, L, D), got shape {_shape(value)}")
+    batch, heads_q, _, head_dim = q.shape
     if _shape(k) != _shape(v):
-        raise ValueError(f"{name}: k and v must have the same shape, got k {_shape(k)} and v "
+        raise ValueError(f"{fn}: k and v must have the same shape, got k {_shape(k)} and v "
                          f"{_shape(v)}")
     if k.shape[0] != batch:
-        raise ValueError(f"{name}: batch sizes differ: q has B = {batch} (shape {_shape(q)}), k "
+        raise ValueError(f"{fn}: batch sizes differ: q has B = {batch} (shape {_shape(q)}), k "
                          f"has B = {k.shape[0]} (shape {_shape(k)})")
     if k.shape[3] != head_dim:
-        raise ValueError(f"{name}: head dims differ: q has D = {head_dim}, k and v have D = "
+        raise ValueError(f"{fn}: head dims differ: q has D = {head_dim}, k and v have D = "
                          f"{k.shape[3]}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim D must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    heads_kv, len_k = k.shape[1], k.shape[2]
-    if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(f"{name}: the query heads Hq = {heads_q} must be a multiple of the "
-                         f"key/value heads Hkv = {heads_kv}")
-    if key_bias is not None:
-        if not isinstance(key_bias, torch.Tensor) or not key_bias.is_floating_point():
-            got = key_bias.dtype if isinstance(key_bias, torch.Tensor) else type(key_bias).__name__
-            raise TypeError(f"{name}: key_bias must be a floating-point tensor, got {got}")
-        if _shape(key_bias) not in ((batch, len_k), (batch, heads_q, len_k)):
-            raise ValueError(f"{name}: key_bias must have shape (B, Lk) = {(batch, len_k)} or "
-                             f"(B, Hq, Lk) = {(batch, heads_q, len_k)}, got {_shape(key_bias)}")
+        raise ValueError(f"{fn}: head dim D must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    heads_kv = k.shape[1]
+    if heads_q == 0 or heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"{fn}: the query heads Hq = {heads_q} must be a multiple of the "
+                         f"key/value heads Hkv = {heads_kv} (both positive)")
+
+
+def _check_key_bias(fn: str, key_bias, q, k) -> None:
+    """None, or a float tensor ``(B, Lk)`` (shared by the heads) or ``(B, Hq, Lk)``."""
+    if key_bias is None:
+        return
+    _checks.tensor(fn, "key_bias", key_bias)
+    if key_bias.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: key_bias must be a floating-point tensor, got {key_bias.dtype} "
+                        "(float32, float16, bfloat16 or float64)")
+    batch, heads_q, len_k = q.shape[0], q.shape[1], k.shape[2]
+    if _shape(key_bias) not in ((batch, len_k), (batch, heads_q, len_k)):
+        raise ValueError(f"{fn}: key_bias must have shape (B, Lk) = {(batch, len_k)} or "
+                         f"(B, Hq, Lk) = {(batch, heads_q, len_k)}, got {_shape(key_bias)}")
+
+
+def _check_ranks(fn: str, key_rank, query_rank, q, k) -> None:
+    """Both None, or real tensors ``key_rank (B, Lk)`` and ``query_rank (B, Lq)``."""
     if (key_rank is None) != (query_rank is None):
-        raise ValueError(f"{name}: key_rank and query_rank go together: got only "
+        raise ValueError(f"{fn}: key_rank and query_rank go together: got only "
                          f"{'key_rank' if query_rank is None else 'query_rank'}")
-    if key_rank is not None:
-        for arg, value, length in (("key_rank", key_rank, len_k), ("query_rank", query_rank, len_q)):
-            if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
-                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-                raise TypeError(f"{name}: {arg} must be a real-valued tensor, got {got}")
-            if _shape(value) != (batch, length):
-                raise ValueError(f"{name}: {arg} must have shape (B, L) = {(batch, length)}, got "
-                                 f"{_shape(value)}")
-    tensors = [("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("key_rank", key_rank),
-               ("query_rank", query_rank)]
-    devices = {arg: t.device for arg, t in tensors if t is not None}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{arg} on {device}" for arg, device in devices.items())
-        raise ValueError(f"{name}: all tensors must be on the same device, got {listed}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"{name}: scale must be finite, got {scale}")
+    if key_rank is None:
+        return
+    batch = q.shape[0]
+    for arg, value, length in (("key_rank", key_rank, k.shape[2]),
+                               ("query_rank", query_rank, q.shape[2])):
+        _checks.tensor(fn, arg, value)
+        if value.dtype not in RANK_DTYPES:
+            raise TypeError(f"{fn}: {arg} must be a real-valued tensor, got {value.dtype} "
+                            f"({', '.join(str(d).removeprefix('torch.') for d in RANK_DTYPES)})")
+        if _shape(value) != (batch, length):
+            raise ValueError(f"{fn}: {arg} must have shape (B, L) = {(batch, length)}, got "
+                             f"{_shape(value)}")
 
 
-def _check_backend(backend: str, q: torch.Tensor) -> str:
+def _check_scalars(fn: str, head_dim: int, causal, scale) -> tuple[bool, float]:
+    """``causal`` a bool; ``scale`` a finite real number, or None for ``head_dim ** -0.5`` (the
+    caller has checked ``head_dim >= 1``). Returns ``(causal, scale)``."""
+    causal = _checks.boolean(fn, "causal", causal)
+    if scale is None:
+        return causal, float(head_dim ** -0.5)
+    return causal, _checks.real(fn, "scale", scale)
+
+
+def _check_inputs(fn: str, q, k, v, key_bias, key_rank, query_rank, causal,
+                  scale) -> tuple[bool, float]:
+    """DESIGN.md's error contract for the forward's arguments (shared by the public function and
+    both registered ops): every message names ``fn``, the argument, the expected and the got.
+    Returns ``(causal, scale)``, the default scale filled in."""
+    _check_qkv(fn, q, k, v)
+    _check_key_bias(fn, key_bias, q, k)
+    _check_ranks(fn, key_rank, query_rank, q, k)
+    _checks.same_device(fn, q=q, k=k, v=v, key_bias=key_bias, key_rank=key_rank,
+                        query_rank=query_rank)
+    return _check_scalars(fn, q.shape[3], causal, scale)
+
+
+def _check_gradients(fn: str, grad_out, grad_lse, out, lse, q) -> None:
+    """The backward's extra tensors: ``grad_out`` and ``out`` shaped like q ``(B, Hq, Lq, D)``,
+    ``lse`` and ``grad_lse`` (or None) ``(B, Hq, Lq)``; real floating point, on q's device."""
+    rows = _shape(q)[:3]
+    for arg, value, expected, what in (
+            ("grad_out", grad_out, _shape(q), "the shape of q"),
+            ("out", out, _shape(q), "the shape of q"),
+            ("lse", lse, rows, "q's B, Hq, Lq"),
+            ("grad_lse", grad_lse, rows, "q's B, Hq, Lq")):
+        if value is None and arg == "grad_lse":
+            continue
+        _checks.tensor(fn, arg, value, floating=True)
+        _checks.shape(fn, arg, value, expected, what)
+    _checks.same_device(fn, q=q, grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse)
+
+
+def _check_backend(backend, q: torch.Tensor, fn: str = "reward_attention") -> str:
+    """``"auto"`` (resolved by q's device) or the name of a backend that can run here."""
+    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
     if backend == "auto":
         return _backend.resolve_backend(q.device)
     reason = _backend.unavailable_reason(backend, q.device)
@@ -110,10 +157,51 @@ def _check_backend(backend: str, q: torch.Tensor) -> str:
         raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
     if backend == "cuda" and (q.dtype == torch.float64 or q.shape[-1] not in CUDA_HEAD_DIMS):
         raise TypeError(
-            "reward_attention: the cuda backend takes float32, float16 or bfloat16 with head dim "
+            f"{fn}: the cuda backend takes float32, float16 or bfloat16 with head dim "
             f"16, 32, 64 or 128, got {q.dtype} with D = {q.shape[-1]} (use the triton backend)"
         )
     return backend
+
+
+def _fake_checks(fn: str, q, k, v, key_bias, key_rank, query_rank) -> None:
+    """The shape checks of ``_check_inputs`` as ``torch._check`` (the fake kernels have no data
+    and may see symbolic sizes)."""
+    _checks.same_device_in_fake(fn, q=q, k=k, v=v, key_bias=key_bias, key_rank=key_rank,
+                                query_rank=query_rank)
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: f"{fn}: q, k and v must be 4-D (B, H, L, D)")
+    torch._check(k.dtype == q.dtype and v.dtype == q.dtype and q.dtype in SUPPORTED_DTYPES,
+                 lambda: f"{fn}: q, k and v must have one float dtype")
+    torch._check(_shape(k) == _shape(v), lambda: f"{fn}: k and v must have the same shape")
+    torch._check(k.shape[0] == q.shape[0], lambda: f"{fn}: batch sizes differ")
+    torch._check(k.shape[3] == q.shape[3], lambda: f"{fn}: head dims differ")
+    torch._check(1 <= q.shape[3] <= MAX_HEAD_DIM,
+                 lambda: f"{fn}: head dim D must be in [1, {MAX_HEAD_DIM}]")
+    torch._check(k.shape[1] > 0 and q.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
+                 lambda: f"{fn}: Hq must be a multiple of Hkv")
+    batch, heads_q, len_q, len_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if key_bias is not None:
+        torch._check(_shape(key_bias) in ((batch, len_k), (batch, heads_q, len_k)),
+                     lambda: f"{fn}: key_bias must have shape (B, Lk) or (B, Hq, Lk)")
+    torch._check((key_rank is None) == (query_rank is None),
+                 lambda: f"{fn}: key_rank and query_rank go together")
+    if key_rank is not None:
+        torch._check(_shape(key_rank) == (batch, len_k),
+                     lambda: f"{fn}: key_rank must have shape (B, Lk)")
+        torch._check(_shape(query_rank) == (batch, len_q),
+                     lambda: f"{fn}: query_rank must have shape (B, Lq)")
+
+
+def _fake_gradient_checks(fn: str, grad_out, grad_lse, out, lse, q) -> None:
+    """The shape checks of ``_check_gradients`` as ``torch._check``."""
+    _checks.same_device_in_fake(fn, q=q, grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse)
+    rows = _shape(q)[:3]
+    torch._check(_shape(grad_out) == _shape(q), lambda: f"{fn}: grad_out must have q's shape")
+    torch._check(_shape(out) == _shape(q), lambda: f"{fn}: out must have q's shape")
+    torch._check(_shape(lse) == rows, lambda: f"{fn}: lse must have shape (B, Hq, Lq)")
+    if grad_lse is not None:
+        torch._check(_shape(grad_lse) == rows,
+                     lambda: f"{fn}: grad_lse must have shape (B, Hq, Lq)")
 
 
 # ----------------------------------------------------------------------------- kernel plumbing
@@ -131,13 +219,31 @@ class _Inputs(NamedTuple):
     query_rank: torch.Tensor | None
 
 
+def _float64_ranks(key_rank: torch.Tensor, query_rank: torch.Tensor):
+    """``key_rank (B, Lk)`` and ``query_rank (B, Lq)`` as contiguous float64 tensors that compare
+    (``key_rank_j <= query_rank_i``) exactly as the given ranks do.
+
+    Float ranks convert to float64 exactly. Integer ranks would not (int64 values above 2**53
+    merge), so each is replaced by its dense order within its batch: how many of the batch's
+    ranks, keys and queries together, are strictly smaller. That count keeps every ``<`` and
+    ``==`` between the batch's ranks and is below ``Lk + Lq``, exact in float64."""
+    if key_rank.is_floating_point() or query_rank.is_floating_point():
+        return (key_rank.to(torch.float64).contiguous(),
+                query_rank.to(torch.float64).contiguous())
+    key_rank = key_rank.to(torch.int64).contiguous()
+    query_rank = query_rank.to(torch.int64).contiguous()
+    ordered = torch.cat([key_rank, query_rank], dim=1).sort(dim=1).values
+    return (torch.searchsorted(ordered, key_rank).to(torch.float64),
+            torch.searchsorted(ordered, query_rank).to(torch.float64))
+
+
 def _prepare(q, k, v, key_bias, key_rank, query_rank) -> _Inputs:
     acc = _accumulation_dtype(q.dtype)
     bias = None
     if key_bias is not None:
         bias = key_bias[:, None] if key_bias.dim() == 2 else key_bias
         bias = bias.to(acc).contiguous()
-    ranks = [None if r is None else r.to(torch.float64).contiguous() for r in (key_rank, query_rank)]
+    ranks = (None, None) if key_rank is None else _float64_ranks(key_rank, query_rank)
     return _Inputs(q.contiguous(), k.contiguous(), v.contiguous(), bias, *ranks)
 
 
@@ -186,7 +292,7 @@ def _run_backward(grad_out, grad_lse, q, k, v, key_bias, key_rank, query_rank, o
             grad_out, grad_lse, q, k, v, key_bias, key_rank, query_rank, causal, scale)
     else:
         x = _prepare(q, k, v, key_bias, key_rank, query_rank)
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(q.dtype).contiguous()  # the kernels read it in q's dtype
         lse = lse.to(acc).contiguous()
         dq, dk, dv = (_poisoned(t.shape, q.dtype, q.device) for t in (q, k, v))
         dbias = _poisoned((q.shape[0], q.shape[1], k.shape[2]), acc, q.device) \
@@ -194,7 +300,7 @@ def _run_backward(grad_out, grad_lse, q, k, v, key_bias, key_rank, query_rank, o
         if backend == "cpu":
             # Named so that they stay alive while the kernel reads them.
             glse = None if grad_lse is None else grad_lse.to(acc).contiguous()
-            out = out.contiguous()
+            out = out.to(q.dtype).contiguous()
             _backend.extension().reward_attention_bwd_cpu(
                 grad_out.data_ptr(), 0 if glse is None else glse.data_ptr(),
                 *_cpp_args(x, causal, scale), out.data_ptr(), lse.data_ptr(), dq.data_ptr(),
@@ -229,17 +335,15 @@ def _reward_attention_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _validate(q, k, v, key_bias, key_rank, query_rank, scale)
+    causal, scale = _check_inputs("reward_attention", q, k, v, key_bias, key_rank, query_rank,
+                                  causal, scale)
     backend = _check_backend(backend, q)
     return _run_forward(q, k, v, key_bias, key_rank, query_rank, causal, scale, backend)
 
 
 @_reward_attention_op.register_fake
 def _reward_attention_fake(q, k, v, key_bias, key_rank, query_rank, causal, scale, backend):
-    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "reward_attention: q, k must be 4-D")
-    torch._check(q.shape[3] == k.shape[3], lambda: "reward_attention: head dims differ")
-    torch._check(q.shape[1] % k.shape[1] == 0,
-                 lambda: "reward_attention: Hq must be a multiple of Hkv")
+    _fake_checks("reward_attention", q, k, v, key_bias, key_rank, query_rank)
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(q.shape[:3], dtype=_accumulation_dtype(q.dtype))
 
@@ -261,7 +365,11 @@ def _reward_attention_backward_op(
     need_bias_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _check_backend(backend, q)
+    fn = "reward_attention_backward"
+    causal, scale = _check_inputs(fn, q, k, v, key_bias, key_rank, query_rank, causal, scale)
+    _check_gradients(fn, grad_out, grad_lse, out, lse, q)
+    need_bias_grad = _checks.boolean(fn, "need_bias_grad", need_bias_grad)
+    backend = _check_backend(backend, q, fn)
     return _run_backward(grad_out, grad_lse, q, k, v, key_bias, key_rank, query_rank, out, lse,
                          causal, scale, need_bias_grad, backend)
 
@@ -269,6 +377,9 @@ def _reward_attention_backward_op(
 @_reward_attention_backward_op.register_fake
 def _reward_attention_backward_fake(grad_out, grad_lse, q, k, v, key_bias, key_rank, query_rank,
                                     out, lse, causal, scale, need_bias_grad, backend):
+    fn = "reward_attention_backward"
+    _fake_checks(fn, q, k, v, key_bias, key_rank, query_rank)
+    _fake_gradient_checks(fn, grad_out, grad_lse, out, lse, q)
     dbias = key_bias.new_empty(key_bias.shape) if need_bias_grad and key_bias is not None \
         else q.new_empty((0,))
     contiguous = torch.contiguous_format
@@ -297,6 +408,8 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _reward_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("reward_attention", ("q", "k", "v"))
+_autocast.register("reward_attention_backward")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -327,7 +440,8 @@ def reward_attention(
             attention); float32, float16, bfloat16 (float64 off the cuda backend); D <= 256.
         key_bias: ``(B, Lk)`` shared by the heads, or ``(B, Hq, Lk)``; e.g. ``beta * reward`` of
             the example each key belongs to (see ``segment_bias``). Differentiable.
-        key_rank, query_rank: ``(B, Lk)`` and ``(B, Lq)`` real numbers (e.g. rewards), together.
+        key_rank, query_rank: ``(B, Lk)`` and ``(B, Lq)`` real numbers (e.g. rewards), together;
+            float or integer (integers compare exactly, int64 included, on every backend).
         causal: bottom-right aligned causal mask. scale: default ``D ** -0.5``.
         return_lse: also return ``lse (B, Hq, Lq)``, float32 (differentiable too).
 
@@ -336,22 +450,23 @@ def reward_attention(
         q, k, v and key_bias (deterministically: no float atomics); ranks take none.
 
     Raises:
-        TypeError: non-float or mismatched dtypes, non-real ranks. ValueError: shapes (batch or
-        head dims that disagree, Hq not a multiple of Hkv, ranks or bias of the wrong shape, only
-        one of the ranks), mixed devices, a non-finite scale. RuntimeError: backend unavailable.
+        TypeError: an argument that is not a tensor, non-float or mismatched dtypes, ranks that
+            are not real, a ``causal`` that is not a bool, a ``scale`` that is not a real number.
+        ValueError: shapes (batch or head dims that disagree, D outside [1, 256], Hq not a
+            multiple of Hkv, ranks or bias of the wrong shape, only one of the ranks), mixed
+            devices, a non-finite scale.
+        RuntimeError: the backend cannot run here.
 
     Example:
         >>> out = alignkern.reward_attention(q, k, v, key_bias=alignkern.segment_bias(
         ...     rewards, segment_ids, beta=2.0))
     """
-    scale = q.shape[-1] ** -0.5 if scale is None and isinstance(q, torch.Tensor) else scale
-    if torch.compiler.is_compiling():
-        backend = "auto"  # resolved when the compiled graph runs, not when it is traced
-    else:
-        _validate(q, k, v, key_bias, key_rank, query_rank, scale)
-        backend = _check_backend("auto", q)
-    out, lse = _reward_attention_op(q, k, v, key_bias, key_rank, query_rank, bool(causal),
-                                    float(scale), backend)
+    causal, scale = _check_inputs("reward_attention", q, k, v, key_bias, key_rank, query_rank,
+                                  causal, scale)
+    # Under torch.compile the backend is resolved when the compiled graph runs, not when traced.
+    backend = "auto" if torch.compiler.is_compiling() else _check_backend("auto", q)
+    out, lse = _reward_attention_op(q, k, v, key_bias, key_rank, query_rank, causal, scale,
+                                    backend)
     return RewardAttention(out, lse) if return_lse else out
 
 
@@ -360,33 +475,47 @@ def segment_bias(rewards: torch.Tensor, segment_ids: torch.Tensor, beta: float =
     0 for tokens whose segment id is negative (the prompt). Differentiable in ``rewards``.
 
     Args:
-        rewards: ``(B, S)`` float, the reward of each in-context example.
-        segment_ids: ``(B, L)`` int, the example each token belongs to (``-1`` for the prompt).
+        rewards: ``(B, S)`` float, the reward of each in-context example (S may be 0: only
+            prompt tokens).
+        segment_ids: ``(B, L)`` int32/int64, the example each token belongs to (negative, e.g.
+            ``-1``, for the prompt).
         beta: the bias per unit of reward.
+
+    Returns:
+        ``(B, L)`` in rewards' dtype.
+
+    Raises:
+        TypeError: rewards or segment_ids not a tensor. ValueError: wrong shapes or dtypes,
+        batch sizes that differ, mixed devices. IndexError: a segment id >= S.
 
     Example:
         >>> bias = alignkern.segment_bias(torch.tensor([[0.2, 0.9]]),
         ...                               torch.tensor([[-1, -1, 0, 0, 1, 1]]), beta=4.0)
         >>> out = alignkern.reward_attention(q, k, v, key_bias=bias)
     """
-    name = "segment_bias"
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or not rewards.is_floating_point():
-        got = (f"{rewards.dtype} of shape {_shape(rewards)}" if isinstance(rewards, torch.Tensor)
-               else type(rewards).__name__)
-        raise ValueError(f"{name}: rewards must be a (B, S) floating-point tensor, got {got}")
-    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 2 or \
-            segment_ids.dtype not in (torch.int32, torch.int64):
-        got = (f"{segment_ids.dtype} of shape {_shape(segment_ids)}"
-               if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__)
-        raise ValueError(f"{name}: segment_ids must be a (B, L) int32/int64 tensor, got {got}")
+    _check_segments("segment_bias", rewards, segment_ids)
+    if rewards.shape[1] == 0:  # S = 0: every token is prompt (ids < 0); gather needs one column
+        rewards = torch.nn.functional.pad(rewards, (0, 1))
+    return reference.segment_bias(rewards, segment_ids, beta)
+
+
+def _check_segments(fn: str, rewards, segment_ids) -> None:
+    """rewards ``(B, S)`` float and segment_ids ``(B, L)`` int32/int64 below S, on one device:
+    TypeError for a non-tensor, ValueError for a wrong shape or dtype, IndexError for an id >= S
+    (not checked under torch.compile)."""
+    _checks.tensor(fn, "rewards", rewards)
+    _checks.tensor(fn, "segment_ids", segment_ids)
+    if rewards.dim() != 2 or not rewards.is_floating_point():
+        raise ValueError(f"{fn}: rewards must be a (B, S) floating-point tensor, got "
+                         f"{_checks.describe(rewards)}")
+    if segment_ids.dim() != 2 or segment_ids.dtype not in _checks.INDEX_DTYPES:
+        raise ValueError(f"{fn}: segment_ids must be a (B, L) int32/int64 tensor, got "
+                         f"{_checks.describe(segment_ids)}")
     if segment_ids.shape[0] != rewards.shape[0]:
-        raise ValueError(f"{name}: batch sizes differ: rewards {_shape(rewards)}, segment_ids "
+        raise ValueError(f"{fn}: batch sizes differ: rewards {_shape(rewards)}, segment_ids "
                          f"{_shape(segment_ids)}")
-    if segment_ids.device != rewards.device:
-        raise ValueError(f"{name}: rewards on {rewards.device} and segment_ids on "
-                         f"{segment_ids.device} must be on the same device")
+    _checks.same_device(fn, rewards=rewards, segment_ids=segment_ids)
     if not torch.compiler.is_compiling() and segment_ids.numel() and \
             int(segment_ids.max()) >= rewards.shape[1]:
-        raise IndexError(f"{name}: segment_ids must be < S = {rewards.shape[1]} (or negative for "
+        raise IndexError(f"{fn}: segment_ids must be < S = {rewards.shape[1]} (or negative for "
                          f"the prompt), got {int(segment_ids.max())}")
-    return reference.segment_bias(rewards, segment_ids, beta)
