@@ -1,0 +1,206 @@
+"""Every registered op, forward and backward, called directly as ``torch.ops.alignkern.<op>`` (as a
+compiled graph or another library would, without alignkern's Python wrappers), validates every
+argument itself: a mis-shaped or mistyped tensor, or a bad scalar, is a clear TypeError or
+ValueError naming the op, never a kernel call with inconsistent sizes. CI runs this file once more
+against an AddressSanitizer build of the C++ kernels (.ci/asan), so a read or write past a buffer
+fails it even where the numbers would look fine."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+from conftest import available_backends
+
+import alignkern  # noqa: F401  (registers the ops)
+
+BACKENDS = available_backends()
+# Sizes chosen so that no two symbols are equal and a grown dimension never matches another.
+N, K, V, H, H_REF = 3, 2, 11, 5, 7
+B, HQ, HKV, LQ, LK, D = 2, 4, 2, 5, 6, 8
+
+
+class Case(NamedTuple):
+    """A valid call of one registered op: its arguments in schema order, and for each tensor
+    argument the symbol of each dimension (dimensions with the same symbol must agree)."""
+
+    args: dict
+    dims: dict
+
+
+def _token_logprobs_cases(backend):
+    logits = torch.randn(N, V)
+    targets = torch.randint(0, V, (N, K))
+    forward = Case(dict(logits=logits, targets=targets, temperature=1.3, ignore_index=-100,
+                        backend=backend),
+                   dict(logits=("N", "V"), targets=("N", "K")))
+    out, lse = torch.ops.alignkern.token_logprobs(logits, targets, 1.3, -100, "reference")
+    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
+                         logits=logits, targets=targets, lse=lse, temperature=1.3,
+                         ignore_index=-100, backend=backend),
+                    dict(grad_out=("N", "K"), grad_lse=("N",), logits=("N", "V"),
+                         targets=("N", "K"), lse=("N",)))
+    return {"token_logprobs": forward, "token_logprobs_backward": backward}
+
+
+def _linear_logprobs_cases(backend):
+    hidden, weight, bias = torch.randn(N, H), torch.randn(V, H), torch.randn(V)
+    targets = torch.randint(0, V, (N, K))
+    options = dict(temperature=0.9, softcap=20.0, ignore_index=-100)
+    dims = dict(hidden=("N", "H"), weight=("V", "H"), targets=("N", "K"), bias=("V",))
+    forward = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
+                        backend=backend), dims)
+    out, lse = torch.ops.alignkern.linear_logprobs(hidden, weight, targets, bias, *options.values(),
+                                                   "reference")
+    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
+                         hidden=hidden, weight=weight, targets=targets, bias=bias, lse=lse,
+                         **options, need_hidden_grad=True, need_weight_grad=True,
+                         need_bias_grad=True, backend=backend),
+                    dict(dims, grad_out=("N", "K"), grad_lse=("N",), lse=("N",)))
+    return {"linear_logprobs": forward, "linear_logprobs_backward": backward}
+
+
+def _linear_kl_cases(backend):
+    sides = dict(hidden=torch.randn(N, H), weight=torch.randn(V, H),
+                 ref_hidden=torch.randn(N, H_REF), ref_weight=torch.randn(V, H_REF))
+    dims = dict(hidden=("N", "H"), weight=("V", "H"), ref_hidden=("N", "Hr"),
+                ref_weight=("V", "Hr"))
+    forward = Case(dict(**sides, temperature=1.2, backend=backend), dims)
+    _, lse, expect = torch.ops.alignkern.linear_kl(*sides.values(), 1.2, "reference")
+    backward = Case(dict(grad_kl=torch.randn(N), **sides, lse=lse, expect=expect,
+                         temperature=1.2, need_weight_grad=True, backend=backend),
+                    dict(dims, grad_kl=("N",), lse=("N",), expect=("N",)))
+    return {"linear_kl": forward, "linear_kl_backward": backward}
+
+
+def _reward_attention_cases(backend):
+    q, k, v = torch.randn(B, HQ, LQ, D), torch.randn(B, HKV, LK, D), torch.randn(B, HKV, LK, D)
+    inputs = dict(q=q, k=k, v=v, key_bias=torch.randn(B, HQ, LK),
+                  key_rank=torch.randint(0, 3, (B, LK)), query_rank=torch.randint(0, 3, (B, LQ)))
+    dims = dict(q=("B", "Hq", "Lq", "D"), k=("B", "Hkv", "Lk", "D"), v=("B", "Hkv", "Lk", "D"),
+                key_bias=("B", "Hq", "Lk"), key_rank=("B", "Lk"), query_rank=("B", "Lq"))
+    forward = Case(dict(**inputs, causal=False, scale=0.3, backend=backend), dims)
+    out, lse = torch.ops.alignkern.reward_attention(*inputs.values(), False, 0.3, "reference")
+    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
+                         **inputs, out=out, lse=lse, causal=False, scale=0.3,
+                         need_bias_grad=True, backend=backend),
+                    dict(dims, grad_out=("B", "Hq", "Lq", "D"), grad_lse=("B", "Hq", "Lq"),
+                         out=("B", "Hq", "Lq", "D"), lse=("B", "Hq", "Lq")))
+    return {"reward_attention": forward, "reward_attention_backward": backward}
+
+
+def cases(backend: str) -> dict[str, Case]:
+    torch.manual_seed(0)
+    return {**_token_logprobs_cases(backend), **_linear_logprobs_cases(backend),
+            **_linear_kl_cases(backend), **_reward_attention_cases(backend)}
+
+
+def call(name: str, args: dict):
+    return getattr(torch.ops.alignkern, name)(*args.values())
+
+
+def registered_ops() -> list[str]:
+    return sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("alignkern::"))
+
+
+def shared_dims(case: Case, arg: str) -> list[int]:
+    """The dimensions of ``arg`` whose symbol another tensor argument of the call also has: growing
+    one of them by 1 makes the call inconsistent."""
+    others = {s for other, symbols in case.dims.items() if other != arg for s in symbols}
+    return [i for i, symbol in enumerate(case.dims[arg]) if symbol in others]
+
+
+def grown(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cat([x, x.narrow(dim, 0, 1)], dim=dim)
+
+
+def wrong_dtype(x: torch.Tensor) -> torch.Tensor:
+    """No argument of any op takes complex numbers (float ranks are valid, so not float)."""
+    return x.to(torch.complex64)
+
+
+def expect_clear_error(name: str, args: dict):
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}: "):
+        call(name, args)
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def test_every_registered_op_has_a_case():
+    assert registered_ops() == sorted(cases("reference"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", registered_ops())
+def test_the_valid_call_runs(backend, name):
+    """The baseline the error cases perturb: it runs and gives finite outputs."""
+    outputs = call(name, cases(backend)[name].args)
+    for out in outputs if isinstance(outputs, tuple) else (outputs,):
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", registered_ops())
+def test_each_tensor_argument_mis_shaped_in_turn(backend, name):
+    case = cases(backend)[name]
+    for arg in case.dims:
+        x = case.args[arg]
+        variants = [grown(x, dim) for dim in shared_dims(case, arg)]
+        variants.append(x.unsqueeze(0).expand(2, *x.shape).contiguous())  # one more dimension
+        assert variants, arg
+        for bad in variants:
+            expect_clear_error(name, {**case.args, arg: bad})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", registered_ops())
+def test_each_tensor_argument_of_the_wrong_dtype(backend, name):
+    case = cases(backend)[name]
+    for arg in case.dims:
+        with pytest.raises(TypeError, match=rf"^{name}: "):
+            call(name, {**case.args, arg: wrong_dtype(case.args[arg])})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", registered_ops())
+def test_each_tensor_argument_on_another_device(backend, name):
+    case = cases(backend)[name]
+    for arg in case.dims:
+        expect_clear_error(name, {**case.args, arg: case.args[arg].to("meta")})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", registered_ops())
+def test_non_contiguous_arguments_give_the_contiguous_answer(backend, name):
+    """Views with other strides are read correctly (the ops copy what a kernel needs
+    contiguous)."""
+    case = cases(backend)[name]
+    expected = call(name, case.args)
+    for arg in case.dims:
+        x = case.args[arg]
+        strided = torch.stack([x, torch.full_like(x, 7)], dim=-1)[..., 0]  # every stride doubled
+        got = call(name, {**case.args, arg: strided})
+        for a, b in zip(got if isinstance(got, tuple) else (got,),
+                        expected if isinstance(expected, tuple) else (expected,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+BAD_SCALARS = {
+    "temperature": [0.0, -1.0, float("nan"), float("inf"), 1e31, 1e-31],
+    "softcap": [0.0, -2.0, float("nan"), float("inf")],
+    "scale": [float("nan"), float("inf")],
+    "backend": ["tpu", ""],
+}
+
+
+@pytest.mark.parametrize("name", registered_ops())
+def test_bad_scalars_are_refused(name):
+    case = cases("reference")[name]
+    checked = [arg for arg in BAD_SCALARS if arg in case.args]
+    assert "backend" in checked and len(checked) >= 2
+    for arg in checked:
+        for value in BAD_SCALARS[arg]:
+            expect_clear_error(name, {**case.args, arg: value})
