@@ -5,6 +5,12 @@ Environment:
   ALIGNKERN_SKIP_CUDA=1         build the CPU kernels only
   ALIGNKERN_CUDA_ARCHS="80;90"  CUDA architectures (default: 80;90)
   ALIGNKERN_BUILD_TYPE=Debug    CMake build type (default: Release)
+  ALIGNKERN_SANITIZE=address    build the C++ sources with AddressSanitizer (-fsanitize=address
+                                -fno-omit-frame-pointer, at -O1 -g1; the .cu files are not
+                                instrumented). Such a module imports only with the ASan runtime
+                                and libstdc++ preloaded (LD_PRELOAD): `bash .ci/asan [pytest args]`
+                                builds one in a scratch copy of the tree and runs tests under it.
+                                Never install it into a shared environment.
 """
 
 import os
@@ -37,6 +43,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('ALIGNKERN_BUILD_TYPE', 'Release')}",
             f"-DALIGNKERN_SKIP_CUDA={'ON' if os.environ.get('ALIGNKERN_SKIP_CUDA') == '1' else 'OFF'}",
             f"-DALIGNKERN_CUDA_ARCHS={os.environ.get('ALIGNKERN_CUDA_ARCHS', '80;90')}",
+            f"-DALIGNKERN_SANITIZE={os.environ.get('ALIGNKERN_SANITIZE', '')}",
         ]
         jobs = str(max(1, os.cpu_count() or 1))
         subprocess.run(["cmake", str(ROOT), *config], cwd=build_dir, check=True)
