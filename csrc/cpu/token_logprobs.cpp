@@ -2,9 +2,11 @@
 // an online log-sum-exp, then K gathers. The backward recomputes softmax from the saved LSE and
 // writes its dense part in the logits' dtype; no [N, V] float temporary is ever allocated.
 //
-// Built with -ffp-contract=off: z = x * inv_t must round the same way in the maximum, the sum and
-// the gathers (a fused multiply-add would skip that rounding in some places only, and at |z| ~ 1e9
-// the difference is tens of nats), so that z_t <= max z <= lse and no log-probability is positive.
+// z = x * inv_t must round the same way in the maximum, the sum and the gathers, so that
+// z_t <= max z <= lse and no log-probability is positive: every product goes through scaled(),
+// which keeps the compiler from fusing it with the subtraction that follows (a fused multiply-add
+// skips the rounding in some places only, and at |z| ~ 1e9 that is tens of nats). The exp
+// polynomial keeps its multiply-adds.
 //
 // The float chunk loops are compiled for AVX-512, AVX2 and baseline x86-64 (picked at load time)
 // and use a polynomial exp that the compiler can vectorise; libm's expf cannot be vectorised
@@ -78,6 +80,24 @@ ALIGNKERN_INLINE f32x8 exp_nonpositive(f32x8 x) {
 
 inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+#define ALIGNKERN_HAS_ASSOC_BARRIER 1
+#endif
+#endif
+
+// x * inv_t, rounded before anything is added to it (never contracted into a multiply-add).
+template <typename V, typename S>
+ALIGNKERN_INLINE V scaled(V x, S inv_t) {
+#ifdef ALIGNKERN_HAS_ASSOC_BARRIER
+  return __builtin_assoc_barrier(x * inv_t);
+#else
+  V z = x * inv_t;
+  asm("" : "+m"(z));  // through memory: rounded, and opaque to the multiply-add fusion
+  return z;
+#endif
+}
+
 ALIGNKERN_MULTIVERSION
 float chunk_max(const float* x, int64_t n) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -99,10 +119,10 @@ ALIGNKERN_MULTIVERSION
 float chunk_sum_exp(const float* x, int64_t n, float inv_t, float shift) {
   f32x8 s = splat(0.0f);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) s += exp_nonpositive(load8(x + i) * inv_t - shift);
+  for (; i + kLanes <= n; i += kLanes) s += exp_nonpositive(scaled(load8(x + i), inv_t) - shift);
   if (i < n) {
     const f32x8 tail = load_partial(x + i, n - i, -std::numeric_limits<float>::infinity());
-    s += exp_nonpositive(tail * inv_t - shift);  // padding adds exp(-inf) = 0
+    s += exp_nonpositive(scaled(tail, inv_t) - shift);  // padding adds exp(-inf) = 0
   }
   float result = 0.0f;
   for (int j = 0; j < kLanes; ++j) result += s[j];
@@ -114,11 +134,11 @@ ALIGNKERN_MULTIVERSION
 void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float lse, float coef, float* out) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const f32x8 v = coef * exp_nonpositive(load8(x + i) * inv_t - lse);
+    const f32x8 v = coef * exp_nonpositive(scaled(load8(x + i), inv_t) - lse);
     std::memcpy(out + i, &v, sizeof(v));
   }
   if (i < n) {
-    const f32x8 v = coef * exp_nonpositive(load_partial(x + i, n - i, 0.0f) * inv_t - lse);
+    const f32x8 v = coef * exp_nonpositive(scaled(load_partial(x + i, n - i, 0.0f), inv_t) - lse);
     for (int64_t j = 0; i + j < n; ++j) out[i + j] = v[j];
   }
 }
@@ -133,13 +153,13 @@ double chunk_max(const double* x, int64_t n) {
 
 double chunk_sum_exp(const double* x, int64_t n, double inv_t, double shift) {
   double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] * inv_t - shift);
+  for (int64_t i = 0; i < n; ++i) s += std::exp(scaled(x[i], inv_t) - shift);
   return s;
 }
 
 void chunk_scaled_softmax(const double* x, int64_t n, double inv_t, double lse, double coef,
                           double* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp(x[i] * inv_t - lse);
+  for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp(scaled(x[i], inv_t) - lse);
 }
 
 // Returns a pointer to the chunk as Acc values: the row itself for float/double storage, else the
@@ -165,7 +185,7 @@ Acc row_logsumexp(const T* row, int64_t vocab, Acc inv_t) {
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     const Acc* x = load_chunk<T>(row + start, n, buffer);
-    const Acc chunk_m = chunk_max(x, n) * inv_t;
+    const Acc chunk_m = scaled(chunk_max(x, n), inv_t);
     const Acc m_new = chunk_m > m ? chunk_m : m;
     const Acc reference = std::isinf(m_new) ? Acc(0) : m_new;
     const Acc old_reference = std::isinf(m) ? Acc(0) : m;
@@ -196,7 +216,7 @@ void forward_rows(const T* logits, int64_t n_rows, int64_t vocab, const int64_t*
       } else if (t < 0 || t >= vocab) {
         value = std::numeric_limits<Acc>::quiet_NaN();
       } else {
-        value = Storage<T>::load(row[t]) * inv_t - row_lse;
+        value = scaled(Storage<T>::load(row[t]), inv_t) - row_lse;
       }
       out[r * k + j] = value;
     }
