@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from . import _checks
+
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 # dtype codes understood by csrc/common.h (DType).
@@ -145,6 +147,19 @@ def resolve_backend(device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"alignkern backend {name!r} is not available: {reason}")
     return name
+
+
+def backend_for(fn: str, backend, device: torch.device) -> str:
+    """A registered op's ``backend`` argument: ``"auto"`` resolved for ``device``, or a named
+    backend that can run there. ValueError for an unknown name (the message starts with ``fn``),
+    RuntimeError for one that cannot run."""
+    _checks.choice(fn, "backend", backend, ("auto", *BACKENDS))
+    if backend == "auto":
+        return resolve_backend(device)
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
+    return backend
 
 
 @contextlib.contextmanager

@@ -63,6 +63,15 @@ def shape(fn: str, arg: str, value: torch.Tensor, expected: Sequence[int],
                          f"{tuple(value.shape)}")
 
 
+def mask(fn: str, arg: str, value, expected: Sequence[int], what: str) -> torch.Tensor:
+    """A bool (or integer 0/1) tensor of shape ``expected``."""
+    tensor(fn, arg, value)
+    if value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{fn}: {arg} must be a bool (or integer 0/1) tensor, got {value.dtype}")
+    shape(fn, arg, value, expected, what)
+    return value
+
+
 def same_device(fn: str, **tensors: torch.Tensor | None) -> None:
     devices = {arg: t.device for arg, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

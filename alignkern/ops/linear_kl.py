@@ -62,23 +62,9 @@ def _check_saved(fn, grad_kl, lse, expect, hidden) -> None:
 
 
 def _check_mask(fn, mask, hidden) -> None:
-    if mask is None:
-        return
-    _checks.tensor(fn, "mask", mask)
-    if mask.is_floating_point() or mask.is_complex():
-        raise TypeError(f"{fn}: mask must be a bool (or integer 0/1) tensor, got {mask.dtype}")
-    _checks.shape(fn, "mask", mask, hidden.shape[:-1], "the leading shape of hidden")
-    _checks.same_device(fn, hidden=hidden, mask=mask)
-
-
-def _check_backend(backend: str, hidden: torch.Tensor, fn: str = "linear_kl") -> str:
-    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
-    if backend == "auto":
-        return _backend.resolve_backend(hidden.device)
-    reason = _backend.unavailable_reason(backend, hidden.device)
-    if reason is not None:
-        raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
-    return backend
+    if mask is not None:
+        _checks.mask(fn, "mask", mask, hidden.shape[:-1], "the leading shape of hidden")
+        _checks.same_device(fn, hidden=hidden, mask=mask)
 
 
 # ----------------------------------------------------------------------------- cpu
@@ -189,7 +175,7 @@ def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
                   ref_weight: torch.Tensor, temperature: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     temperature = _check_inputs("linear_kl", hidden, weight, ref_hidden, ref_weight, temperature)
-    backend = _check_backend(backend, hidden)
+    backend = _backend.backend_for("linear_kl", backend, hidden.device)
     acc = _accumulation_dtype(hidden.dtype)
     lead = hidden.shape[:-1]
     if backend == "reference":
@@ -231,7 +217,7 @@ def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: 
     temperature = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature)
     _check_saved(fn, grad_kl, lse, expect, hidden)
     _checks.boolean(fn, "need_weight_grad", need_weight_grad)
-    backend = _check_backend(backend, hidden, fn)
+    backend = _backend.backend_for(fn, backend, hidden.device)
     acc = _accumulation_dtype(hidden.dtype)
     h, w, rh, rw = _matrices(hidden, weight, ref_hidden, ref_weight)
     grad, lse, expect = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, lse, expect))
@@ -303,7 +289,7 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     else:
         temperature = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature)
         _check_mask(fn, mask, hidden)
-        backend = _check_backend("auto", hidden)
+        backend = _backend.resolve_backend(hidden.device)
     kl = _linear_kl_op(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
                        float(temperature), backend)[0]
     return kl if mask is None else torch.where(mask.to(torch.bool), kl, 0.0)

@@ -95,12 +95,7 @@ def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignor
 
 
 def _check_backend(backend: str, hidden: torch.Tensor, fn: str = "linear_logprobs") -> str:
-    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
-    if backend == "auto":
-        return _backend.resolve_backend(hidden.device)
-    reason = _backend.unavailable_reason(backend, hidden.device)
-    if reason is not None:
-        raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
+    backend = _backend.backend_for(fn, backend, hidden.device)
     if backend == "cuda" and hidden.dtype == torch.float64:
         raise TypeError(
             f"{fn}: the cuda backend takes float32, float16 or bfloat16 inputs, got "

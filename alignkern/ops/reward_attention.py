@@ -149,12 +149,7 @@ def _check_gradients(fn: str, grad_out, grad_lse, out, lse, q) -> None:
 
 def _check_backend(backend, q: torch.Tensor, fn: str = "reward_attention") -> str:
     """``"auto"`` (resolved by q's device) or the name of a backend that can run here."""
-    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
-    if backend == "auto":
-        return _backend.resolve_backend(q.device)
-    reason = _backend.unavailable_reason(backend, q.device)
-    if reason is not None:
-        raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
+    backend = _backend.backend_for(fn, backend, q.device)
     if backend == "cuda" and (q.dtype == torch.float64 or q.shape[-1] not in CUDA_HEAD_DIMS):
         raise TypeError(
             f"{fn}: the cuda backend takes float32, float16 or bfloat16 with head dim "

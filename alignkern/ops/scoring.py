@@ -151,11 +151,7 @@ def sequence_logprobs(
     ignore_index = _checks.integer(name, "ignore_index", ignore_index)
     counted = targets != ignore_index
     if mask is not None:
-        _checks.tensor(name, "mask", mask)
-        if mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"{name}: mask must be a bool (or integer 0/1) tensor, got "
-                            f"{mask.dtype}")
-        _checks.shape(name, "mask", mask, targets.shape, "the shape of targets")
+        _checks.mask(name, "mask", mask, targets.shape, "the shape of targets")
         counted = counted & mask.to(torch.bool)
         targets = targets.masked_fill(~counted, ignore_index)
     logprobs = _call(name, hidden, weight, targets, bias, temperature, softcap, ignore_index)[0]

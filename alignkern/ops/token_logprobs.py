@@ -111,12 +111,7 @@ def ids_already_checked():
 
 
 def _check_backend(backend: str, logits: torch.Tensor, fn: str = "token_logprobs") -> str:
-    _checks.choice(fn, "backend", backend, ("auto", *_backend.BACKENDS))
-    if backend == "auto":
-        return _backend.resolve_backend(logits.device)
-    reason = _backend.unavailable_reason(backend, logits.device)
-    if reason is not None:
-        raise RuntimeError(f"alignkern backend {backend!r} is not available: {reason}")
+    backend = _backend.backend_for(fn, backend, logits.device)
     if backend == "cuda" and logits.dtype == torch.float64:
         raise TypeError(
             f"{fn}: the cuda backend takes float32, float16 or bfloat16 logits, "
