@@ -193,13 +193,16 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           ref_hidden: torch.Tensor | None = None,
                           ref_weight: torch.Tensor | None = None, beta: float = 0.1,
                           loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                          average_log_prob: bool = False, reduction: str = "mean") -> DPOOutput:
+                          average_log_prob: bool = False, reduction: str = "mean",
+                          logit_scale: float = 1.0) -> DPOOutput:
     """DPO straight from hidden states: ``hidden (2B, T, H)`` holds the B chosen sequences, then
     the B rejected ones; ``targets``, ``mask (2B, T)``. Sequence log-likelihoods come from
     ``sequence_logprobs`` (no logits materialised); the reference side is ``ref_logps (2B,)`` or
     computed from ``ref_hidden`` and ``ref_weight`` (no gradient). Gradients flow to ``hidden``
     and ``weight``. ``average_log_prob`` (a bool) uses the mean over tokens instead of the sum
-    (IPO). The scalar arguments are checked as ``dpo_loss`` checks them, before any work."""
+    (IPO). ``logit_scale`` (positive, finite) multiplies the logits of both the policy and the
+    ``ref_hidden``/``ref_weight`` side, as in ``linear_logprobs``. The scalar arguments are
+    checked as ``dpo_loss`` checks them, before any work."""
     name = "fused_linear_dpo_loss"
     _checks.tensor(name, "hidden", hidden, floating=True)
     _checks.optional_tensor(name, "ref_logps", ref_logps, floating=True)
@@ -208,6 +211,7 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     beta, loss_type, label_smoothing, reduction = _dpo_options(name, beta, loss_type,
                                                                label_smoothing, reduction)
     average_log_prob = _checks.boolean(name, "average_log_prob", average_log_prob)
+    logit_scale = _checks.real(name, "logit_scale", logit_scale, positive=True)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
         raise ValueError(f"{name}: hidden must be (2B, T, H), chosen rows then rejected rows, got "
                          f"shape {tuple(hidden.shape)}")
@@ -216,13 +220,14 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if ref_logps is not None:
         _checks.shape(name, "ref_logps", ref_logps, hidden.shape[:1])
     reduction_kind = "mean" if average_log_prob else "sum"
-    policy = sequence_logprobs(hidden, weight, targets, mask, reduction=reduction_kind)
+    policy = sequence_logprobs(hidden, weight, targets, mask, reduction=reduction_kind,
+                               logit_scale=logit_scale)
     if ref_logps is None:
         if ref_weight is None:
             raise ValueError(f"{name}: ref_hidden needs ref_weight")
         with torch.no_grad():
             ref_logps = sequence_logprobs(ref_hidden, ref_weight, targets, mask,
-                                          reduction=reduction_kind)
+                                          reduction=reduction_kind, logit_scale=logit_scale)
     half = hidden.shape[0] // 2
     ref_logps = ref_logps.to(policy.dtype)
     return dpo_loss(policy[:half], policy[half:], ref_logps[:half], ref_logps[half:], beta=beta,

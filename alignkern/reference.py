@@ -75,13 +75,17 @@ def linear_logits(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``hidden @ weight.T + bias``, then ``softcap * tanh(logits / softcap)`` if given, computed in
-    float32 (float64 for float64 inputs). ``hidden (..., H)``, ``weight (V, H)`` → ``(..., V)``."""
+    """``logit_scale * (hidden @ weight.T + bias)``, then ``softcap * tanh(logits / softcap)`` if
+    given, computed in float32 (float64 for float64 inputs). ``hidden (..., H)``, ``weight (V, H)``
+    → ``(..., V)``. (Cohere multiplies its logits by ``config.logit_scale``; Granite divides them
+    by ``config.logits_scaling``, i.e. ``logit_scale = 1 / logits_scaling``.)"""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(acc) @ weight.to(acc).T
     if bias is not None:
         logits = logits + bias.to(acc)
+    logits = logit_scale * logits
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return logits
@@ -95,11 +99,13 @@ def linear_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``token_logprobs`` of ``linear_logits(hidden, weight, bias, softcap)``: log-probabilities of
-    ``targets`` (``(...)`` or ``(..., K)``) and the LSE ``(...)``, float32 (float64 for float64)."""
-    return token_logprobs(linear_logits(hidden, weight, bias, softcap), targets, temperature,
-                          ignore_index)
+    """``token_logprobs`` of ``linear_logits(hidden, weight, bias, softcap, logit_scale)``:
+    log-probabilities of ``targets`` (``(...)`` or ``(..., K)``) and the LSE ``(...)``, float32
+    (float64 for float64)."""
+    return token_logprobs(linear_logits(hidden, weight, bias, softcap, logit_scale), targets,
+                          temperature, ignore_index)
 
 
 def option_logprobs(hidden, weight, options, **kwargs) -> torch.Tensor:
@@ -226,11 +232,13 @@ def reward_attention_backward(grad_out, grad_lse, q, k, v, key_bias=None, key_ra
     return dq, dk.reshape(regroup).sum(2), dv.reshape(regroup).sum(2), d_scores.sum(2)
 
 
-def linear_kl(hidden, weight, ref_hidden, ref_weight, temperature=1.0):
-    """Per-row ``KL(pi || pi_ref)`` with ``pi = softmax(hidden @ weight.T / T)`` and ``pi_ref``
-    likewise from the reference side; ``(...)`` float32 (float64 for float64 inputs)."""
-    log_p = torch.log_softmax(linear_logits(hidden, weight) / temperature, dim=-1)
-    log_q = torch.log_softmax(linear_logits(ref_hidden, ref_weight) / temperature, dim=-1)
+def linear_kl(hidden, weight, ref_hidden, ref_weight, temperature=1.0, logit_scale=1.0):
+    """Per-row ``KL(pi || pi_ref)`` with ``pi = softmax(logit_scale * hidden @ weight.T / T)`` and
+    ``pi_ref`` likewise from the reference side; ``(...)`` float32 (float64 for float64 inputs)."""
+    log_p = torch.log_softmax(
+        linear_logits(hidden, weight, logit_scale=logit_scale) / temperature, dim=-1)
+    log_q = torch.log_softmax(
+        linear_logits(ref_hidden, ref_weight, logit_scale=logit_scale) / temperature, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 

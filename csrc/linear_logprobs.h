@@ -2,7 +2,9 @@
 // computed straight from hidden states and the LM head, without materialising the (n_rows, vocab)
 // logits. Pointers are raw addresses; strides are in elements. hidden is (n_rows, hidden_size) and
 // weight is (vocab, hidden_size), both with column stride 1; bias is (vocab,) in the same dtype, or
-// 0 for none. lse (n_rows,) is contiguous float32. A softcap <= 0 means "no softcap".
+// 0 for none. lse (n_rows,) is contiguous float32. The logits are
+// softcap * tanh(logit_scale * (hidden . weight + bias) / softcap) / temperature; a softcap <= 0
+// means "no softcap" (logit_scale * (hidden . weight + bias) / temperature).
 #pragma once
 #include <cstdint>
 
@@ -24,7 +26,8 @@ inline void check_linear_logprobs_args(int64_t n_rows, int64_t vocab, int64_t hi
 void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
                               int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
                               int64_t vocab, int64_t hidden_size, uintptr_t lse,
-                              double temperature, double softcap, uintptr_t stream);
+                              double temperature, double softcap, double logit_scale,
+                              uintptr_t stream);
 #endif
 
 }  // namespace alignkern

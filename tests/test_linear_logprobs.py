@@ -336,23 +336,167 @@ def test_gradcheck_float64(backend):
         )
 
 
+# ----------------------------------------------------------------------------- logit_scale
+
+LOGIT_SCALES = [0.0625, 0.25, 2.5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("logit_scale", LOGIT_SCALES)
+def test_logit_scale_forward_and_backward(backend, dtype, softcap, logit_scale):
+    """z = softcap * tanh(logit_scale * (h W^T + b) / softcap) / T (no tanh without softcap):
+    log-probs, LSE and the gradients for hidden, weight and bias under a random upstream gradient
+    against float64 autograd of the reference."""
+    h, w, b, targets = make_inputs((2, 9), 300, 3, dtype, bias=True)
+    targets[0, 0, 1] = targets[0, 0, 0] = 5  # a repeated id: its gradients add
+    kw = dict(temperature=0.7, softcap=softcap, logit_scale=logit_scale)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    out, lse = run(backend, leaves[0], leaves[1], targets, bias=leaves[2], return_lse=True, **kw)
+    ref_out, ref_lse = reference_fp64(h, w, targets, b, **kw)
+    torch.testing.assert_close(out.double(), ref_out, rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=5e-5, atol=5e-5)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse))
+    expected = reference_grads(h, w, b, targets, grad_out, grad_lse, **kw)
+    for name, got, want, leaf in zip(("hidden", "weight", "bias"), grads, expected, leaves):
+        assert got.dtype == dtype and got.shape == leaf.shape, name
+        assert_close_scaled(got, want, GRAD_TOL[dtype])
+
+
+def test_logit_scale_is_the_scale_of_the_reference_logits():
+    """The reference itself: Cohere's multiply, and Granite's divide as logit_scale = 1 / s."""
+    h, w, b, _ = make_inputs((4,), 30, None, torch.float64, bias=True)
+    plain = reference.linear_logits(h, w, b)
+    torch.testing.assert_close(reference.linear_logits(h, w, b, logit_scale=0.25), plain * 0.25)
+    torch.testing.assert_close(reference.linear_logits(h, w, b, 5.0, logit_scale=2.5),
+                               5.0 * torch.tanh(plain * 2.5 / 5.0))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_logit_scale_gradcheck_float64(backend, softcap):
+    h, w, b, targets = make_inputs((3,), 11, 2, torch.float64, hidden=5, bias=True)
+    leaves = tuple(x.clone().requires_grad_(True) for x in (h, w, b))
+    # triton takes 1/T and the scale in float32: values it holds exactly
+    temperature, logit_scale = (1.0, 0.25) if backend == "triton" else (0.7, 2.5)
+    with alignkern.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda hh, ww, bb: alignkern.linear_logprobs(
+                hh, ww, targets, bias=bb, softcap=softcap, temperature=temperature,
+                logit_scale=logit_scale, return_lse=True,
+            ),
+            leaves,
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_logit_scale_torch_compile_fullgraph_with_backward(backend, softcap):
+    torch._dynamo.reset()
+    h, w, b, targets = make_inputs((2, 6), 100, 2, torch.float32, bias=True)
+    kw = dict(temperature=0.9, softcap=softcap, logit_scale=0.25)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss_fn(hh, ww, bb, t):
+        return -(alignkern.linear_logprobs(hh, ww, t, bias=bb, **kw) * 2.0).sum()
+
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    with alignkern.use_backend(backend):
+        loss = loss_fn(*leaves, targets)
+        loss.backward()
+    ref_loss = -(reference_fp64(h, w, targets, b, **kw)[0] * 2.0).sum()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    expected = reference_grads(h, w, b, targets, torch.full(targets.shape, -2.0), **kw)
+    for leaf, want in zip(leaves, expected):
+        assert_close_scaled(leaf.grad, want, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logit_scale", LOGIT_SCALES)
+def test_logit_scale_in_the_scoring_helpers(backend, logit_scale):
+    """option_logprobs, self_eval_scores and sequence_logprobs pass logit_scale on."""
+    h, w, b, targets = make_inputs((3, 5), 211, None, torch.float32, bias=True, ignore_share=0.0)
+    hd, wd, bd = h.double(), w.double(), b.double()
+    options = torch.tensor([17, 3, 200], device=DEVICE)
+    values = torch.tensor([1.0, 0.0, -2.0], device=DEVICE)
+    mask = torch.rand(3, 5, device=DEVICE) > 0.3
+    kw = dict(bias=b, temperature=0.8, softcap=4.0, logit_scale=logit_scale)
+    ref_kw = dict(kw, bias=bd)
+    with alignkern.use_backend(backend):
+        options_out = alignkern.option_logprobs(h, w, options, **kw)
+        score, mass = alignkern.self_eval_scores(h, w, options, values, **kw)
+        sequences = alignkern.sequence_logprobs(h, w, targets, mask, reduction="mean",
+                                                logit_scale=logit_scale)
+    torch.testing.assert_close(options_out.double(),
+                               reference.option_logprobs(hd, wd, options, **ref_kw),
+                               rtol=5e-5, atol=5e-5)
+    ref_score, ref_mass = reference.self_eval_scores(hd, wd, options, values.double(), **ref_kw)
+    torch.testing.assert_close(score.double(), ref_score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass.double(), ref_mass, rtol=1e-5, atol=1e-7)
+    expected = reference.sequence_logprobs(hd, wd, targets, mask, reduction="mean",
+                                           logit_scale=logit_scale)
+    torch.testing.assert_close(sequences.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["linear_logprobs", "sequence_logprobs", "option_logprobs",
+                                "self_eval_scores"])
+@pytest.mark.parametrize("value,error,message", [
+    (0.0, ValueError, "logit_scale must be positive and finite, got 0.0"),
+    (-1.0, ValueError, "logit_scale must be positive and finite, got -1.0"),
+    (float("nan"), ValueError, "logit_scale must be positive and finite, got nan"),
+    (float("inf"), ValueError, "logit_scale must be positive and finite, got inf"),
+    (True, TypeError, "logit_scale must be a real number, got bool True"),
+    ("2", TypeError, "logit_scale must be a real number, got str '2'"),
+    (torch.tensor(2.0), TypeError, "logit_scale must be a real number, got a torch.float32 tensor"),
+    (None, TypeError, "logit_scale must be a real number, got None"),
+])
+def test_error_bad_logit_scale(fn, value, error, message):
+    h, w = torch.randn(2, 3, 8), _head()
+    args = {"linear_logprobs": (h, w, torch.zeros(2, 3).long()),
+            "sequence_logprobs": (h, w, torch.zeros(2, 3).long()),
+            "option_logprobs": (h, w, torch.tensor([1, 2])),
+            "self_eval_scores": (h, w, torch.tensor([1, 2]))}[fn]
+    with pytest.raises(error, match=f"^{fn}: {message}"):
+        getattr(alignkern, fn)(*args, logit_scale=value)
+
+
+def test_error_bad_logit_scale_under_torch_compile():
+    torch._dynamo.reset()
+    h, w = torch.randn(2, 8), _head()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def scores(hh, ww):
+        return alignkern.linear_logprobs(hh, ww, torch.zeros(2).long(), logit_scale=-2.0)
+
+    with pytest.raises(Exception, match="logit_scale must be positive and finite"):
+        scores(h, w)
+
+
 # ----------------------------------------------------------------------------- torch integration
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
+    """Both ops, with a logit_scale != 1 with a softcap and without one (where it is folded into
+    the temperature), and the plain case."""
     h, w, b, targets = make_inputs((4, 3), 50, 2, torch.float32, bias=True)
     leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
     torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
-                          (*leaves[:2], targets, leaves[2], 1.3, 2.0, IGNORE, backend))
+                          (*leaves[:2], targets, leaves[2], 1.3, 2.0, 0.4, IGNORE, backend))
     torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
-                          (h, w, targets, None, 1.0, None, IGNORE, backend))
-    out, lse = torch.ops.alignkern.linear_logprobs(h, w, targets, b, 1.3, 2.0, IGNORE, backend)
-    for needs in [(True, True, True), (True, False, False), (False, True, False)]:
+                          (*leaves[:2], targets, None, 1.3, None, 2.5, IGNORE, backend))
+    torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
+                          (h, w, targets, None, 1.0, None, 1.0, IGNORE, backend))
+    for softcap, scale, needs in [(2.0, 0.4, (True, True, True)), (2.0, 0.4, (True, False, False)),
+                                  (None, 2.5, (False, True, True))]:
+        out, lse = torch.ops.alignkern.linear_logprobs(h, w, targets, b, 1.3, softcap, scale,
+                                                       IGNORE, backend)
         torch.library.opcheck(
             torch.ops.alignkern.linear_logprobs_backward.default,
-            (torch.randn_like(out), torch.randn_like(lse), h, w, targets, b, lse, 1.3, 2.0,
-             IGNORE, *needs, backend),
+            (torch.randn_like(out), torch.randn_like(lse), h, w, targets, b, lse, 1.3, softcap,
+             scale, IGNORE, *needs, backend),
         )
 
 

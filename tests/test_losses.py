@@ -160,6 +160,34 @@ def test_fused_linear_dpo_per_pair_gradients_with_random_upstream(backend, loss_
         assert _scaled_error(g, r) < 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logit_scale", [0.0625, 0.25, 2.5])
+def test_fused_linear_dpo_logit_scale_on_both_sides(backend, logit_scale):
+    """logit_scale reaches the policy and the ref_hidden/ref_weight side alike: loss, margins and
+    gradients match the float64 reference composition with the scale on both sides."""
+    h, w, targets, mask = _dpo_inputs(vocab=61)
+    ref_h, ref_w = h + 0.1 * torch.randn_like(h), w + 0.05 * torch.randn_like(w)
+    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    with alignkern.use_backend(backend):
+        fused = losses.fused_linear_dpo_loss(*leaves, targets, mask, ref_hidden=ref_h,
+                                             ref_weight=ref_w, beta=0.2, reduction="none",
+                                             logit_scale=logit_scale)
+    grad = torch.randn(3, device=DEVICE)
+    got = torch.autograd.grad(fused.loss, leaves, grad)
+
+    dl = [h.double().requires_grad_(True), w.double().requires_grad_(True)]
+    policy = reference.sequence_logprobs(*dl, targets, mask, logit_scale=logit_scale)
+    ref = reference.sequence_logprobs(ref_h.double(), ref_w.double(), targets, mask,
+                                      logit_scale=logit_scale)
+    unfused = losses.dpo_loss(policy[:3], policy[3:], ref[:3], ref[3:], beta=0.2,
+                              reduction="none")
+    want = torch.autograd.grad(unfused.loss, dl, grad.double())
+    torch.testing.assert_close(fused.loss.double(), unfused.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.margins.double(), unfused.margins, rtol=1e-5, atol=1e-6)
+    for g, r in zip(got, want):
+        assert _scaled_error(g, r) < 1e-4
+
+
 def test_fused_linear_dpo_with_precomputed_reference_and_errors():
     h, w, targets, mask = _dpo_inputs()
     ref_logps = torch.randn(6, device=DEVICE)
@@ -485,6 +513,18 @@ SCALAR_CASES = {
     "fused average_log_prob int": (
         TypeError, r"fused_linear_dpo_loss: average_log_prob must be True or False, got int 1",
         lambda: _fused_call(average_log_prob=1)),
+    "fused logit_scale zero": (
+        ValueError, r"fused_linear_dpo_loss: logit_scale must be positive and finite, got 0.0",
+        lambda: _fused_call(logit_scale=0.0)),
+    "fused logit_scale nan": (
+        ValueError, r"fused_linear_dpo_loss: logit_scale must be positive and finite, got nan",
+        lambda: _fused_call(logit_scale=math.nan)),
+    "fused logit_scale bool": (
+        TypeError, r"fused_linear_dpo_loss: logit_scale must be a real number, got bool True",
+        lambda: _fused_call(logit_scale=True)),
+    "fused logit_scale tensor": (
+        TypeError, r"fused_linear_dpo_loss: logit_scale must be a real number, got a",
+        lambda: _fused_call(logit_scale=torch.tensor(2.0))),
 }
 
 
@@ -592,6 +632,37 @@ def test_linear_kl_matches_reference_with_random_upstream_gradient(backend, dtyp
         assert _scaled_error(g, r) < KL_TOL[dtype]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logit_scale", [0.0625, 0.25, 2.5])
+def test_linear_kl_logit_scale_on_both_sides(backend, dtype, logit_scale):
+    """KL between softmax(s h W^T / T) and softmax(s h_ref W_ref^T / T), forward and the policy
+    gradients under a random upstream gradient, against float64."""
+    h, w, rh, rw = _kl_inputs(lead=(2, 7), vocab=300, dtype=dtype)
+    w, rw = w * 3, rw * 3  # logits of order 3 before the scale
+    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    with alignkern.use_backend(backend):
+        kl = losses.linear_kl(*leaves, rh, rw, temperature=0.8, logit_scale=logit_scale)
+    grad = torch.randn_like(kl)
+    got = torch.autograd.grad(kl, leaves, grad)
+    ref_kl, want = _kl_reference_grads(h, w, rh, rw, grad, temperature=0.8,
+                                       logit_scale=logit_scale)
+    assert _scaled_error(kl, ref_kl) < 2e-5
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        assert _scaled_error(g, r) < KL_TOL[dtype]
+
+
+def test_linear_kl_logit_scale_errors():
+    h, w, rh, rw = _kl_inputs(lead=(4,), vocab=50)
+    for value in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="^linear_kl: logit_scale must be positive and finite"):
+            losses.linear_kl(h, w, rh, rw, logit_scale=value)
+    for value in (True, "2", torch.tensor(2.0)):
+        with pytest.raises(TypeError, match="^linear_kl: logit_scale must be a real number"):
+            losses.linear_kl(h, w, rh, rw, logit_scale=value)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
 def test_linear_kl_many_tiles_mask_and_identity(backend, monkeypatch):
     from alignkern.ops import linear_logprobs_cpu
@@ -614,26 +685,28 @@ def test_linear_kl_many_tiles_mask_and_identity(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_kl_opcheck_and_compile(backend):
+@pytest.mark.parametrize("logit_scale", [1.0, 0.25])
+def test_linear_kl_opcheck_and_compile(backend, logit_scale):
     h, w, rh, rw = _kl_inputs(lead=(5,), vocab=50)
     torch.library.opcheck(torch.ops.alignkern.linear_kl.default,
                           (h.clone().requires_grad_(True), w.clone().requires_grad_(True), rh, rw,
-                           0.9, backend))
-    kl, lse, expect = torch.ops.alignkern.linear_kl(h, w, rh, rw, 0.9, backend)
+                           0.9, logit_scale, backend))
+    kl, lse, expect = torch.ops.alignkern.linear_kl(h, w, rh, rw, 0.9, logit_scale, backend)
     for need in (True, False):
         torch.library.opcheck(torch.ops.alignkern.linear_kl_backward.default,
-                              (torch.randn_like(kl), h, w, rh, rw, lse, expect, 0.9, need,
-                               backend))
+                              (torch.randn_like(kl), h, w, rh, rw, lse, expect, 0.9, logit_scale,
+                               need, backend))
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def kl_loss(hh, ww):
-        return losses.linear_kl(hh, ww, rh, rw, temperature=0.9).sum()
+        return losses.linear_kl(hh, ww, rh, rw, temperature=0.9, logit_scale=logit_scale).sum()
 
     x = h.clone().requires_grad_(True)
     with alignkern.use_backend(backend):
         kl_loss(x, w).backward()
-    _, (want, _) = _kl_reference_grads(h, w, rh, rw, torch.ones(5), temperature=0.9)
+    _, (want, _) = _kl_reference_grads(h, w, rh, rw, torch.ones(5), temperature=0.9,
+                                       logit_scale=logit_scale)
     assert _scaled_error(x.grad, want) < 2e-5
 
 

@@ -47,7 +47,7 @@ def _token_logprobs_cases(backend):
 def _linear_logprobs_cases(backend):
     hidden, weight, bias = torch.randn(N, H), torch.randn(V, H), torch.randn(V)
     targets = torch.randint(0, V, (N, K))
-    options = dict(temperature=0.9, softcap=20.0, ignore_index=-100)
+    options = dict(temperature=0.9, softcap=20.0, logit_scale=0.5, ignore_index=-100)
     dims = dict(hidden=("N", "H"), weight=("V", "H"), targets=("N", "K"), bias=("V",))
     forward = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
                         backend=backend), dims)
@@ -66,10 +66,11 @@ def _linear_kl_cases(backend):
                  ref_hidden=torch.randn(N, H_REF), ref_weight=torch.randn(V, H_REF))
     dims = dict(hidden=("N", "H"), weight=("V", "H"), ref_hidden=("N", "Hr"),
                 ref_weight=("V", "Hr"))
-    forward = Case(dict(**sides, temperature=1.2, backend=backend), dims)
-    _, lse, expect = torch.ops.alignkern.linear_kl(*sides.values(), 1.2, "reference")
+    forward = Case(dict(**sides, temperature=1.2, logit_scale=0.5, backend=backend), dims)
+    _, lse, expect = torch.ops.alignkern.linear_kl(*sides.values(), 1.2, 0.5, "reference")
     backward = Case(dict(grad_kl=torch.randn(N), **sides, lse=lse, expect=expect,
-                         temperature=1.2, need_weight_grad=True, backend=backend),
+                         temperature=1.2, logit_scale=0.5, need_weight_grad=True,
+                         backend=backend),
                     dict(dims, grad_kl=("N",), lse=("N",), expect=("N",)))
     return {"linear_kl": forward, "linear_kl_backward": backward}
 
@@ -191,6 +192,7 @@ def test_non_contiguous_arguments_give_the_contiguous_answer(backend, name):
 BAD_SCALARS = {
     "temperature": [0.0, -1.0, float("nan"), float("inf"), 1e31, 1e-31],
     "softcap": [0.0, -2.0, float("nan"), float("inf")],
+    "logit_scale": [0.0, -1.0, float("nan"), float("inf")],
     "scale": [float("nan"), float("inf")],
     "backend": ["tpu", ""],
 }

@@ -2,11 +2,13 @@
 heads in one pass over the vocabulary, never materialising either ``(N, V)`` logits tensor.
 
 Registered ops:
-  ``alignkern::linear_kl(hidden, weight, ref_hidden, ref_weight, temperature, backend)
-  -> (kl, lse, expect)`` with ``lse`` the policy's log-sum-exp and ``expect = E_pi[z - y]``
+  ``alignkern::linear_kl(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale,
+  backend) -> (kl, lse, expect)`` with ``lse`` the policy's log-sum-exp and ``expect = E_pi[z - y]``
   (saved for the backward);
   ``alignkern::linear_kl_backward(grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect,
-  temperature, need_weight_grad, backend) -> (dhidden, dweight)``.
+  temperature, logit_scale, need_weight_grad, backend) -> (dhidden, dweight)``.
+Both sides' logits are ``z = logit_scale * (hidden @ weight.T) / T``; the kernels get the scale
+folded into the temperature (``T / logit_scale``), so it costs nothing.
 Only the policy side is differentiable. Backends: ``triton`` (and ``cuda``, which runs the Triton
 kernels here), ``cpu`` (BLAS over tiles of at most 16 MiB of logits per side), ``reference``.
 """
@@ -24,8 +26,9 @@ from .linear_logprobs import SUPPORTED_DTYPES, _accumulation_dtype, _as_matrix, 
 GPU_CHUNK_BYTES = 256 * 2**20
 
 
-def _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature) -> float:
-    """DESIGN.md's error contract for the two sides; returns the temperature as a float."""
+def _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature, logit_scale):
+    """DESIGN.md's error contract for the two sides; returns ``(temperature, logit_scale)`` as
+    floats."""
     for arg, value in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden),
                        ("ref_weight", ref_weight)):
         _checks.tensor(fn, arg, value, dtypes=SUPPORTED_DTYPES)
@@ -50,7 +53,12 @@ def _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature) -> fl
     if hidden.shape[:-1] != ref_hidden.shape[:-1]:
         raise ValueError(f"{fn}: hidden {tuple(hidden.shape)} and ref_hidden "
                          f"{tuple(ref_hidden.shape)} must have the same leading shape")
-    return _checks.temperature(fn, temperature)
+    return _check_scalars(fn, temperature, logit_scale)
+
+
+def _check_scalars(fn, temperature, logit_scale):
+    return (_checks.temperature(fn, temperature),
+            _checks.real(fn, "logit_scale", logit_scale, positive=True))
 
 
 def _check_saved(fn, grad_kl, lse, expect, hidden) -> None:
@@ -165,6 +173,12 @@ def _triton_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, 
 # ----------------------------------------------------------------------------- registered ops
 
 
+def _reference_logits(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale):
+    """(z, y): both sides' scaled logits, materialised (the reference backend)."""
+    return (reference.linear_logits(hidden, weight, logit_scale=logit_scale) / temperature,
+            reference.linear_logits(ref_hidden, ref_weight, logit_scale=logit_scale) / temperature)
+
+
 def _matrices(hidden, weight, ref_hidden, ref_weight):
     return (_as_matrix(hidden), _as_matrix(weight), _as_matrix(ref_hidden),
             _as_matrix(ref_weight))
@@ -172,20 +186,21 @@ def _matrices(hidden, weight, ref_hidden, ref_weight):
 
 @torch.library.custom_op("alignkern::linear_kl", mutates_args=())
 def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
-                  ref_weight: torch.Tensor, temperature: float,
+                  ref_weight: torch.Tensor, temperature: float, logit_scale: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    temperature = _check_inputs("linear_kl", hidden, weight, ref_hidden, ref_weight, temperature)
+    temperature, logit_scale = _check_inputs("linear_kl", hidden, weight, ref_hidden, ref_weight,
+                                             temperature, logit_scale)
     backend = _backend.backend_for("linear_kl", backend, hidden.device)
     acc = _accumulation_dtype(hidden.dtype)
     lead = hidden.shape[:-1]
     if backend == "reference":
-        kl = reference.linear_kl(hidden, weight, ref_hidden, ref_weight, temperature)
-        z = reference.linear_logits(hidden, weight) / temperature
-        y = reference.linear_logits(ref_hidden, ref_weight) / temperature
+        kl = reference.linear_kl(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale)
+        z, y = _reference_logits(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale)
         lse = torch.logsumexp(z, -1)
         expect = (torch.softmax(z, -1) * (z - y)).sum(-1)
         return kl, lse, expect
-    args = (*_matrices(hidden, weight, ref_hidden, ref_weight), temperature, acc)
+    # z = s x / T = x / (T / s): the kernels see the scale as part of the temperature.
+    args = (*_matrices(hidden, weight, ref_hidden, ref_weight), temperature / logit_scale, acc)
     outputs = _cpu_forward(*args) if backend == "cpu" else _triton_forward(*args)
     return tuple(t.reshape(lead) for t in outputs)
 
@@ -202,7 +217,7 @@ def _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, **others) -> None:
 
 
 @_linear_kl_op.register_fake
-def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, backend):
+def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend):
     _fake_checks("linear_kl", hidden, weight, ref_hidden, ref_weight)
     acc = _accumulation_dtype(hidden.dtype)
     return tuple(hidden.new_empty(hidden.shape[:-1], dtype=acc) for _ in range(3))
@@ -211,10 +226,12 @@ def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, backend
 @torch.library.custom_op("alignkern::linear_kl_backward", mutates_args=())
 def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                            ref_hidden: torch.Tensor, ref_weight: torch.Tensor, lse: torch.Tensor,
-                           expect: torch.Tensor, temperature: float, need_weight_grad: bool,
+                           expect: torch.Tensor, temperature: float, logit_scale: float,
+                           need_weight_grad: bool,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     fn = "linear_kl_backward"
-    temperature = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature)
+    temperature, logit_scale = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight,
+                                             temperature, logit_scale)
     _check_saved(fn, grad_kl, lse, expect, hidden)
     _checks.boolean(fn, "need_weight_grad", need_weight_grad)
     backend = _backend.backend_for(fn, backend, hidden.device)
@@ -222,21 +239,22 @@ def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: 
     h, w, rh, rw = _matrices(hidden, weight, ref_hidden, ref_weight)
     grad, lse, expect = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, lse, expect))
     if backend == "reference":
-        z = reference.linear_logits(h, w) / temperature
-        y = reference.linear_logits(rh, rw) / temperature
-        dz = grad[:, None] * torch.exp(z - lse[:, None]) * (z - y - expect[:, None]) / temperature
-        grad_hidden, grad_weight = dz @ w.to(acc), (dz.T @ h.to(acc) if need_weight_grad else None)
+        z, y = _reference_logits(h, w, rh, rw, temperature, logit_scale)
+        dz = grad[:, None] * torch.exp(z - lse[:, None]) * (z - y - expect[:, None])
+        dx = dz * (logit_scale / temperature)
+        grad_hidden, grad_weight = dx @ w.to(acc), (dx.T @ h.to(acc) if need_weight_grad else None)
     else:
         implementation = _cpu_backward if backend == "cpu" else _triton_backward
-        grad_hidden, grad_weight = implementation(grad, h, w, rh, rw, lse, expect, temperature,
-                                                  need_weight_grad, acc)
+        grad_hidden, grad_weight = implementation(grad, h, w, rh, rw, lse, expect,
+                                                  temperature / logit_scale, need_weight_grad,
+                                                  acc)
     return (grad_hidden.to(hidden.dtype).reshape(hidden.shape),
             grad_weight.to(weight.dtype) if grad_weight is not None else hidden.new_empty((0,)))
 
 
 @_linear_kl_backward_op.register_fake
 def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect,
-                             temperature, need_weight_grad, backend):
+                             temperature, logit_scale, need_weight_grad, backend):
     fn = "linear_kl_backward"
     _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, grad_kl=grad_kl, lse=lse,
                  expect=expect)
@@ -248,9 +266,9 @@ def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, ls
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, ref_hidden, ref_weight, temperature, backend = inputs
+    hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend = inputs
     ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, output[1], output[2])
-    ctx.temperature, ctx.backend = temperature, backend
+    ctx.scalars, ctx.backend = (temperature, logit_scale), backend
 
 
 def _backward(ctx, grad_kl, grad_lse, grad_expect):
@@ -258,9 +276,9 @@ def _backward(ctx, grad_kl, grad_lse, grad_expect):
     hidden, weight, ref_hidden, ref_weight, lse, expect = ctx.saved_tensors
     need_weight = ctx.needs_input_grad[1]
     grad_hidden, grad_weight = _linear_kl_backward_op(
-        grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect, ctx.temperature,
+        grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect, *ctx.scalars,
         need_weight, ctx.backend)
-    return grad_hidden, grad_weight if need_weight else None, None, None, None, None
+    return grad_hidden, grad_weight if need_weight else None, None, None, None, None, None
 
 
 _linear_kl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -270,12 +288,15 @@ _autocast.register("linear_kl_backward")
 
 def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
               ref_weight: torch.Tensor, mask: torch.Tensor | None = None, *,
-              temperature: float = 1.0) -> torch.Tensor:
-    """Per-token ``KL(pi || pi_ref)``: ``pi = softmax(hidden @ weight.T / T)``, ``pi_ref`` from
-    ``ref_hidden`` and ``ref_weight`` — SCoRe's / RLHF's KL regulariser without two ``(N, V)``
-    tensors. ``hidden (..., H)``, ``weight (V, H)``, ``ref_hidden (..., H_ref)``,
-    ``ref_weight (V, H_ref)``; ``mask (...)`` zeroes positions. Returns ``(...)`` float32
-    (float64 for float64), differentiable in ``hidden`` and ``weight`` (the policy side).
+              temperature: float = 1.0, logit_scale: float = 1.0) -> torch.Tensor:
+    """Per-token ``KL(pi || pi_ref)``: ``pi = softmax(logit_scale * hidden @ weight.T / T)``,
+    ``pi_ref`` likewise from ``ref_hidden`` and ``ref_weight`` (the same ``logit_scale`` and ``T``
+    on both sides: Cohere's ``config.logit_scale``, Granite's ``1 / config.logits_scaling``) —
+    SCoRe's / RLHF's KL regulariser without two ``(N, V)`` tensors. ``hidden (..., H)``,
+    ``weight (V, H)``, ``ref_hidden (..., H_ref)``, ``ref_weight (V, H_ref)``; ``mask (...)``
+    zeroes positions. ``temperature`` and ``logit_scale`` are positive finite numbers. Returns
+    ``(...)`` float32 (float64 for float64), differentiable in ``hidden`` and ``weight`` (the
+    policy side).
 
     Example:
         >>> kl = alignkern.linear_kl(h, model.lm_head.weight, h_ref, ref_model.lm_head.weight,
@@ -284,12 +305,13 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     """
     fn = "linear_kl"
     if torch.compiler.is_compiling():
-        temperature = _checks.temperature(fn, temperature)
+        temperature, logit_scale = _check_scalars(fn, temperature, logit_scale)
         backend = "auto"
     else:
-        temperature = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature)
+        temperature, logit_scale = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight,
+                                                 temperature, logit_scale)
         _check_mask(fn, mask, hidden)
         backend = _backend.resolve_backend(hidden.device)
-    kl = _linear_kl_op(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
-                       float(temperature), backend)[0]
+    kl = _linear_kl_op(hidden, weight, ref_hidden.detach(), ref_weight.detach(), temperature,
+                       logit_scale, backend)[0]
     return kl if mask is None else torch.where(mask.to(torch.bool), kl, 0.0)

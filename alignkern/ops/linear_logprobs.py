@@ -3,12 +3,16 @@ LM head, never materialising the ``(N, V)`` logits (the scoring functions built 
 ``ops/scoring.py``).
 
 Registered ops:
-  ``alignkern::linear_logprobs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
-  backend) -> (out, lse)``
+  ``alignkern::linear_logprobs(hidden, weight, targets, bias, temperature, softcap, logit_scale,
+  ignore_index, backend) -> (out, lse)``
   ``alignkern::linear_logprobs_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse,
-  temperature, softcap, ignore_index, need_hidden_grad, need_weight_grad, backend)
-  -> (grad_hidden, grad_weight, grad_bias)``; a gradient that is not needed comes back with 0
-  elements, and ``grad_bias`` has 0 elements when there is no bias.
+  temperature, softcap, logit_scale, ignore_index, need_hidden_grad, need_weight_grad,
+  need_bias_grad, backend) -> (grad_hidden, grad_weight, grad_bias)``; a gradient that is not
+  needed comes back with 0 elements, and ``grad_bias`` has 0 elements when there is no bias.
+
+The logits are ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / T``
+(no tanh without a softcap). Without a softcap the kernels get ``logit_scale`` folded into the
+temperature (``T / logit_scale``), so the scale costs no pass over the logits.
 
 Backends: ``triton`` (fused tl.dot kernels), ``cuda`` (tensor-core forward from csrc/cuda; its
 backward runs the Triton kernels), ``cpu`` (``linear_logprobs_cpu``: BLAS GEMMs over tiles of
@@ -54,9 +58,11 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignore_index):
+def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                  ignore_index):
     """DESIGN.md's error contract for the forward's arguments; every message names the argument,
-    the expected and the got. Returns ``(temperature, softcap, ignore_index)`` as Python numbers."""
+    the expected and the got. Returns ``(temperature, softcap, logit_scale, ignore_index)`` as
+    Python numbers."""
     _checks.tensor(fn, "hidden", hidden, dtypes=SUPPORTED_DTYPES)
     _checks.tensor(fn, "weight", weight)
     _checks.tensor(fn, "targets", targets, dtypes=_tokens.TARGET_DTYPES)
@@ -89,8 +95,13 @@ def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignor
     if bias is not None:
         _checks.shape(fn, "bias", bias, (weight.shape[0],), "(V,), V from weight")
     _checks.same_device(fn, hidden=hidden, weight=weight, targets=targets, bias=bias)
+    return _check_scalars(fn, temperature, softcap, logit_scale, ignore_index)
+
+
+def _check_scalars(fn, temperature, softcap, logit_scale, ignore_index):
     return (_checks.temperature(fn, temperature),
             _checks.real(fn, "softcap", softcap, positive=True, optional=True),
+            _checks.real(fn, "logit_scale", logit_scale, positive=True),
             _checks.integer(fn, "ignore_index", ignore_index))
 
 
@@ -125,10 +136,11 @@ def _row_chunks(n_rows: int, row_bytes: int, budget: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_rows))
 
 
-def _target_logits(hidden, weight, bias, ids, softcap, acc) -> torch.Tensor:
-    """The logit at each target id after bias and softcap, ``(N, K)`` in ``acc``: one dot product
-    per (row, id) pair, in chunks of at most ``TARGET_CHUNK_BYTES`` of gathered operands, so the
-    cost is O(N·K·H) however large V is (ids out of range are clamped; callers mask them)."""
+def _target_logits(hidden, weight, bias, ids, softcap, logit_scale, acc) -> torch.Tensor:
+    """The logit at each target id after bias, logit_scale and softcap, ``(N, K)`` in ``acc``: one
+    dot product per (row, id) pair, in chunks of at most ``TARGET_CHUNK_BYTES`` of gathered
+    operands, so the cost is O(N·K·H) however large V is (ids out of range are clamped; callers
+    mask them)."""
     n_rows, k = ids.shape
     vocab, hidden_size = weight.shape
     rows = torch.arange(n_rows, device=ids.device).repeat_interleave(k)
@@ -141,6 +153,8 @@ def _target_logits(hidden, weight, bias, ids, softcap, acc) -> torch.Tensor:
         if bias is not None:
             dots += bias[columns[pair]].to(acc)
         out[pair] = dots
+    if logit_scale != 1.0:
+        out *= logit_scale
     if softcap is not None:
         out = softcap * torch.tanh(out / softcap)
     return out.reshape(n_rows, k)
@@ -149,7 +163,7 @@ def _target_logits(hidden, weight, bias, ids, softcap, acc) -> torch.Tensor:
 # ----------------------------------------------------------------------------- triton backend
 
 
-def _gpu_lse(hidden, weight, bias, temperature, softcap, backend, acc):
+def _gpu_lse(hidden, weight, bias, temperature, softcap, logit_scale, backend, acc):
     """Each row's log-sum-exp, by the CUDA kernel or the Triton kernel (whose vocabulary splits
     are merged here)."""
     n_rows, device = hidden.shape[0], hidden.device
@@ -160,19 +174,20 @@ def _gpu_lse(hidden, weight, bias, temperature, softcap, backend, acc):
                 hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0),
                 0 if bias is None else bias.data_ptr(), _backend.DTYPE_CODES[hidden.dtype],
                 n_rows, weight.shape[0], weight.shape[1], lse.data_ptr(), float(temperature),
-                0.0 if softcap is None else float(softcap), _backend.cuda_stream(device))
+                0.0 if softcap is None else float(softcap), float(logit_scale),
+                _backend.cuda_stream(device))
         return lse
     from ..triton_kernels import linear_logprobs as kernels
 
     lse_parts = kernels.linear_logprobs_fwd(
         hidden, weight, bias, lambda splits: _tokens._poisoned((splits, n_rows), acc, device),
-        temperature, softcap,
+        temperature, softcap, logit_scale,
     )
     return lse_parts[0] if lse_parts.shape[0] == 1 else torch.logsumexp(lse_parts, dim=0)
 
 
 def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap,
-                     need_hidden, need_weight, need_bias, acc):
+                     logit_scale, need_hidden, need_weight, need_bias, acc):
     """Same contract as ``linear_logprobs_cpu.backward``."""
     from ..triton_kernels import linear_logprobs as kernels
 
@@ -182,7 +197,7 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
     grad_hidden = hidden.new_empty((n_rows, hidden_size)) if need_hidden else None
     grad_weight = weight.new_zeros((vocab, hidden_size)) if need_weight else None
     grad_bias = torch.zeros((vocab,), dtype=acc, device=hidden.device) if need_bias else None
-    capped = _target_logits(hidden, weight, bias, ids, softcap, acc)
+    capped = _target_logits(hidden, weight, bias, ids, softcap, logit_scale, acc)
     squash = None if softcap is None else 1.0 - (capped / softcap).square()
     inv_t = 1.0 / temperature
     budget = GPU_CHUNK_BYTES if hidden.is_cuda else _cpu.TILE_BYTES
@@ -190,9 +205,10 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
         h = hidden[rows]
         dlogits, flat = _targets.gradient_buffer(h.shape[0], vocab, hidden.dtype, hidden.device)
         kernels.linear_logprobs_dlogits(h, weight, bias, coef[rows], lse[rows], dlogits,
-                                        temperature, softcap)
+                                        temperature, softcap, logit_scale)
+        # d z / d logits = logit_scale / T (times the softcap's derivative)
         _targets.write_target_columns(flat, vocab, ids[rows], valid[rows], g[rows], coef[rows],
-                                      capped[rows] * inv_t, lse[rows], inv_t,
+                                      capped[rows] * inv_t, lse[rows], inv_t * logit_scale,
                                       None if squash is None else squash[rows])
         if need_hidden:
             torch.mm(dlogits, weight, out=grad_hidden[rows])
@@ -207,15 +223,16 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
 
 
 def _reference_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, temperature, softcap,
-                        ignore_index, need_hidden, need_weight, need_bias):
+                        logit_scale, ignore_index, need_hidden, need_weight, need_bias):
     acc = _accumulation_dtype(hidden.dtype)
-    logits = reference.linear_logits(hidden, weight, bias, softcap)
+    logits = reference.linear_logits(hidden, weight, bias, softcap, logit_scale)
     dlogits = reference.token_logprobs_backward(
         grad_out.reshape(ids.shape), None if grad_lse is None else grad_lse.reshape(-1), logits,
         ids, lse, temperature, ignore_index,
     )
     if softcap is not None:
         dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
+    dlogits = dlogits * logit_scale
     grad_hidden = dlogits @ weight.to(acc) if need_hidden else None
     grad_weight = dlogits.T @ hidden.to(acc) if need_weight else None
     grad_bias = dlogits.sum(0) if need_bias else None
@@ -225,19 +242,27 @@ def _reference_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, temp
 # ----------------------------------------------------------------------------- registered ops
 
 
-def _run_forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend):
+def _fold_scale(temperature, softcap, logit_scale):
+    """``(temperature, logit_scale)`` for the kernels: without a softcap ``z = s x / T = x / (T / s)``,
+    so the scale rides on the temperature and costs no pass over the logits."""
+    return (temperature / logit_scale, 1.0) if softcap is None else (temperature, logit_scale)
+
+
+def _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
+                 backend):
     if backend == "reference":
         return reference.linear_logprobs(hidden, weight, targets, bias, temperature, softcap,
-                                         ignore_index)
+                                         ignore_index, logit_scale)
+    temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
     valid, out_of_range = _targets.target_masks(ids, w.shape[0], ignore_index)
     if backend == "cpu":
-        z, lse = _cpu.forward(h, w, ids, valid, bias, temperature, softcap, acc)
+        z, lse = _cpu.forward(h, w, ids, valid, bias, temperature, softcap, logit_scale, acc)
     else:
-        lse = _gpu_lse(h, w, bias, temperature, softcap, backend, acc)
-        z = _target_logits(h, w, bias, ids, softcap, acc) * (1.0 / temperature)
+        lse = _gpu_lse(h, w, bias, temperature, softcap, logit_scale, backend, acc)
+        z = _target_logits(h, w, bias, ids, softcap, logit_scale, acc) * (1.0 / temperature)
     # A log-probability is at most 0; on the GPU path z and the LSE come from different
     # summation orders, so z can exceed the LSE by a rounding error where p is close to 1.
     out = (z - lse[:, None]).clamp_(max=0.0)
@@ -246,7 +271,7 @@ def _run_forward(hidden, weight, targets, bias, temperature, softcap, ignore_ind
 
 
 def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temperature, softcap,
-                  ignore_index, need_hidden, need_weight, need_bias, backend):
+                  logit_scale, ignore_index, need_hidden, need_weight, need_bias, backend):
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
@@ -254,13 +279,14 @@ def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temper
     need_bias = need_bias and bias is not None
     if backend == "reference":
         grads = _reference_backward(grad_out, grad_lse, h, w, ids, bias, lse, temperature, softcap,
-                                    ignore_index, need_hidden, need_weight, need_bias)
+                                    logit_scale, ignore_index, need_hidden, need_weight, need_bias)
     else:  # cuda's backward is the Triton path until a CUDA backward exists
+        temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
         g, coef, valid = _targets.gradient_terms(grad_out, grad_lse, ids, w.shape[0],
                                                  ignore_index, acc)
         implementation = _cpu.backward if backend == "cpu" else _triton_backward
         grads = implementation(g, coef, h, w, ids, valid, bias, lse, temperature, softcap,
-                               need_hidden, need_weight, need_bias, acc)
+                               logit_scale, need_hidden, need_weight, need_bias, acc)
     grad_hidden, grad_weight, grad_bias = grads
     return (
         _empty(hidden) if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(hidden.shape),
@@ -283,15 +309,17 @@ def _linear_logprobs_op(
     bias: torch.Tensor | None,
     temperature: float,
     softcap: float | None,
+    logit_scale: float,
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fn = "linear_logprobs"
-    temperature, softcap, ignore_index = _check_inputs(fn, hidden, weight, targets, bias,
-                                                       temperature, softcap, ignore_index)
+    temperature, softcap, logit_scale, ignore_index = _check_inputs(
+        fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     backend = _check_backend(backend, hidden)
     _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
-    return _run_forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
+    return _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                        ignore_index, backend)
 
 
 def _fake_checks(fn, hidden, weight, targets, **others) -> None:
@@ -316,8 +344,8 @@ def _fake_checks(fn, hidden, weight, targets, **others) -> None:
 
 
 @_linear_logprobs_op.register_fake
-def _linear_logprobs_fake(hidden, weight, targets, bias, temperature, softcap, ignore_index,
-                          backend):
+def _linear_logprobs_fake(hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                          ignore_index, backend):
     _fake_checks("linear_logprobs", hidden, weight, targets, bias=bias)
     acc = _accumulation_dtype(hidden.dtype)
     return hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(hidden.shape[:-1],
@@ -335,6 +363,7 @@ def _linear_logprobs_backward_op(
     lse: torch.Tensor,
     temperature: float,
     softcap: float | None,
+    logit_scale: float,
     ignore_index: int,
     need_hidden_grad: bool,
     need_weight_grad: bool,
@@ -342,22 +371,22 @@ def _linear_logprobs_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = "linear_logprobs_backward"
-    temperature, softcap, ignore_index = _check_inputs(fn, hidden, weight, targets, bias,
-                                                       temperature, softcap, ignore_index)
+    temperature, softcap, logit_scale, ignore_index = _check_inputs(
+        fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     _tokens._check_gradients(fn, grad_out, grad_lse, lse, targets, "hidden", hidden)
     for arg, value in (("need_hidden_grad", need_hidden_grad),
                        ("need_weight_grad", need_weight_grad), ("need_bias_grad", need_bias_grad)):
         _checks.boolean(fn, arg, value)
     backend = _check_backend(backend, hidden, fn)
     return _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temperature,
-                         softcap, ignore_index, need_hidden_grad, need_weight_grad,
+                         softcap, logit_scale, ignore_index, need_hidden_grad, need_weight_grad,
                          need_bias_grad, backend)
 
 
 @_linear_logprobs_backward_op.register_fake
 def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, bias, lse,
-                                   temperature, softcap, ignore_index, need_hidden_grad,
-                                   need_weight_grad, need_bias_grad, backend):
+                                   temperature, softcap, logit_scale, ignore_index,
+                                   need_hidden_grad, need_weight_grad, need_bias_grad, backend):
     fn = "linear_logprobs_backward"
     _fake_checks(fn, hidden, weight, targets, bias=bias, grad_out=grad_out, grad_lse=grad_lse,
                  lse=lse)
@@ -373,9 +402,9 @@ def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, 
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, temperature, softcap, ignore_index, backend = inputs
+    hidden, weight, targets, bias, *options, backend = inputs
     ctx.save_for_backward(hidden, weight, targets, bias, output[1])
-    ctx.options = (temperature, softcap, ignore_index)
+    ctx.options = tuple(options)  # temperature, softcap, logit_scale, ignore_index
     ctx.backend = backend
 
 
@@ -393,7 +422,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_weight if need_weight else None,
         None,
         grad_bias if need_bias else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -405,26 +434,23 @@ _autocast.register("linear_logprobs_backward")
 # ----------------------------------------------------------------------------- public API
 
 
-def _call(name, hidden, weight, targets, bias, temperature, softcap, ignore_index, *,
+def _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, *,
           check_ids=True):
     """The public functions' path into the op: validation in ``name``'s words (ids too, unless
     the caller has checked them itself), then the registered op."""
     if torch.compiler.is_compiling():
         # Tensors are checked by the fake kernel now and by the op when the graph runs; the
         # backend is resolved then too.
-        temperature = _checks.temperature(name, temperature)
-        softcap = _checks.real(name, "softcap", softcap, positive=True, optional=True)
-        ignore_index = _checks.integer(name, "ignore_index", ignore_index)
-        return _linear_logprobs_op(hidden, weight, targets, bias, temperature, softcap,
-                                   ignore_index, "auto")
-    temperature, softcap, ignore_index = _check_inputs(name, hidden, weight, targets, bias,
-                                                       temperature, softcap, ignore_index)
+        scalars = _check_scalars(name, temperature, softcap, logit_scale, ignore_index)
+        return _linear_logprobs_op(hidden, weight, targets, bias, *scalars, "auto")
+    temperature, softcap, logit_scale, ignore_index = _check_inputs(
+        name, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     backend = _check_backend("auto", hidden, name)
     if check_ids:
         _tokens._check_target_ids(targets, weight.shape[0], ignore_index, name)
     with _tokens.ids_already_checked():
         return _linear_logprobs_op(hidden, weight, targets, bias, temperature, softcap,
-                                   ignore_index, backend)
+                                   logit_scale, ignore_index, backend)
 
 
 def linear_logprobs(
@@ -435,12 +461,14 @@ def linear_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
     return_lse: bool = False,
 ) -> torch.Tensor | LinearLogprobs:
     """Log-probabilities of chosen tokens under the LM head, ``log_softmax(logits / T)[targets]``
-    with ``logits = softcap * tanh((hidden @ weight.T + bias) / softcap)``, computed tile by tile
-    without ever materialising the ``(N, V)`` logits.
+    with ``logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (or
+    ``logit_scale * (hidden @ weight.T + bias)`` without a softcap), computed tile by tile without
+    ever materialising the ``(N, V)`` logits.
 
     Args:
         hidden: ``(..., H)`` float32, float16, bfloat16 (or float64) hidden states; any strides.
@@ -450,6 +478,8 @@ def linear_logprobs(
         bias: optional ``(V,)`` LM-head bias, same dtype.
         temperature: positive divisor applied after the softcap.
         softcap: if given, logits are squashed to ``(-softcap, softcap)`` first (Gemma 2).
+        logit_scale: positive factor on the logits before the softcap: Cohere's
+            ``config.logit_scale``, or ``1 / config.logits_scaling`` for Granite.
         ignore_index: the id that marks positions to skip (default -100).
         return_lse: also return ``lse (...)``, the log-sum-exp of the scaled logits
             (differentiable too).
@@ -460,9 +490,11 @@ def linear_logprobs(
         ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
 
     Raises:
-        TypeError: non-float hidden, mismatched dtypes, float targets.
+        TypeError: non-float hidden, mismatched dtypes, float targets, a scalar that is not a
+            real number (a bool, a string, a tensor).
         ValueError: a weight that is not 2-D, a hidden size that does not match, bad target or
-            bias shapes, mixed devices, a temperature or softcap that is not positive and finite.
+            bias shapes, mixed devices, a temperature, softcap or logit_scale that is not
+            positive and finite.
         IndexError: a target id outside ``[0, V)`` that is not ``ignore_index`` (checked unless
             ``ALIGNKERN_VALIDATE=0``; kernels then return NaN for that element).
         RuntimeError: the requested backend cannot run here.
@@ -473,5 +505,5 @@ def linear_logprobs(
         torch.Size([8, 4])
     """
     out, lse = _call("linear_logprobs", hidden, weight, targets, bias, temperature, softcap,
-                     ignore_index)
+                     logit_scale, ignore_index)
     return LinearLogprobs(out, lse) if return_lse else out

@@ -35,13 +35,16 @@ def _tiles(n_rows: int, vocab: int, itemsize: int) -> Iterator[tuple[slice, list
         yield slice(start, min(start + rows, n_rows)), blocks
 
 
-def _logits_tile(h, weight, bias, block, softcap, acc) -> torch.Tensor:
-    """Logits ``(n, |block|)`` in ``acc`` after bias and softcap."""
+def _logits_tile(h, weight, bias, block, softcap, acc, logit_scale=1.0) -> torch.Tensor:
+    """Logits ``(n, |block|)`` in ``acc`` after bias, logit_scale and softcap; the scale costs no
+    pass of its own with a softcap (``tanh(s x / c) = tanh(x / (c / s))``), nor at 1.0."""
     logits = h @ weight[block].to(acc).T
     if bias is not None:
         logits += bias[block].to(acc)
     if softcap is not None:
-        logits.div_(softcap).tanh_().mul_(softcap)
+        logits.div_(softcap / logit_scale).tanh_().mul_(softcap)
+    elif logit_scale != 1.0:
+        logits.mul_(logit_scale)
     return logits
 
 
@@ -65,7 +68,7 @@ def _targets_by_block(ids: torch.Tensor, valid: torch.Tensor, blocks: list[slice
         yield rows[begin:end], picked[begin:end] - block.start, slots[begin:end]
 
 
-def forward(hidden, weight, ids, valid, bias, temperature, softcap, acc):
+def forward(hidden, weight, ids, valid, bias, temperature, softcap, logit_scale, acc):
     """``(z_t (N, K), lse (N,))``: the scaled logit at each valid target (0 elsewhere) and each
     row's log-sum-exp, z_t and the LSE read from the same tiles with the same 1 / T."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -77,14 +80,14 @@ def forward(hidden, weight, ids, valid, bias, temperature, softcap, acc):
         parts = []
         by_block = _targets_by_block(ids[rows], valid[rows], blocks)
         for block, (row, column, slot) in zip(blocks, by_block):
-            logits = _logits_tile(h, weight, bias, block, softcap, acc)
+            logits = _logits_tile(h, weight, bias, block, softcap, acc, logit_scale)
             parts.append(tile_lse(logits, temperature))
             chunk_picked[row, slot] = logits[row, column] * inv_t
         lse[rows] = torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
     return picked, lse
 
 
-def backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap,
+def backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap, logit_scale,
              need_hidden, need_weight, need_bias, acc):
     """``(dhidden, dweight, dbias)`` (None where not needed) from the per-slot gradients ``g``
     (0 for slots that are not valid) and each row's ``coef`` = sum of valid g_k - g_lse."""
@@ -93,11 +96,13 @@ def backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softca
     grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
     grad_bias = torch.zeros((vocab,), dtype=acc) if need_bias else None
     inv_t = 1.0 / temperature
+    # dlogits = dz * (1/T) * logit_scale * (softcap's 1 - tanh^2): the two scalars in one pass
+    outer = inv_t * logit_scale
     for rows, blocks in _tiles(n_rows, vocab, acc.itemsize):
         h, chunk_g = hidden[rows].to(acc), g[rows]
         by_block = _targets_by_block(ids[rows], valid[rows], blocks)
         for block, (row, column, slot) in zip(blocks, by_block):
-            dlogits = _logits_tile(h, weight, bias, block, softcap, acc)
+            dlogits = _logits_tile(h, weight, bias, block, softcap, acc, logit_scale)
             squash = None
             if softcap is not None:  # d capped / d logits = 1 - tanh^2, from the capped values
                 squash = 1.0 - (dlogits / softcap).square_()
@@ -107,8 +112,8 @@ def backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softca
             dlogits.sub_(lse[rows, None]).exp_().mul_(-coef[rows, None])
             # repeated ids of a row add up: index_put_ accumulates in order on the CPU
             dlogits.index_put_((row, column), chunk_g[row, slot], accumulate=True)
-            if temperature != 1.0:
-                dlogits.mul_(inv_t)
+            if outer != 1.0:
+                dlogits.mul_(outer)
             if squash is not None:
                 dlogits.mul_(squash)
                 del squash

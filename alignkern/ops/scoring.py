@@ -37,13 +37,14 @@ def _check_options(name: str, options, weight) -> None:
         _tokens._check_target_ids(options, weight.shape[0], None, name, "options")
 
 
-def _option_logprobs(name, hidden, weight, options, bias, temperature, softcap) -> torch.Tensor:
+def _option_logprobs(name, hidden, weight, options, bias, temperature, softcap,
+                     logit_scale) -> torch.Tensor:
     _check_options(name, options, weight)
     targets = options.expand(*hidden.shape[:-1], options.shape[0]) \
         if isinstance(hidden, torch.Tensor) else options
     # No id is ignored: the op's ignore_index is a value no option can take once checked.
-    return _call(name, hidden, weight, targets, bias, temperature, softcap, NO_IGNORED_ID,
-                 check_ids=False)[0]
+    return _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                 NO_IGNORED_ID, check_ids=False)[0]
 
 
 def option_logprobs(
@@ -54,6 +55,7 @@ def option_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Log-probabilities ``(..., K)`` of the same ``options (K,)`` token ids at every row (RAIN's
     "(A)"/"(B)", "Yes"/"No", rating tokens), normalised over the full vocabulary.
@@ -63,10 +65,11 @@ def option_logprobs(
     are never ignored (-100 is not special here).
     Raises what ``linear_logprobs`` raises; ``TypeError``/``ValueError`` for options that are not
     a non-empty 1-D int32/int64 tensor, and ``IndexError`` for an option outside ``[0, V)``
-    (unless ``ALIGNKERN_VALIDATE=0``: its log-probability is then NaN).
+    (unless ``ALIGNKERN_VALIDATE=0``: its log-probability is then NaN). ``bias``,
+    ``temperature``, ``softcap`` and ``logit_scale`` are those of ``linear_logprobs``.
     """
     return _option_logprobs("option_logprobs", hidden, weight, options, bias, temperature,
-                            softcap)
+                            softcap, logit_scale)
 
 
 def self_eval_scores(
@@ -78,6 +81,7 @@ def self_eval_scores(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> SelfEvalScores:
     """RAIN / P(True) / G-Eval scoring from the last hidden state of each prompt.
 
@@ -88,6 +92,7 @@ def self_eval_scores(
         hidden: ``(..., H)``; weight: ``(V, H)``; options: ``(K,)`` token ids.
         values: ``(K,)`` the value of each option; default ``(+1, -1)`` for K = 2 (``p_A - p_B``).
             G-Eval's expected rating: ``options`` = the ids of "1".."10", ``values = 1..10``.
+        bias, temperature, softcap, logit_scale: as in ``linear_logprobs``.
 
     Returns:
         ``SelfEvalScores(score, mass)``, both ``(...)`` float32, differentiable.
@@ -110,7 +115,8 @@ def self_eval_scores(
     if values.is_complex() or values.dtype == torch.bool:
         raise TypeError(f"{name}: values must be a real tensor, got {values.dtype}")
     _checks.shape(name, "values", values, (k,), "one value per option")
-    logprobs = _option_logprobs(name, hidden, weight, options, bias, temperature, softcap)
+    logprobs = _option_logprobs(name, hidden, weight, options, bias, temperature, softcap,
+                                logit_scale)
     p = torch.softmax(logprobs, dim=-1)
     score = (p * values.to(device=p.device, dtype=p.dtype)).sum(-1)
     mass = torch.logsumexp(logprobs, dim=-1).exp()
@@ -127,6 +133,7 @@ def sequence_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Log-likelihood of whole candidate sequences (DPO implicit rewards, SCoRe).
@@ -137,6 +144,7 @@ def sequence_logprobs(
         mask: optional ``(B, T)`` bool; positions where it is false (or the target is
             ``ignore_index``) are not counted, and their ids are not checked.
         reduction: ``"sum"`` or ``"mean"`` over the counted tokens (a sequence with none gives 0).
+        bias, temperature, softcap, logit_scale, ignore_index: as in ``linear_logprobs``.
 
     Returns:
         ``(B,)`` float32 (float64 for float64 inputs), differentiable in hidden, weight, bias.
@@ -154,7 +162,8 @@ def sequence_logprobs(
         _checks.mask(name, "mask", mask, targets.shape, "the shape of targets")
         counted = counted & mask.to(torch.bool)
         targets = targets.masked_fill(~counted, ignore_index)
-    logprobs = _call(name, hidden, weight, targets, bias, temperature, softcap, ignore_index)[0]
+    logprobs = _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                     ignore_index)[0]
     total = logprobs.sum(-1)  # ignored positions are exactly 0
     if reduction == "mean":
         return total / counted.sum(-1).clamp(min=1).to(total.dtype)

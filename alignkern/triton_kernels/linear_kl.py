@@ -1,7 +1,8 @@
 """Triton kernels for linear_kl: per-row KL(pi || pi_ref) with both distributions computed from
 hidden states and LM heads, tile by tile, never writing (N, V).
 
-With z = h W^T / T (policy) and y = h_ref W_ref^T / T (reference),
+With z = h W^T / T (policy) and y = h_ref W_ref^T / T (reference) (a logit_scale s arrives folded
+into the temperature, T / s),
 ``KL = E_p[z - y] - lse(z) + lse(y)``. Forward: a program owns BLOCK_N rows and walks the
 vocabulary, keeping online (max, sum) for both log-sum-exps and the running sum of
 ``exp(z - m) (z - y)``. Backward: ``dz_v = g p_v (z_v - y_v - E_p[z - y]) / T``, recomputed tile
@@ -24,10 +25,10 @@ def _both_tiles(h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """(z, y) for one (rows x vocabulary) tile; -inf outside the vocabulary."""
     z, _ = _scaled_logits_tile(h_ptr, h_stride, w_ptr, w_stride, w_ptr, rows, row_ok, cols,
-                               col_ok, hidden_size, inv_t, 1.0, acc_dtype, False, False, UPCAST,
-                               IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+                               col_ok, hidden_size, inv_t, 1.0, 1.0, acc_dtype, False, False,
+                               UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
     y, _ = _scaled_logits_tile(rh_ptr, rh_stride, rw_ptr, rw_stride, rw_ptr, rows, row_ok, cols,
-                               col_ok, ref_hidden_size, inv_t, 1.0, acc_dtype, False, False,
+                               col_ok, ref_hidden_size, inv_t, 1.0, 1.0, acc_dtype, False, False,
                                UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
     return z, y
 

@@ -2,9 +2,9 @@
 
 Forward: a program owns BLOCK_N rows of ``hidden`` and walks its split of the vocabulary (all of
 it, unless there are too few row tiles to fill the GPU) in BLOCK_V tiles; each logits tile is
-``tl.dot`` over BLOCK_H slices of the hidden size (fp32 accumulation), then bias, softcap and
-temperature are applied in registers and the rows' online log-sum-exp is updated. The launcher
-merges the splits' LSEs; the logits at the target ids come from one dot product each
+``tl.dot`` over BLOCK_H slices of the hidden size (fp32 accumulation), then bias, logit_scale,
+softcap and temperature are applied in registers and the rows' online log-sum-exp is updated. The
+launcher merges the splits' LSEs; the logits at the target ids come from one dot product each
 (ops/linear_logprobs.py), so the kernel's cost does not grow with the number of targets. Nothing
 of size (N, V) is written.
 
@@ -40,13 +40,14 @@ def _reference_point(m):
 @triton.jit
 def _scaled_logits_tile(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-    rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap,
+    rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, logit_scale,
     acc_dtype: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """(z, capped): z = capped * inv_t for the (BLOCK_N, BLOCK_V) tile, capped = the logits after
-    bias and softcap. Columns outside the vocabulary are -inf in z."""
+    bias, logit_scale and softcap. Columns outside the vocabulary are -inf in z. (Without a
+    softcap, callers fold logit_scale into inv_t and pass 1.0; a multiply by 1.0 is exact.)"""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=acc_dtype)
     h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * hidden_row_stride
     w_cols = weight_ptr + cols.to(tl.int64)[None, :] * weight_row_stride
@@ -64,6 +65,7 @@ def _scaled_logits_tile(
             acc = tl.dot(a, b, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
+    acc = acc * logit_scale
     if HAS_SOFTCAP:
         # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at +-inf, no tl.math.tanh needed.
         acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
@@ -74,7 +76,7 @@ def _scaled_logits_tile(
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr, lse_part_ptr,
-    n_rows, vocab, hidden_size, split_size, inv_t, softcap,
+    n_rows, vocab, hidden_size, split_size, inv_t, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -93,7 +95,7 @@ def _linear_logprobs_fwd_kernel(
         col_ok = cols < v_end
         z, _ = _scaled_logits_tile(
             hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-            rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, acc_dtype,
+            rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, logit_scale, acc_dtype,
             HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -110,12 +112,13 @@ def _linear_logprobs_fwd_kernel(
 @triton.jit
 def _linear_logprobs_dlogits_kernel(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-    coef_ptr, lse_ptr, dlogits_ptr, n_rows, vocab, hidden_size, inv_t, softcap,
+    coef_ptr, lse_ptr, dlogits_ptr, n_rows, vocab, hidden_size, inv_t, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """The dense part of dlogits: -coef * softmax(z)_v * inv_t, times the softcap's derivative;
-    ``coef`` = sum of valid g_k - g_lse. The caller writes the target columns afterwards."""
+    """The dense part of dlogits: -coef * softmax(z)_v * inv_t * logit_scale, times the softcap's
+    derivative; ``coef`` = sum of valid g_k - g_lse. The caller writes the target columns
+    afterwards."""
     acc_dtype = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -124,12 +127,12 @@ def _linear_logprobs_dlogits_kernel(
     rows64 = rows.to(tl.int64)
     z, capped = _scaled_logits_tile(
         hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-        rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, acc_dtype,
+        rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, logit_scale, acc_dtype,
         HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
     )
     lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
-    grad = -coef[:, None] * tl.exp(z - lse[:, None]) * inv_t
+    grad = -coef[:, None] * tl.exp(z - lse[:, None]) * (inv_t * logit_scale)
     if HAS_SOFTCAP:
         tanh = capped / softcap
         grad = grad * (1.0 - tanh * tanh)
@@ -172,7 +175,7 @@ def _vocab_splits(n_row_blocks: int, vocab: int, block_v: int, device: torch.dev
     return max(1, min(wanted, triton.cdiv(vocab, 4 * block_v)))
 
 
-def linear_logprobs_fwd(hidden, weight, bias, lse_parts_out, temperature, softcap):
+def linear_logprobs_fwd(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale):
     """Return ``lse_parts (S, N)``: the log-sum-exp of each of S vocabulary splits of every row.
     ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous last dimension;
     ``lse_parts_out(S)`` allocates the (S, N) buffer."""
@@ -189,13 +192,13 @@ def linear_logprobs_fwd(hidden, weight, bias, lse_parts_out, temperature, softca
     _linear_logprobs_fwd_kernel[(row_blocks, splits)](
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
         lse_parts, n_rows, vocab, hidden_size, split_size, 1.0 / temperature, softcap or 1.0,
-        **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
+        logit_scale, **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
     )
     return lse_parts
 
 
-def linear_logprobs_dlogits(hidden, weight, bias, coef, lse, dlogits, temperature,
-                            softcap) -> None:
+def linear_logprobs_dlogits(hidden, weight, bias, coef, lse, dlogits, temperature, softcap,
+                            logit_scale) -> None:
     """Fill ``dlogits (n, V)`` for one chunk of ``n`` rows with the dense part of the gradient
     (see the kernel for the formula)."""
     n_rows = hidden.shape[0]
@@ -207,5 +210,5 @@ def linear_logprobs_dlogits(hidden, weight, bias, coef, lse, dlogits, temperatur
     _linear_logprobs_dlogits_kernel[grid](
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
         coef, lse, dlogits, n_rows, vocab, hidden_size, 1.0 / temperature, softcap or 1.0,
-        **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
+        logit_scale, **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
     )

@@ -10,9 +10,9 @@
 //      nvcuda::wmma for float16/bfloat16 (fp32 accumulators), with plain fp32 FMAs for float32 (no
 //      TF32, so float32 keeps PyTorch's fp32 matmul precision);
 //   2. the fp32 tile is stored to shared memory, where two threads per row add the bias, apply the
-//      softcap and the temperature (z = x * inv_t with __fmul_rn, never contracted into a
-//      multiply-add, so z rounds the same way in the maximum and the sum), and fold their half of
-//      the columns into an online log-sum-exp (max m, sum s).
+//      logit scale, the softcap and the temperature (z = x * inv_t with __fmul_rn, never
+//      contracted into a multiply-add, so z rounds the same way in the maximum and the sum), and
+//      fold their half of the columns into an online log-sum-exp (max m, sum s).
 // After the last tile the two halves of each row merge their (m, s) and lse is written.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -168,11 +168,13 @@ struct TileProduct<float> {
   using type = FmaTile;
 };
 
-// The scaled logit z from a dot product: + bias, softcap, / temperature.
+// The scaled logit z from a dot product: + bias, * logit_scale, softcap, / temperature. (The
+// caller folds logit_scale into inv_t when there is no softcap; a multiply by 1 is exact.)
 template <typename T>
 __device__ __forceinline__ float finish_logit(float dot, const T* bias, int64_t col, float softcap,
-                                              float inv_t) {
+                                              float logit_scale, float inv_t) {
   float x = bias == nullptr ? dot : dot + to_f32(bias[col]);
+  x = __fmul_rn(x, logit_scale);
   if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
   return __fmul_rn(x, inv_t);
 }
@@ -180,13 +182,15 @@ __device__ __forceinline__ float finish_logit(float dot, const T* bias, int64_t 
 // Folds columns half, half + 2, ... (< n_cols) of one row of the logits tile into acc.
 template <typename T>
 __device__ __forceinline__ void fold_row(OnlineLse& acc, const float* c_row, int half, int n_cols,
-                                         const T* bias, int64_t v0, float softcap, float inv_t) {
+                                         const T* bias, int64_t v0, float softcap,
+                                         float logit_scale, float inv_t) {
   float z[kBN / 2];
   float tile_max = -INFINITY;
 #pragma unroll
   for (int i = 0; i < kBN / 2; ++i) {
     const int c = half + 2 * i;
-    z[i] = c < n_cols ? finish_logit(c_row[c], bias, v0 + c, softcap, inv_t) : -INFINITY;
+    z[i] = c < n_cols ? finish_logit(c_row[c], bias, v0 + c, softcap, logit_scale, inv_t)
+                      : -INFINITY;
     tile_max = fmaxf(tile_max, z[i]);  // fmaxf skips NaN; the sum below catches it
   }
   const float m_new = fmaxf(acc.m, tile_max);
@@ -205,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
                                const T* __restrict__ weight, int64_t weight_stride,
                                const T* __restrict__ bias, int64_t n_rows, int64_t vocab,
                                int64_t hidden_size, float* __restrict__ lse, float inv_t,
-                               float softcap) {
+                               float softcap, float logit_scale) {
   __shared__ __align__(128) T a_tile[kBM * kPitch<T>];
   __shared__ __align__(128) T b_tile[kBN * kPitch<T>];
   __shared__ __align__(128) float c_tile[kBM * kCPitch];
@@ -238,7 +242,8 @@ __global__ void __launch_bounds__(kThreads)
     // c_tile is next written after the next tile's first k-loop barrier, which every thread
     // reaches only once done with this epilogue, so no barrier is needed after it.
     if (row_valid) {
-      fold_row(acc, c_tile + local_row * kCPitch, half, n_cols, bias, v0, softcap, inv_t);
+      fold_row(acc, c_tile + local_row * kCPitch, half, n_cols, bias, v0, softcap, logit_scale,
+               inv_t);
     }
   }
 
@@ -255,7 +260,7 @@ inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
 template <typename T>
 void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64_t weight_stride,
                 uintptr_t bias, int64_t n_rows, int64_t vocab, int64_t hidden_size, uintptr_t lse,
-                float inv_t, float softcap, cudaStream_t stream) {
+                float inv_t, float softcap, float logit_scale, cudaStream_t stream) {
   if (n_rows == 0) return;
   const int64_t n_blocks = (n_rows + kBM - 1) / kBM;
   check_arg(n_blocks <= 2147483647, "linear_logprobs: too many rows for one CUDA grid");
@@ -270,7 +275,7 @@ void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64
     kernel<<<static_cast<unsigned>(n_blocks), kThreads, 0, stream>>>(
         as_ptr<const T>(hidden), hidden_stride, as_ptr<const T>(weight), weight_stride,
         bias == 0 ? nullptr : as_ptr<const T>(bias), n_rows, vocab, hidden_size,
-        as_ptr<float>(lse), inv_t, softcap);
+        as_ptr<float>(lse), inv_t, softcap, logit_scale);
   };
   if (vectorised) {
     run(linear_logprobs_lse_kernel<T, vec>);
@@ -285,8 +290,11 @@ void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64
 void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
                               int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
                               int64_t vocab, int64_t hidden_size, uintptr_t lse,
-                              double temperature, double softcap, uintptr_t stream) {
+                              double temperature, double softcap, double logit_scale,
+                              uintptr_t stream) {
   check_linear_logprobs_args(n_rows, vocab, hidden_size, temperature);
+  check_arg(logit_scale > 0 && std::isfinite(logit_scale),
+            "linear_logprobs: logit_scale must be positive and finite");
   check_arg(dtype >= 0 && dtype <= 2,
             "linear_logprobs: the cuda kernel takes float32, float16 or bfloat16 (dtype codes "
             "0-2), got dtype code " + std::to_string(dtype));
@@ -294,7 +302,7 @@ void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintp
   const float cap = softcap > 0 ? static_cast<float>(softcap) : 0.0f;
   auto launch = [&](auto tag) {
     launch_lse<decltype(tag)>(hidden, hidden_row_stride, weight, weight_row_stride, bias, n_rows,
-                              vocab, hidden_size, lse, inv_t, cap,
+                              vocab, hidden_size, lse, inv_t, cap, static_cast<float>(logit_scale),
                               reinterpret_cast<cudaStream_t>(stream));
   };
   switch (to_dtype(dtype)) {
