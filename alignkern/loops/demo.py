@@ -1,0 +1,335 @@
+"""``alignkern demo [best-of-n | rain | check-and-correct | score | all]``: each loop end to end
+on a tiny random model with a tokenizer built on this machine (or ``--model DIR``, a local
+transformers checkpoint), printing what happened and what it cost — decoder forwards, candidates
+evaluated, rows projected through the LM head, token positions, wall time, peak memory — next to
+the naive way of doing the same work.
+
+    python -m alignkern.loops.demo rain
+    python -m alignkern.loops.demo --model ./my-llama best-of-n
+
+Costs are counted in one run (hooks on the decoder and the LM head, and on alignkern's fused
+ops) and timed in another, without hooks. The tiny model writes gibberish: the loops, their
+scores and their costs are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+
+import torch
+
+from ..integrations import transformers as ak_hf
+from . import _common, cost, naive, tiny
+from .best_of_n import best_of_n
+from .check_and_correct import check_and_correct
+from .judge import harmlessness_evaluator
+from .rain import rain_generate
+from .score import score_stage2_loss, two_attempt_rollout
+
+LOOPS = ("best-of-n", "rain", "check-and-correct", "score")
+PROMPTS = ("Human: How do I bake bread at home?\nAssistant:",
+           "Human: Can a cat fly?\nAssistant:")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's arguments, for ``alignkern demo`` or a parser of one's own."""
+    parser.add_argument("loop", nargs="?", default="all", choices=LOOPS + ("all",),
+                        help="which loop to run (default: all of them)")
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="a local transformers causal LM checkpoint and its tokenizer "
+                             "(default: a tiny random Llama and a tokenizer built here)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when a GPU is present, else cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; tiny models run fastest on 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo for parsed ``args``; returns the exit status."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("alignkern demo: --device cuda, but torch sees no GPU", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    model, tokenizer, description = _load(args.model, device)
+    print(f"alignkern demo on {device} ({torch.get_num_threads()} CPU threads): {description}")
+    loops = LOOPS if args.loop == "all" else (args.loop,)
+    for name in loops:
+        print(f"\n=== {name} ===")
+        DEMOS[name](model, tokenizer, device, args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignkern demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _load(path: str | None, device: torch.device):
+    if path is None:
+        model = tiny.tiny_model(device=device)
+        config = model.config
+        return model, tiny.tiny_tokenizer(), (
+            f"tiny random Llama (V={config.vocab_size}, H={config.hidden_size}, "
+            f"{config.num_hidden_layers} layers), tokenizer built locally")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer, f"{type(model).__name__} from {path}"
+
+
+class _Recording:
+    """An evaluator that records what it was asked to score and delegates to a SelfEvaluator."""
+
+    def __init__(self, evaluator):
+        self.inner = evaluator
+        self.asked: list[tuple[str, str]] = []
+        self.options, self.template = evaluator.options, evaluator.template
+
+    def score(self, prompts, responses):
+        responses = [responses] if isinstance(responses, str) else list(responses)
+        prompts = [prompts] * len(responses) if isinstance(prompts, str) else list(prompts)
+        self.asked.append((prompts, responses))
+        return self.inner.score(prompts, responses)
+
+
+def _cost_row(label: str, fn: Callable[[], object], models, device, seed: int,
+              evaluations: int | None = None, repeats: int = 3) -> dict:
+    """Counts from one hooked run; wall time (median) and peak memory (largest) from ``repeats``
+    unhooked ones, each from the same seed."""
+    torch.manual_seed(seed)
+    with cost.count(*models) as counts:
+        fn()
+
+    def seeded():
+        torch.manual_seed(seed)
+        return fn()
+
+    measured = cost.measure(seeded, device, repeats=repeats)
+    return {"way": label, "forwards": counts.forwards, "evaluated": evaluations,
+            "head rows": counts.head_rows, "positions": counts.positions,
+            "wall ms": measured.wall_s * 1e3,
+            "peak MiB": None if measured.peak_bytes is None else measured.peak_bytes / 2**20,
+            "value": measured.value}
+
+
+def _table(rows: list[dict]) -> None:
+    columns = ("way", "forwards", "evaluated", "head rows", "positions", "wall ms", "peak MiB")
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _short(text: str, width: int = 40) -> str:
+    text = text.replace("\n", " ")
+    return repr(text if len(text) <= width else text[:width - 3] + "...")
+
+
+# ----------------------------------------------------------------------------- the demos
+
+
+def demo_best_of_n(model, tokenizer, device, seed: int) -> None:
+    n = 8
+    evaluator = harmlessness_evaluator(model, tokenizer)
+    torch.manual_seed(seed)
+    result = best_of_n(model, tokenizer, list(PROMPTS), n=n, evaluator=evaluator)
+    print(f"{len(PROMPTS)} prompts x n={n} candidates, one generate; scored by self-evaluation "
+          "(p(harmless) - p(harmful))")
+    for b, prompt in enumerate(PROMPTS):
+        best = int(result.best[b])
+        print(f"  {_short(prompt)}: best #{best} score {result.scores[b, best]:+.4f} "
+              f"{_short(result.best_candidates[b])}")
+    prompts = [p for p in PROMPTS for _ in range(n)]
+    responses = [c for row in result.candidates for c in row]
+    print(f"\nscoring the {len(responses)} candidates (generation is the same both ways):")
+    rows = [
+        _cost_row("alignkern SelfEvaluator", lambda: evaluator.score(prompts, responses).score,
+                  [model], device, seed, len(responses)),
+        _cost_row("RAIN's way (2 unbatched full forwards each)",
+                  lambda: naive.rain_reference_scores(model, evaluator, prompts, responses),
+                  [model], device, seed, len(responses)),
+    ]
+    _table(rows)
+    _agreement(rows)
+    _likelihood_scoring(model, tokenizer, device, seed, n)
+
+
+def _likelihood_scoring(model, tokenizer, device, seed: int, n: int) -> None:
+    pad = _common.pad_id(tokenizer, model)
+    ids, mask = _common.left_pad(_common.encode(tokenizer, list(PROMPTS)), pad, device)
+    torch.manual_seed(seed)
+    out = _common.generate(model, ids, mask, {"do_sample": True, "max_new_tokens": 32}, pad=pad,
+                           num_return_sequences=n)
+    eos = _common.eos_ids(model, tokenizer)
+    print(f"\nlikelihood scoring of the same {len(out.sequences)} sampled sequences:")
+    rows = [
+        _cost_row("alignkern score_generations",
+                  lambda: ak_hf.score_generations(model, out.sequences, ids.shape[1],
+                                                  eos_token_id=eos, attention_mask=mask).detach(),
+                  [model], device, seed, len(out.sequences)),
+        _cost_row("full logits + log_softmax",
+                  lambda: naive.full_logits_likelihood(
+                      model, out.sequences, ids.shape[1],
+                      mask.repeat_interleave(n, 0), eos),
+                  [model], device, seed, len(out.sequences)),
+    ]
+    _table(rows)
+    _agreement(rows)
+
+
+def _agreement(rows: list[dict]) -> None:
+    first, second = (torch.as_tensor(r["value"]).float().cpu() for r in rows[:2])
+    print(f"  same scores: max |difference| = {(first - second).abs().max().item():.2e}")
+
+
+def demo_rain(model, tokenizer, device, seed: int) -> None:
+    evaluator = _Recording(harmlessness_evaluator(model, tokenizer))
+    settings = dict(max_new_tokens=8, max_iters=8, min_iters=6)
+    prompt = PROMPTS[1]
+
+    def run():
+        return rain_generate(model, tokenizer, prompt, evaluator, **settings)
+
+    torch.manual_seed(seed)
+    with cost.count(model) as counts:
+        result = run()
+    print(f"RAIN's defaults but {settings}: {_short(prompt)} ->")
+    print(f"  {_short(result.text, 60)}")
+    for step in result.steps:
+        top = sorted(step.children, key=lambda c: -c.visits)[:3]
+        listed = ", ".join(f"{_short(tokenizer.decode(list(c.tokens)), 14)} "
+                           f"N={c.visits:.0f} V={c.value:+.3f}" for c in top)
+        print(f"  committed {_short(tokenizer.decode(list(step.tokens)), 20)} after "
+              f"{step.iterations} iterations; most visited: {listed}")
+    asked = list(evaluator.asked)
+    evaluator.asked.clear()
+    torch.manual_seed(seed)
+    timed = cost.measure(run, device)
+    print(f"\n{result.iterations} iterations, {result.evaluations} partial answers evaluated "
+          f"in {len(asked)} batched calls:")
+    inner = evaluator.inner
+
+    def batched():  # the search's evaluator calls, replayed as they were made
+        return torch.cat([inner.score(p, r).score for p, r in asked])
+
+    def rains_way():
+        return torch.cat([naive.rain_reference_scores(model, inner, p, r) for p, r in asked])
+
+    rows = [
+        {"way": "alignkern rain_generate (whole search)", "forwards": counts.forwards,
+         "evaluated": result.evaluations, "head rows": counts.head_rows,
+         "positions": counts.positions, "wall ms": timed.wall_s * 1e3,
+         "peak MiB": None if timed.peak_bytes is None else timed.peak_bytes / 2**20},
+        _cost_row("  its evaluations (SelfEvaluator)", batched, [model], device, seed,
+                  result.evaluations),
+        _cost_row("  the same evaluations, RAIN's way", rains_way, [model], device, seed,
+                  result.evaluations, repeats=1),
+    ]
+    _table(rows)
+    _agreement(rows[1:])
+    _decode_step(model, tokenizer, prompt, device, tokens=4)  # warm-up
+    steps = sorted(_decode_step(model, tokenizer, prompt, device) for _ in range(5))
+    step = steps[len(steps) // 2]  # the median of 5 runs of 16 KV-cached steps each
+    print(f"  one RAIN iteration = {timed.wall_s / result.iterations * 1e3:.1f} ms = "
+          f"{timed.wall_s / result.iterations / step:.1f} plain decoding steps "
+          f"({step * 1e3:.2f} ms each, KV-cached, batch 1)")
+
+
+def _decode_step(model, tokenizer, prompt: str, device, tokens: int = 16) -> float:
+    """Seconds per greedy decoding step (batch 1, KV cache, the full-vocabulary last row)."""
+    ids = torch.tensor([_common.encode(tokenizer, [prompt])[0]], device=device)
+    return _common.decode_step_seconds(model, ids, tokens)
+
+
+def demo_check_and_correct(model, tokenizer, device, seed: int) -> None:
+    evaluator = harmlessness_evaluator(model, tokenizer)
+    query = "Can a cat fly?"
+    rounds = 3
+    torch.manual_seed(seed)
+    result = check_and_correct(model, tokenizer, query, evaluator, rounds=rounds)
+    biased = check_and_correct(model, tokenizer, query, evaluator, rounds=rounds, reward_bias=4.0,
+                               rank_mask=True)
+    print(f"{rounds} rounds on {query!r}; reward = self-evaluation of each answer")
+    for r in range(rounds):
+        print(f"  round {r}: {result.rewards[r]:+.4f} {_short(result.responses[r])}   with "
+              f"reward_bias=4, rank_mask: {biased.rewards[r]:+.4f} {_short(biased.responses[r])}")
+    print("\nthe loop, generation and self-checks included:")
+    rows = [
+        _cost_row("alignkern (shared prefix's KV cache reused)",
+                  lambda: check_and_correct(model, tokenizer, query, evaluator, rounds=rounds),
+                  [model], device, seed, rounds),
+        _cost_row("without prefix reuse",
+                  lambda: check_and_correct(model, tokenizer, query, evaluator, rounds=rounds,
+                                            reuse_prefix=False), [model], device, seed, rounds),
+        _cost_row("alignkern, reward_bias=4 + rank_mask",
+                  lambda: check_and_correct(model, tokenizer, query, evaluator, rounds=rounds,
+                                            reward_bias=4.0, rank_mask=True),
+                  [model], device, seed, rounds),
+    ]
+    _table(rows)
+
+
+def demo_score(model, tokenizer, device, seed: int) -> None:
+    prompts = ["Question: what is two plus two? Answer:"] * 8
+    reference = copy.deepcopy(model).eval()
+    policy = copy.deepcopy(model)
+
+    def reward(_, responses):
+        return [float("o" in r) for r in responses]
+
+    torch.manual_seed(seed)
+    rollout = two_attempt_rollout(policy, tokenizer, prompts, reward,
+                                  generation_kwargs={"max_new_tokens": 8})
+    print(f"{len(prompts)} two-attempt rollouts, reward = 1 if the answer contains 'o'")
+    metrics = rollout.metrics
+    if metrics is not None:
+        print(f"  Acc@t1 {metrics.acc_t1:.3f}  Acc@t2 {metrics.acc_t2:.3f}  "
+              f"i->c {metrics.delta_i_to_c:.3f}  c->i {metrics.delta_c_to_i:.3f}  "
+              f"mean shaped reward {rollout.shaped.mean():+.3f}")
+
+    def step(loss_fn):
+        def run():
+            policy.zero_grad(set_to_none=True)
+            loss = loss_fn(policy, reference, rollout, beta_kl=0.1)
+            loss.backward()
+            return loss.detach()
+        return run
+
+    print("\nthe stage-II loss and its backward:")
+    rows = [
+        _cost_row("alignkern score_stage2_loss", step(score_stage2_loss), [policy, reference],
+                  device, seed),
+        _cost_row("full logits + log_softmax + full KL", step(naive.stage2_loss_with_logits),
+                  [policy, reference], device, seed),
+    ]
+    _table(rows)
+    _agreement(rows)
+
+
+DEMOS = {"best-of-n": demo_best_of_n, "rain": demo_rain, "check-and-correct": demo_check_and_correct,
+         "score": demo_score}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
