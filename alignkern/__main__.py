@@ -1,4 +1,7 @@
-"""Command line: ``alignkern info`` and ``alignkern bench`` (also ``python -m alignkern ...``)."""
+"""The command line: `alignkern info`, `alignkern bench`, `alignkern demo` (also
+`python -m alignkern ...`).
+
+A new subcommand is a function that adds its parser and sets its handler, listed in COMMANDS."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -63,39 +67,215 @@ def _backend_in_use(device: torch.device) -> str:
     return f"{head} {name} (from {source}; the default is {default})"
 
 
+DESCRIPTION = """alignkern: fused kernels for LLM self-correction and in-context alignment loops.
+Run "alignkern <command> --help" for a command's options."""
+
+BENCH_DESCRIPTION = """Times each alignkern op against its peers (the other ways to compute the same
+thing) on this machine, then prints a table and writes a CSV, a Markdown table, a PNG figure and a
+JSON description of the machine (versions, device, git commit, CPU model, threads) into a new
+folder, ./alignkern-bench/<device>-<UTC time>/, unless --out says where.
+
+How much runs: by default, on a CPU, one representative case per op family and mode (forward,
+forward+backward), every peer, about 3 minutes on 2 cores; on a GPU, the full sweep of sizes from
+the design (bf16). --quick runs the smallest cases, --full every case.
+
+Timing: on a CPU the providers of a case take turns (so a load spike from another process hits
+all of them) and are repeated until the middle 60 % of the runs (p20 to p80) lie within 10 % of
+the median or the case's time budget is spent; rows whose spread is above 25 % are marked noisy.
+On a GPU: triton.testing.do_bench."""
+
+
+def _bench_epilog() -> str:
+    import textwrap
+
+    from alignkern import bench
+    from alignkern.bench.report import BOUNDS
+
+    lines = ["op families (--ops) and their providers (--providers):"]
+    for op, module in bench.FAMILIES.items():
+        gpu_only = set(getattr(module, "GPU_ONLY", ()))
+        names = [f"{p} (GPU)" if p in gpu_only else f"{p} (bound)" if p in BOUNDS else p
+                 for p in bench.provider_names(module)]
+        lines += textwrap.wrap(", ".join(names), 100, initial_indent=f"  {op:<22}",
+                               subsequent_indent=" " * 24, break_on_hyphens=False)
+    lines += ["",
+              "alignkern's own rows and the bounds always run; --providers picks the peers.",
+              "A bound is not a peer: read-ceiling is one plain read of the input, matmul-floor",
+              "the bare matrix products alignkern runs, flash-ceiling attention with no bias or",
+              "mask. Peers marked (GPU) are reported as missing on a CPU.",
+              "",
+              "examples:",
+              "  alignkern bench                          the default run",
+              "  alignkern bench --ops token_logprobs --providers torch-compile",
+              "  alignkern bench --full --out /tmp/bench  every case, results in /tmp/bench",
+              "  alignkern bench --full --save-results    also replace benchmarks/results/<device>.*"]
+    return "\n".join(lines)
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """--ops a b, --ops a,b: the names, in order, once each."""
+    if not values:
+        return None
+    return list(dict.fromkeys(n for v in values for n in v.split(",") if n))
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _add_info(sub) -> None:
+    parser = sub.add_parser("info", help="what is installed and which kernels can run here",
+                            description="Versions of alignkern, torch and triton, the GPU, and "
+                                        "which backends can run here (and why not).")
+    parser.set_defaults(handler=_run_info)
+
+
+def _run_info(args) -> int:
+    print(info())
+    return 0
+
+
+def _add_bench(sub) -> None:
+    parser = sub.add_parser("bench", help="time alignkern's ops against their peers",
+                            description=BENCH_DESCRIPTION, epilog=_bench_epilog(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--quick", action="store_true",
+                       help="the smallest case of each op and 0.5 s of timing per case: a smoke "
+                            "test of the setup, not a measurement")
+    scope.add_argument("--full", action="store_true",
+                       help="every case of every op (on a GPU the same as the default)")
+    parser.add_argument("--ops", nargs="+", metavar="OP",
+                        help="only these op families (names below; default: all)")
+    parser.add_argument("--providers", nargs="+", metavar="NAME",
+                        help="only these peers (names below; default: all)")
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        help="where to run (default: the GPU when there is one, else the CPU)")
+    parser.add_argument("--out", "--out-dir", metavar="DIR", dest="out",
+                        help="write the results into DIR instead of a new "
+                             "./alignkern-bench/<device>-<UTC time>/")
+    parser.add_argument("--save-results", action="store_true",
+                        help="also write them over the repository's committed "
+                             "benchmarks/results/<device>.* (run from a checkout)")
+    parser.add_argument("--budget", type=_positive, metavar="SECONDS",
+                        help="CPU: seconds of timed runs per case and mode before timing stops "
+                             "even if the spread is still wide (default: 4, --full 8, --quick "
+                             "0.5)")
+    parser.add_argument("--loops", action="store_true",
+                        help="instead of the op families, time alignkern's loops (self-evaluation "
+                             "scoring, one RAIN iteration, best-of-N scoring) against the naive "
+                             "ways on a tiny random Llama; with --quick a smaller model")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is off anyway when stderr is not a terminal)")
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from alignkern import bench
+
+    def fail(message: str) -> int:
+        print(f"alignkern bench: error: {message}", file=sys.stderr)
+        return 2
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail("--device cuda needs a CUDA GPU; none is present")
+    if args.loops:
+        if args.ops or args.providers or args.full:
+            return fail("--loops runs the loop benchmark alone: drop --ops, --providers and --full")
+        return _run_loops(args, device)
+    ops = tuple(_names(args.ops) or bench.OPS)
+    providers = _names(args.providers)
+    try:
+        bench.check_names(ops, providers)
+        bench.run(device, scope="quick" if args.quick else "full" if args.full else "default",
+                  ops=ops, providers=set(providers) if providers else None, out_dir=args.out,
+                  save_results=args.save_results, plot=not args.no_plot,
+                  progress=not args.no_progress, budget_s=args.budget,
+                  command=["alignkern", *args.argv])
+    except bench.BenchError as exc:
+        return fail(str(exc))
+    return 0
+
+
+def _run_loops(args, device: torch.device) -> int:
+    """`alignkern bench --loops`: alignkern.bench.loops's report on stdout, its rows as a CSV (and
+    the environment as JSON) in the output folder."""
+    import csv
+
+    from alignkern import bench
+    from alignkern.bench import loops, report
+
+    if args.save_results:
+        print("alignkern bench: error: --save-results is for the op families, not --loops",
+              file=sys.stderr)
+        return 2
+    rows = loops.run_loops_benchmark(device, quick=args.quick)
+    print(loops.format_report(rows))
+    folder = Path(args.out) if args.out is not None else bench.default_out_dir(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{report.device_slug(device)}-loops.csv"
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    env = report.environment(device, scope="loops-quick" if args.quick else "loops",
+                             command=["alignkern", *args.argv])
+    written = report.write_json(env, device, folder)
+    print(f"\nResults in {folder.resolve()}{os.sep} ({path.name}, {os.path.basename(written)})")
+    return 0
+
+
+DEMO_HELP = "run alignkern's loops end to end on a tiny model and show what they cost"
+
+
+def _add_demo(sub) -> None:
+    # The demo's own parser (alignkern.loops.demo.add_arguments) is built only when the demo
+    # runs, so that `alignkern --help` does not import transformers: this one passes everything
+    # after `demo` on to it, --help included.
+    parser = sub.add_parser("demo", help=DEMO_HELP + " (alignkern demo --help)", add_help=False,
+                            description=DEMO_HELP)
+    parser.set_defaults(handler=_run_demo, passes_through=True)
+
+
+def _run_demo(args) -> int:
+    from alignkern.loops import demo
+
+    return demo.main(args.rest)
+
+
+# Each subcommand: a function that adds its parser to the subparsers and sets its handler.
+COMMANDS = [_add_info, _add_bench, _add_demo]
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignkern", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, GPU, and which backends are available and why not")
-    bench = sub.add_parser("bench", help="benchmark alignkern against its peers on this device")
-    bench.add_argument("--quick", action="store_true", help="fewer, smaller cases")
-    bench.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                       help="default: cuda when a GPU is present, else cpu")
-    bench.add_argument("--ops", nargs="+", default=None, help="op families to run (default: all)")
-    bench.add_argument("--providers", nargs="+", default=None,
-                       help="peers to compare against (alignkern always runs)")
-    bench.add_argument("--out-dir", default="benchmarks/results",
-                       help="where <device>.csv and <device>.png go (default: benchmarks/results)")
-    bench.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    import alignkern
+
+    parser = argparse.ArgumentParser(prog="alignkern", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"alignkern {alignkern.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "info":
-        print(info())
-        return 0
-    from alignkern import bench
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("alignkern bench: --device cuda needs a CUDA GPU; none is present", file=sys.stderr)
-        return 2
-    bench.run(device, quick=args.quick, ops=tuple(args.ops or bench.OPS),
-              providers=set(args.providers) if args.providers else None, out_dir=args.out_dir,
-              plot=not args.no_plot, progress=not args.no_progress)
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.argv, args.rest = argv, rest
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from .. import losses
 
 KERNEL = "fused_linear_dpo_loss"
+PROVIDERS = ("alignkern", "torch-unfused", "liger")
+GPU_ONLY = ("liger",)
+SWEPT = ("B*T", "tokens B*T")
 
 
 def alignkern_dpo(hidden, weight, targets, mask, ref_logps):
@@ -84,6 +87,10 @@ class Case:
     def flops(self, mode: str) -> int:
         return 3 * 2 * self.x * self.vocab * self.hidden  # the three GEMMs of the LM head
 
+    def items(self, mode: str) -> tuple[int, str]:
+        """A training step's throughput: tokens (chosen and rejected) per second."""
+        return self.x, "tokens"
+
     def bytes_moved(self, mode: str) -> int:
         return 0
 
@@ -95,6 +102,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
         return [Case(2, 16, 64, 8000, torch.float32)]
     return [Case(4, 64, 256, 32000, torch.float32)]
+
+
+def default_cases(device: torch.device) -> list[Case]:
+    """The CPU default run's representative case: half the full sweep's tokens."""
+    return [Case(2, 64, 256, 32000, torch.float32)]
 
 
 def runs(found: dict) -> list[tuple[str, str]]:

@@ -15,6 +15,9 @@ import torch
 from .. import losses
 
 KERNEL = "linear_kl"
+PROVIDERS = ("alignkern", "torch-eager", "torch-compile")
+GPU_ONLY = ()
+SWEPT = ("V", "vocabulary size V")
 
 
 def torch_eager(hidden, weight, ref_hidden, ref_weight):
@@ -58,6 +61,10 @@ class Case:
     def bytes_moved(self, mode: str) -> int:
         return 0
 
+    def items(self, mode: str) -> tuple[int, str]:
+        """Per-token KL terms per second."""
+        return self.rows, "tokens"
+
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
@@ -66,6 +73,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
         return [Case(64, 64, 8000, torch.float32)]
     return [Case(512, 256, 32000, torch.float32)]
+
+
+def default_cases(device: torch.device) -> list[Case]:
+    """The CPU default run's representative case: an eighth of the full sweep's rows (two heads'
+    GEMMs forward and backward make it the slowest family on a CPU)."""
+    return [Case(64, 256, 32000, torch.float32)]
 
 
 def runs(found: dict) -> list[tuple[str, str]]:

@@ -22,6 +22,10 @@ import alignkern
 from .report import FLOOR
 
 KERNEL = "linear_logprobs"
+PROVIDERS = ("alignkern", "alignkern-cuda", "torch-eager", "torch-compile", "cut-cross-entropy",
+             "liger", FLOOR)
+GPU_ONLY = ("alignkern-cuda", "cut-cross-entropy", "liger")
+SWEPT = ("V", "vocabulary size V")
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -133,6 +137,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
         return [Case(64, 128, 32000, 1, torch.float32)]
     return [Case(512, 256, v, k, torch.float32) for v in (32000, 128256) for k in (1, 4)]
+
+
+def default_cases(device: torch.device) -> list[Case]:
+    """The CPU default run's representative case: the full sweep's first vocabulary and K = 4, a
+    quarter of its rows (so that the default run ends within 3 minutes on 2 cores)."""
+    return [Case(128, 256, 32000, 4, torch.float32)]
 
 
 def runs(found: dict) -> list[tuple[str, str]]:

@@ -17,6 +17,9 @@ import torch
 from .. import losses, reference
 
 KERNEL = "plackett_luce_loss"
+PROVIDERS = ("alignkern", "torch-pairwise")
+GPU_ONLY = ()
+SWEPT = ("N", "candidates per list N")
 
 
 def alignkern_plackett_luce(scores, rewards, mask):
@@ -31,6 +34,7 @@ def providers(device: torch.device) -> dict:
 class Case:
     lists: int
     candidates: int
+    dtype: torch.dtype = torch.float32
 
     @property
     def x(self) -> int:
@@ -38,11 +42,11 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"B={self.lists} N={self.candidates} float32"
+        return f"B={self.lists} N={self.candidates} {str(self.dtype).removeprefix('torch.')}"
 
     def make_inputs(self, device: torch.device):
         shape = (self.lists, self.candidates)
-        scores = torch.randn(shape, device=device)
+        scores = torch.randn(shape, device=device, dtype=self.dtype)
         rewards = torch.randint(0, 10, shape, device=device).float()  # graded rewards: ties
         mask = torch.rand(shape, device=device) > 0.1
         return scores, rewards, mask
@@ -56,11 +60,20 @@ class Case:
         per_candidate = 9 if mode == "fwd" else 13
         return per_candidate * self.lists * self.candidates
 
+    def items(self, mode: str) -> tuple[int, str]:
+        """A loss's throughput: candidates (over all lists) per second."""
+        return self.lists * self.candidates, "candidates"
+
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
         return [Case(64, n) for n in ((1024,) if quick else (256, 1024, 4096))]
     return [Case(8, n) for n in ((512,) if quick else (64, 512, 4096))]
+
+
+def default_cases(device: torch.device) -> list[Case]:
+    """The CPU default run's representative case (from the full sweep)."""
+    return [Case(8, 512)]
 
 
 def runs(found: dict) -> list[tuple[str, str]]:

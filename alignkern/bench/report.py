@@ -1,33 +1,233 @@
-"""Output of `alignkern bench`: the table, the CSV (benchmarks/results/<device>.csv), the same
-table in Markdown (<device>.md) and a PNG."""
+"""What `alignkern bench` shows and writes: the terminal table, a Markdown copy of it, a tidy CSV,
+a JSON description of the machine, and one figure (a grid of panels, one per op and mode).
+
+Every output starts from a list of :class:`Result` rows and from :func:`assess`, which decides
+once, for all of them, what is a result and what is noise:
+
+* a row whose p20-p80 spread is above ``measure.NOISY_SPREAD`` of its median is "noisy";
+* a ratio that contradicts a hard bound — alignkern faster than the bare GEMMs it runs
+  (``matmul-floor``), or reading its input faster than one plain read of it (``read-ceiling``) —
+  is not printed as a result: the row is "noisy" and a note says why;
+* a peer that is missing or failed gets a status and one note, printed once below the table.
+"""
 
 from __future__ import annotations
 
 import csv
 import datetime
+import importlib.metadata
+import json
+import math
 import os
+import platform
 import re
 import subprocess
+import textwrap
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config",
-              "device", "torch", "triton", "git_sha", "timestamp"]
+from . import measure
+
+CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "samples",
+              "status", "note", "config", "dtype", "device", "torch", "triton", "git_sha",
+              "timestamp"]
 CEILING = "read-ceiling"  # the provider that times a plain read: a ceiling, not a peer
 FLOOR = "matmul-floor"  # the provider that times the bare GEMMs: a floor, not a peer
-FLASH = "flash-ceiling"  # SDPA without bias or mask: a speed ceiling, not a peer
+FLASH = "flash-ceiling"  # SDPA without bias or mask: a speed reference, not a peer
 BOUNDS = (CEILING, FLOOR, FLASH)
-# The size each family sweeps (the plot's x axis, taken out of the series name) and its title.
-SWEPT = {"token_logprobs": ("V", "vocabulary size V"), "reward_attention": ("L", "sequence length L"),
-         "fused_linear_dpo_loss": ("B*T", "tokens B*T"),
+# The size each family sweeps (the x axis of its panel, taken out of the series name) and its
+# axis title. A family module may declare its own as SWEPT = (key, title).
+SWEPT = {"token_logprobs": ("V", "vocabulary size V"), "linear_logprobs": ("V", "vocabulary size V"),
+         "reward_attention": ("L", "sequence length L"),
+         "fused_linear_dpo_loss": ("B*T", "tokens B*T"), "linear_kl": ("V", "vocabulary size V"),
          "plackett_luce_loss": ("N", "candidates per list N")}
+MAX_WIDTH = 120  # the terminal table's widest line
+MAX_COLUMNS = 4  # panels per row of the figure
+MAX_ROWS = 4  # rows of panels in one PNG before the figure is split, one PNG per op family
+FIGURE_WIDTH_PX = 1600
+DPI = 100
 
 
-def _swept(kernel: str) -> tuple[str, str]:
-    """The swept size's key and axis title; the vocabulary for families not listed."""
-    return SWEPT.get(kernel, SWEPT["token_logprobs"])
+@dataclass
+class Result:
+    """One (op, case, mode, provider) measurement, or why there is none."""
 
+    kernel: str
+    provider: str
+    mode: str
+    config: str
+    x: int
+    bytes_moved: int = 0
+    ms: tuple[float, float, float] | None = None  # p50, p20, p80
+    peak_bytes: int | None = None
+    note: str = ""  # why it is missing or failed
+    flops: int = 0
+    samples: int = 0  # timed runs behind ms (0: do_bench quantiles)
+    work: float = 0.0  # items per call when work_unit names them ("tokens", "candidates")
+    work_unit: str = ""
+    dtype: str = ""
+    warmup_s: float = 0.0  # the first call's time: compilation, first-call allocations
+
+    @property
+    def status(self) -> str:
+        """'ok', or 'missing' / 'failed' (the note says why)."""
+        if self.ms is not None:
+            return "ok"
+        return "failed" if self.note.startswith("failed") else "missing"
+
+    @property
+    def spread(self) -> float | None:
+        if self.ms is None:
+            return None
+        return measure.Timing(*self.ms, self.samples).spread
+
+    @property
+    def unit(self) -> str:
+        """What the throughput counts: 'B' (compulsory traffic), 'FLOP', or items ('tokens')."""
+        if self.work_unit:
+            return self.work_unit
+        return "FLOP" if self.flops else ("B" if self.bytes_moved else "")
+
+    def amount(self) -> float:
+        if self.work_unit:
+            return self.work
+        return self.flops or self.bytes_moved
+
+    def throughput(self, ms: float | None = None) -> float | None:
+        """Work per second at the median time (or at ``ms``); None without a unit or a time."""
+        if self.ms is None or not self.unit:
+            return None
+        return self.amount() / ((self.ms[0] if ms is None else ms) * 1e-3)
+
+    @property
+    def gbps(self) -> float | None:
+        return None if self.ms is None else self.bytes_moved / (self.ms[0] * 1e-3) / 1e9
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.ms is None else self.flops / (self.ms[0] * 1e-3) / 1e12
+
+
+@dataclass
+class Verdict:
+    """What the report says about one row."""
+
+    status: str = ""  # "", "noisy", "missing", "failed"
+    speedup: float | None = None  # best peer's median / ours (ours only)
+    speedup_doubtful: bool = False  # ours or that peer is noisy
+    bound: str = ""  # '87% of read', '1.21x floor', '92% of flash', or 'noise'
+    bound_kind: str = ""  # 'floor', 'read', 'flash'
+    notes: list[str] = field(default_factory=list)  # printed once below the table
+
+
+def is_ours(provider: str) -> bool:
+    return provider.startswith("alignkern")
+
+
+def _same_case(a: Result, b: Result) -> bool:
+    return a.kernel == b.kernel and a.config == b.config and a.mode == b.mode
+
+
+def _noisy(r: Result) -> bool:
+    return r.ms is not None and r.spread > measure.NOISY_SPREAD
+
+
+def assess(results: list[Result]) -> dict[int, Verdict]:
+    """id(result) -> Verdict for every result."""
+    verdicts = {id(r): Verdict() for r in results}
+    for r in results:
+        v = verdicts[id(r)]
+        if r.ms is None:
+            v.status = r.status
+            v.notes.append(r.note or "missing")
+            continue
+        if _noisy(r):
+            v.status = "noisy"
+    for r in results:
+        if r.ms is None or not is_ours(r.provider):
+            continue
+        v = verdicts[id(r)]
+        peers = [p for p in results if _same_case(p, r) and p.ms is not None
+                 and not is_ours(p.provider) and p.provider not in BOUNDS]
+        if peers:
+            best = min(peers, key=lambda p: p.ms[0])
+            v.speedup = best.ms[0] / r.ms[0]
+            v.speedup_doubtful = _noisy(r) or _noisy(best)
+        bound = next((b for b in results if _same_case(b, r) and b.provider in BOUNDS
+                      and b.ms is not None), None)
+        if bound is None:
+            continue
+        v.bound_kind = {FLOOR: "floor", CEILING: "read", FLASH: "flash"}[bound.provider]
+        if bound.provider == FLOOR:
+            ratio = r.ms[0] / bound.ms[0]
+            if ratio < 1:
+                v.bound, v.status = "noise", "noisy"
+                v.notes.append(f"{r.kernel} {r.config} {r.mode}: {r.provider} timed at "
+                               f"{ratio:.2f}x the bare GEMMs it runs (matmul-floor), which cannot "
+                               "be: timing noise, ratio withheld; rerun on a quieter machine")
+            else:
+                v.bound = f"{ratio:.2f}x floor"
+        elif bound.provider == CEILING:
+            share = bound.ms[0] / r.ms[0] * (r.bytes_moved / bound.bytes_moved
+                                             if bound.bytes_moved else 1.0)
+            if share > 1:
+                v.bound, v.status = "noise", "noisy"
+                v.notes.append(f"{r.kernel} {r.config} {r.mode}: {r.provider} read its input at "
+                               f"{100 * share:.0f}% of the speed of one plain read of it "
+                               "(read-ceiling), which cannot be: timing noise, ratio withheld")
+            else:
+                v.bound = f"{100 * share:.0f}% of read"
+        else:  # FLASH: a reference speed, not a hard bound (SDPA's CPU kernels may be slower)
+            v.bound = f"{100 * bound.ms[0] / r.ms[0]:.0f}% of flash"
+    return verdicts
+
+
+# ------------------------------------------------------------------------------------ formatting
+
+_PREFIXES = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, "")]
+
+
+def scale(unit: str, values: list[float]) -> tuple[float, str]:
+    """(divisor, label) that puts the largest of ``values`` in [1, 1000): 'GB/s', 'GFLOP/s',
+    'k tokens/s'."""
+    top = max((v for v in values if v is not None and math.isfinite(v)), default=0.0)
+    allowed = _PREFIXES if unit not in ("B", "FLOP") else _PREFIXES[:-1]
+    factor, prefix = next((p for p in allowed if top >= p[0]), allowed[-1])
+    if unit in ("B", "FLOP"):
+        return factor, f"{prefix}{unit}/s"
+    return factor, f"{prefix + ' ' if prefix else ''}{unit}/s"
+
+
+def unit_title(unit: str) -> str:
+    """What a family's throughput counts, for the legend and the axis."""
+    return {"B": "compulsory memory traffic", "FLOP": "matrix-product FLOPs"}.get(unit, unit)
+
+
+def fmt_ms(ms: float) -> str:
+    if ms >= 100:
+        return f"{ms:.1f}"
+    if ms >= 10:
+        return f"{ms:.2f}"
+    if ms >= 0.1:
+        return f"{ms:.3f}"
+    return f"{ms:.4f}"
+
+
+def fmt_value(value: float) -> str:
+    """Three significant digits, no exponent for the values a table shows."""
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+# ------------------------------------------------------------------------------------ environment
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -42,13 +242,15 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
-def _git_sha() -> str:
+def cpu_model() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=False)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def triton_version() -> str:
@@ -60,121 +262,322 @@ def triton_version() -> str:
         return "missing"
 
 
-def _is_ours(provider: str) -> bool:
-    return provider.startswith("alignkern")
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
 
 
-def _best_peer_ms(results, result) -> float | None:
-    peers = [r.ms[0] for r in results
-             if r.ms is not None and r.config == result.config and r.mode == result.mode
-             and r.kernel == result.kernel and not _is_ours(r.provider) and r.provider not in BOUNDS]
-    return min(peers) if peers else None
-
-
-def _bound(results, result):
-    """The ceiling (token_logprobs, forward) or floor (linear_logprobs) row for result's case."""
-    for r in results:
-        if (r.provider in BOUNDS and r.config == result.config and r.kernel == result.kernel
-                and r.mode == result.mode and r.ms is not None):
-            return r
+def repository_root() -> Path | None:
+    """The alignkern source checkout this package comes from (an editable install), else the
+    current directory or one above it if it is an alignkern checkout; None when neither is."""
+    here = Path(__file__).resolve().parents[2]
+    candidates = [here, *[p for p in [Path.cwd(), *Path.cwd().parents]]]
+    for root in candidates:
+        pyproject = root / "pyproject.toml"
+        try:
+            if (root / "benchmarks").is_dir() and 'name = "alignkern"' in pyproject.read_text():
+                return root
+        except OSError:
+            continue
     return None
 
 
-def _versus_bound(results, result) -> str:
-    """'87% of read': share of a plain read's bandwidth; '1.21x floor': time over the GEMMs;
-    '92% of flash': speed as a share of attention without bias or mask."""
-    bound = _bound(results, result)
-    if bound is None:
+def _git(*args: str) -> str:
+    root = repository_root()
+    if root is None:
         return ""
-    if bound.provider == CEILING:
-        return f"{100 * result.gbps / bound.gbps:.0f}% of read"
-    if bound.provider == FLASH:
-        return f"{100 * bound.ms[0] / result.ms[0]:.0f}% of flash"
-    return f"{result.ms[0] / bound.ms[0]:.2f}x floor"
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                             timeout=5, check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
-def _throughput(r) -> str:
-    return f"{r.tflops:.1f} TFLOP/s" if r.flops else f"{r.gbps:.1f} GB/s"
+def git_sha() -> str:
+    return _git("rev-parse", "--short", "HEAD") or "unknown"
 
 
-HEADER = ["op", "shape", "mode", "provider", "median ms", "throughput", "peak MiB", "vs best peer",
-          "vs bound"]
+def environment(device: torch.device, **run: object) -> dict:
+    """Versions, device, git, CPU model, threads and load: what the JSON next to the CSV holds."""
+    import alignkern
+
+    env: dict = {
+        "alignkern": alignkern.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "triton": triton_version(),
+        "numpy": _package_version("numpy"), "matplotlib": _package_version("matplotlib"),
+        "peers": {name: _package_version(name) for name in ("liger-kernel", "cut-cross-entropy")},
+        "git_sha": git_sha(), "git_dirty": bool(_git("status", "--porcelain",
+                                                      "--untracked-files=no")),
+        "device": {"type": device.type, "name": device_name(device)},
+        "cpu": {"model": cpu_model(), "logical_cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+                "os": platform.platform()},
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        env["cpu"]["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device"].update(cuda=torch.version.cuda, memory_gib=round(props.total_memory / 2**30, 1),
+                             multiprocessors=props.multi_processor_count,
+                             capability=f"{props.major}.{props.minor}")
+    env["timing"] = {
+        "method": ("triton.testing.do_bench quantiles (L2 flushed between runs)"
+                   if device.type == "cuda" else
+                   "time.perf_counter; the providers of a case take turns, one run each per round"),
+        "target_spread": measure.TARGET_SPREAD, "noisy_spread": measure.NOISY_SPREAD,
+        "min_runs": measure.MIN_REPS}
+    env["run"] = run
+    return env
 
 
-def _rows(results) -> list[list[str]]:
-    """One row of HEADER's columns per result."""
-    rows = []
+def _dtypes(results: list[Result]) -> str:
+    seen = list(dict.fromkeys(r.dtype for r in results if r.dtype))
+    return ", ".join(seen) or "float32"
+
+
+def title(results: list[Result], device: torch.device, env: dict | None = None) -> str:
+    env = env or {}
+    where = device_name(device)
+    if device.type != "cuda":
+        where += f", {cpu_model()}"
+    return (f"alignkern bench on {where} · {_dtypes(results)} · alignkern "
+            f"{env.get('alignkern', _alignkern_version())}, torch {torch.__version__}, "
+            f"triton {triton_version()} · git {env.get('git_sha') or git_sha()}")
+
+
+def _alignkern_version() -> str:
+    import alignkern
+
+    return alignkern.__version__
+
+
+# ------------------------------------------------------------------------------------ the table
+
+def _families(results: list[Result]) -> dict[str, list[Result]]:
+    grouped: dict[str, list[Result]] = {}
     for r in results:
-        if r.ms is None:
-            rows.append([r.kernel, r.config, r.mode, r.provider, r.note or "missing", "", "", "", ""])
-            continue
-        speedup = bound = ""
-        if _is_ours(r.provider):
-            best = _best_peer_ms(results, r)
-            speedup = f"{best / r.ms[0]:.2f}x" if best else ""
-            bound = _versus_bound(results, r)
-        peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
-        rows.append([r.kernel, r.config, r.mode, r.provider, f"{r.ms[0]:.3f}", _throughput(r),
-                     peak, speedup, bound])
-    return rows
+        grouped.setdefault(r.kernel, []).append(r)
+    return grouped
 
 
-def _title(device: torch.device) -> str:
-    return (f"alignkern bench on {device_name(device)} (torch {torch.__version__}, "
-            f"triton {triton_version()})")
+def _cases(rows: list[Result]) -> dict[str, list[Result]]:
+    grouped: dict[str, list[Result]] = {}
+    for r in rows:
+        grouped.setdefault(r.config, []).append(r)
+    return grouped
 
 
-def table(results, device: torch.device) -> str:
-    """Op, shape, provider, median ms, GB/s or TFLOP/s, peak memory, speed-up over the best
-    peer, and how far from the bound (share of a plain read, or time over the bare GEMMs)."""
-    rows = [HEADER, *_rows(results)]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
-    lines = [_title(device)]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+class _Notes:
+    """Numbered notes: each distinct text once, with the providers (per op) it applies to."""
+
+    def __init__(self):
+        self.texts: dict[str, int] = {}
+        self.where: dict[str, dict[str, list[str]]] = defaultdict(dict)
+
+    def ref(self, text: str, kernel: str, provider: str) -> str:
+        number = self.texts.setdefault(text, len(self.texts) + 1)
+        providers = self.where[text].setdefault(kernel, [])
+        if provider not in providers:
+            providers.append(provider)
+        return f"[{number}]"
+
+    def lines(self, width: int = MAX_WIDTH) -> list[str]:
+        out = []
+        for text, number in self.texts.items():
+            if text.startswith(("missing", "failed")):
+                where = "; ".join(f"{', '.join(providers)} in {kernel}"
+                                  for kernel, providers in self.where[text].items())
+                text = f"{text} ({where})"
+            out += textwrap.wrap(text, width, initial_indent=f"[{number}] ",
+                                 subsequent_indent="    ", break_on_hyphens=False)
+        return out
+
+
+def _family_columns(rows: list[Result], verdicts: dict[int, Verdict]) -> tuple[list[str], float, str]:
+    """The columns this family needs; a throughput column only when its rows count something."""
+    unit = next((r.unit for r in rows if r.unit), "")
+    factor, label = scale(unit, [r.throughput() for r in rows if r.throughput()]) if unit else (1, "")
+    columns = ["mode", "provider", "median ms", "spread"]
+    if unit:
+        columns.append(label)
+    columns += ["peak MiB", "vs best peer"]
+    if any(verdicts[id(r)].bound for r in rows):
+        columns.append("vs bound")
+    columns.append("status")
+    return columns, factor, unit
+
+
+def _cells(r: Result, verdict: Verdict, columns: list[str], factor: float, notes: _Notes) -> list:
+    status = verdict.status
+    for text in verdict.notes:
+        status = f"{status} {notes.ref(text, r.kernel, r.provider)}".strip()
+    cells = {"mode": r.mode, "provider": r.provider, "status": status}
+    if r.ms is not None:
+        cells["median ms"] = fmt_ms(r.ms[0])
+        cells["spread"] = f"{100 * r.spread:.0f}%"
+        thr = r.throughput()
+        if thr is not None:
+            cells[columns[4]] = fmt_value(thr / factor)
+        cells["peak MiB"] = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+        if verdict.speedup is not None:
+            cells["vs best peer"] = f"{verdict.speedup:.2f}x" + ("?" if verdict.speedup_doubtful
+                                                                 else "")
+        cells["vs bound"] = verdict.bound
+    else:
+        cells["median ms"] = "-"
+    return [cells.get(c, "") for c in columns]
+
+
+_NUMERIC = {"median ms", "spread", "peak MiB", "vs best peer"}
+
+
+def _legend(results: list[Result], verdicts: dict[int, Verdict], device: torch.device) -> list[str]:
+    lines = [
+        "median ms: one call's median time over the timed runs"
+        + (" (triton do_bench)." if device.type == "cuda" else
+           "; on CPU the providers of a case take turns, so load from other processes hits all."),
+        f"spread: (p80 - p20) / median of those runs; 'noisy' above "
+        f"{100 * measure.NOISY_SPREAD:.0f}%"
+        + ("" if device.type == "cuda" else
+           f" (runs repeat until it is under {100 * measure.TARGET_SPREAD:.0f}% or the case's time "
+           "budget is spent)") + ".",
+        "throughput (GB/s, GFLOP/s, tokens/s, ...): the work of one call / its median time; "
+        "higher is better.",
+        "peak MiB: how far memory rose during one call"
+        + ("." if device.type == "cuda" else " (the process's resident set)."),
+    ]
+    if any(v.speedup is not None for v in verdicts.values()):
+        lines.append("vs best peer: the fastest peer's median time / alignkern's; above 1x "
+                     "alignkern is faster; '?': one of the two is noisy.")
+    kinds = {v.bound_kind for v in verdicts.values() if v.bound_kind}
+    if kinds:
+        parts = []
+        if "floor" in kinds:
+            parts.append("'x floor': alignkern's time / the bare GEMMs it runs (matmul-floor), "
+                         "at least 1x")
+        if "read" in kinds:
+            parts.append("'% of read': alignkern's bandwidth / one plain read of the logits "
+                         "(read-ceiling), at most 100%")
+        if "flash" in kinds:
+            parts.append("'% of flash': alignkern's speed / SDPA with no bias and no mask "
+                         "(flash-ceiling), a reference that a slower SDPA kernel lets it exceed")
+        lines.append("vs bound: " + "; ".join(parts)
+                     + "; a ratio past a hard bound is timing noise and is shown as 'noise'.")
+    return lines
+
+
+def table(results: list[Result], device: torch.device, env: dict | None = None) -> str:
+    """The terminal table: one block per op family, one sub-heading per case; every line at most
+    MAX_WIDTH characters; the reasons behind 'missing', 'failed' and noise notes below it."""
+    verdicts = assess(results)
+    notes = _Notes()
+    lines = textwrap.wrap(title(results, device, env), MAX_WIDTH, subsequent_indent="  ")
+    for kernel, rows in _families(results).items():
+        columns, factor, unit = _family_columns(rows, verdicts)
+        body = [(case, [_cells(r, verdicts[id(r)], columns, factor, notes) for r in case_rows])
+                for case, case_rows in _cases(rows).items()]
+        widths = [max([len(c)] + [len(row[i]) for _, rs in body for row in rs])
+                  for i, c in enumerate(columns)]
+
+        def line(cells, widths=widths, columns=columns):
+            return "  ".join(cell.rjust(w) if col in _NUMERIC or col.endswith("/s") else cell.ljust(w)
+                             for cell, w, col in zip(cells, widths, columns)).rstrip()
+
+        what = f" (throughput: {unit_title(unit)} per second)" if unit else ""
+        lines += ["", f"{kernel}{what}", "  " + line(columns),
+                  "  " + "  ".join("-" * w for w in widths)]
+        for case, case_rows in body:
+            lines.append(f"  {case}")
+            lines += ["  " + line(row) for row in case_rows]
+    lines.append("")
+    for item in _legend(results, verdicts, device):
+        lines += textwrap.wrap(item, MAX_WIDTH, subsequent_indent="  ")
+    if notes.texts:
+        lines += ["", "Notes:"] + notes.lines()
     return "\n".join(lines)
 
 
-def write_markdown(results, device: torch.device, out_dir: str) -> str:
-    """The same table as Markdown (``<device>.md``), ready to paste into the README."""
+def markdown(results: list[Result], device: torch.device, env: dict | None = None) -> str:
+    """The same results as Markdown tables (one per op family), the notes and the legend."""
+    verdicts = assess(results)
+    notes = _Notes()
+    lines = [title(results, device, env)]
+    for kernel, rows in _families(results).items():
+        columns, factor, unit = _family_columns(rows, verdicts)
+        header = ["shape", *columns[:3], "p20-p80 ms", *columns[3:]]
+        what = f" (throughput: {unit_title(unit)} per second)" if unit else ""
+        lines += ["", f"**{kernel}**{what}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for r in rows:
+            cells = _cells(r, verdicts[id(r)], columns, factor, notes)
+            spread = (f"{fmt_ms(r.ms[1])}-{fmt_ms(r.ms[2])}" if r.ms is not None else "")
+            lines.append("| " + " | ".join([r.config, *cells[:3], spread, *cells[3:]]) + " |")
+    lines += [""] + [f"- {item}" for item in _legend(results, verdicts, device)]
+    if notes.texts:
+        lines += [""] + [f"{line}  " for line in notes.lines(width=10_000)]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ files
+
+def write_markdown(results, device: torch.device, out_dir: str | os.PathLike,
+                   env: dict | None = None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{device_slug(device)}.md")
-    lines = [_title(device) + f", git {_git_sha()}", "", "| " + " | ".join(HEADER) + " |",
-             "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(markdown(results, device, env))
     return path
 
 
-def write_csv(results, device: torch.device, out_dir: str) -> str:
+def write_json(env: dict, device: torch.device, out_dir: str | os.PathLike) -> str:
     os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{device_slug(device)}.json")
+    with open(path, "w") as f:
+        json.dump(env, f, indent=2, default=str)
+        f.write("\n")
+    return path
+
+
+def write_csv(results, device: torch.device, out_dir: str | os.PathLike,
+              env: dict | None = None) -> str:
+    """Tidy: one row per (result, metric). Units are fixed (ms, GB/s, TFLOP/s, <items>/s, MiB);
+    p20/p80 of a throughput are those of the time, so p20 <= p50 <= p80 throughout."""
+    os.makedirs(out_dir, exist_ok=True)
+    env = env or environment(device)
+    verdicts = assess(results)
     path = os.path.join(out_dir, f"{device_slug(device)}.csv")
     common = {"device": device_name(device), "torch": torch.__version__,
-              "triton": triton_version(), "git_sha": _git_sha(),
-              "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+              "triton": triton_version(), "git_sha": env.get("git_sha", git_sha()),
+              "timestamp": env.get("timestamp_utc", "")}
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for r in results:
+            verdict = verdicts[id(r)]
             base = {"kernel": r.kernel, "provider": r.provider, "mode": r.mode, "x": r.x,
-                    "config": r.config, **common}
+                    "config": r.config, "dtype": r.dtype, "status": verdict.status or "ok",
+                    "note": " | ".join(verdict.notes), "samples": r.samples or "", **common}
             if r.ms is None:
-                writer.writerow({**base, "metric": "missing", "unit": r.note})
+                writer.writerow({**base, "metric": "time", "unit": "ms"})
                 continue
             p50, p20, p80 = r.ms
             writer.writerow({**base, "metric": "time", "unit": "ms", "p50": f"{p50:.6g}",
                              "p20": f"{p20:.6g}", "p80": f"{p80:.6g}"})
-            if r.bytes_moved:
-                gbps = [f"{r.bytes_moved / (ms * 1e-3) / 1e9:.6g}" for ms in (p50, p80, p20)]
-                writer.writerow({**base, "metric": "bandwidth", "unit": "GB/s", "p50": gbps[0],
-                                 "p20": gbps[1], "p80": gbps[2]})
-            if r.flops:
-                tflops = [f"{r.flops / (ms * 1e-3) / 1e12:.6g}" for ms in (p50, p80, p20)]
-                writer.writerow({**base, "metric": "throughput", "unit": "TFLOP/s",
-                                 "p50": tflops[0], "p20": tflops[1], "p80": tflops[2]})
+            unit = r.unit
+            if unit:
+                divisor, metric, name = {"B": (1e9, "bandwidth", "GB/s"),
+                                         "FLOP": (1e12, "throughput", "TFLOP/s")}.get(
+                    unit, (1.0, "throughput", f"{unit}/s"))
+                # the 20th percentile of throughput comes from the 80th of time, and back
+                values = [f"{r.throughput(ms) / divisor:.6g}" for ms in (p50, p80, p20)]
+                writer.writerow({**base, "metric": metric, "unit": name, "p50": values[0],
+                                 "p20": values[1], "p80": values[2]})
             if r.peak_bytes is not None:
                 mib = f"{r.peak_bytes / 2**20:.6g}"
                 writer.writerow({**base, "metric": "peak_memory", "unit": "MiB", "p50": mib,
@@ -182,42 +585,276 @@ def write_csv(results, device: torch.device, out_dir: str) -> str:
     return path
 
 
-def write_plot(results, device: torch.device, out_dir: str) -> str:
-    """GB/s or TFLOP/s against the vocabulary size, one panel per (op, mode, other sizes); returns
-    the path, or a
-    sentence saying why no plot was written."""
-    try:
-        import matplotlib
+def read_csv(path: str | os.PathLike) -> list[Result]:
+    """The results a CSV written by write_csv holds (to redraw or re-tabulate a run)."""
+    results: dict[tuple, Result] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["kernel"], row["config"], row["mode"], row["provider"])
+            r = results.get(key)
+            if r is None:
+                r = results[key] = Result(row["kernel"], row["provider"], row["mode"],
+                                          row["config"], int(row["x"]), dtype=row.get("dtype", ""))
+                if not row["p50"]:
+                    notes = row.get("note", "")
+                    r.note = notes.split(" | ")[0] if notes else row.get("status", "missing")
+                    continue
+            if not row["p50"]:
+                continue
+            p50 = float(row["p50"])
+            if row["metric"] == "time":
+                r.ms = (p50, float(row["p20"]), float(row["p80"]))
+                r.samples = int(row["samples"] or 0)
+            elif row["metric"] == "peak_memory":
+                r.peak_bytes = int(p50 * 2**20)
+            elif r.ms is not None:  # a throughput: recover the work of one call
+                seconds = r.ms[0] * 1e-3
+                if row["unit"] == "GB/s":
+                    r.bytes_moved = round(p50 * 1e9 * seconds)
+                elif row["unit"] == "TFLOP/s":
+                    r.flops = round(p50 * 1e12 * seconds)
+                else:
+                    r.work, r.work_unit = p50 * seconds, row["unit"].removesuffix("/s")
+    return list(results.values())
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+# ------------------------------------------------------------------------------------ the figure
+
+# One colour and marker per provider, the same in every panel and every run. Bounds are grey.
+_STYLE = {
+    "alignkern": ("#d62728", "o"), "alignkern-cuda": ("#8c1a1a", "D"),
+    "torch-eager": ("#1f77b4", "s"), "torch-compile": ("#2ca02c", "^"),
+    "trl-selective": ("#9467bd", "v"), "cut-cross-entropy": ("#ff7f0e", "P"),
+    "liger": ("#e377c2", "X"), "flex-attention": ("#17becf", "<"),
+    "flex-with-mask-build": ("#bcbd22", ">"), "sdpa-float-mask": ("#8c564b", "p"),
+    "torch-unfused": ("#1b9e77", "s"), "torch-pairwise": ("#7f7f00", "h"),
+    CEILING: ("#404040", "*"), FLOOR: ("#707070", "d"), FLASH: ("#a0a0a0", "H"),
+}
+_SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
+_LINESTYLES = ["-", "--", ":", "-."]
+
+
+def provider_style(provider: str) -> tuple[str, str]:
+    """(colour, marker) of a provider: fixed for the known ones, then the spares in turn."""
+    if provider not in _STYLE:
+        spare = len([p for p in _STYLE if p not in _BUILTIN_STYLES])
+        _STYLE[provider] = (_SPARE[spare % len(_SPARE)], "os^vD<>ph"[spare % 9])
+    return _STYLE[provider]
+
+
+_BUILTIN_STYLES = frozenset(_STYLE)
+
+
+def _swept(kernel: str) -> tuple[str, str]:
+    return SWEPT.get(kernel, ("x", "size"))
+
+
+def _series(r: Result) -> str:
+    key = re.escape(_swept(r.kernel)[0])
+    return re.sub(rf"\s*\b{key}=\d+", "", r.config).strip()
+
+
+def _panels(results: list[Result]) -> dict[tuple[str, str], list[Result]]:
+    """(op, mode) -> its results, in the order the bench ran them."""
+    panels: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        panels.setdefault((r.kernel, r.mode), []).append(r)
+    return panels
+
+
+def _provider_order(results: list[Result]) -> list[str]:
+    names = list(dict.fromkeys(r.provider for r in results))
+    return sorted(names, key=lambda p: (p in BOUNDS, not is_ours(p), names.index(p)))
+
+
+def figures(results: list[Result], device: torch.device, env: dict | None = None):
+    """[(name, matplotlib Figure)]: one grid of panels (one per op and mode) when it fits in
+    MAX_ROWS rows of MAX_COLUMNS, else one figure per op family ('' or the family's name)."""
+    panels = _panels(results)
+    if not panels:
+        return []
+    if math.ceil(len(panels) / MAX_COLUMNS) <= MAX_ROWS:
+        return [("", _figure(results, panels, device, env))]
+    out = []
+    for kernel, rows in _families(results).items():
+        out.append((kernel, _figure(rows, _panels(rows), device, env)))
+    return out
+
+
+def _figure(results, panels, device, env):
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    verdicts = assess(results)
+    ncols = min(MAX_COLUMNS, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(FIGURE_WIDTH_PX / DPI, 1.2 + 3.5 * nrows), dpi=DPI, layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.12, hspace=0.06, wspace=0.04)
+    order = _provider_order(results)
+    factors = {kernel: _family_scale(rows) for kernel, rows in _families(results).items()}
+    for index, ((kernel, mode), rows) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, index + 1)
+        _draw_panel(ax, kernel, mode, rows, order, verdicts, factors[kernel])
+    heading = "\n".join(textwrap.wrap(title(results, device, env), 160))
+    fig.suptitle(f"{heading}\nthroughput from the median time: higher is better; error bars: "
+                 "p20-p80 of the timed runs", fontsize=11)
+    handles = [Line2D([], [], color=provider_style(p)[0], marker=provider_style(p)[1],
+                      linestyle="-", label=p) for p in order]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
+                         label=f"noisy (spread > {100 * measure.NOISY_SPREAD:.0f}%): "
+                               "hatched bar, circled point"))
+    rows_needed = math.ceil(len(handles) / 9)
+    fig.legend(handles=handles, loc="outside lower center",
+               ncol=math.ceil(len(handles) / rows_needed), fontsize=9, frameon=False)
+    return fig
+
+
+def _family_scale(rows: list[Result]) -> tuple[str, float, str]:
+    """(unit, divisor, label) shared by every panel of one op family."""
+    unit = next((r.unit for r in rows if r.unit), "")
+    if not unit:
+        return "", 1.0, ""
+    factor, label = scale(unit, [r.throughput() for r in rows if r.throughput()])
+    return unit, factor, label
+
+
+def _draw_panel(ax, kernel, mode, rows, order, verdicts, scaled):
+    unit, factor, label = scaled
+    series = list(dict.fromkeys(_series(r) for r in rows))
+    xs_by_series = {s: sorted({r.x for r in rows if _series(r) == s}) for s in series}
+    ax.set_ylabel(f"{label}  (higher is better)" if unit else "no throughput measure",
+                  fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    providers = [p for p in order if any(r.provider == p for r in rows)]
+    if all(len(xs) == 1 for xs in xs_by_series.values()):
+        _bars(ax, rows, providers, series, factor, verdicts)
+        # no x axis to carry the swept size: the heading names the whole case
+        configs = list(dict.fromkeys(r.config for r in rows))
+        heading = configs[0] if len(configs) == 1 else ""
+        ax.set_title(f"{kernel} · {mode}" + (f"\n{heading}" if heading else ""), fontsize=10)
+    else:
+        _lines(ax, rows, providers, series, factor, verdicts)
+        not_run = sorted({f"{r.provider} ({r.status})" for r in rows if r.ms is None})
+        note = "\n".join(textwrap.wrap("not run: " + ", ".join(not_run), 70)) if not_run else ""
+        ax.set_xlabel(_swept(kernel)[1] + (f"\n{note}" if note else ""), fontsize=9)
+        ax.set_title(f"{kernel} · {mode}", fontsize=10)
+    if not unit:
+        ax.text(0.5, 0.5, "no throughput defined", transform=ax.transAxes, ha="center",
+                fontsize=8, color="#555555")
+
+
+def _err(r: Result, factor: float) -> tuple[float, float, float]:
+    """(value, down, up) of the throughput; p80 time is the low end."""
+    value = r.throughput() / factor
+    return value, value - r.throughput(r.ms[2]) / factor, r.throughput(r.ms[1]) / factor - value
+
+
+def _bars(ax, rows, providers, series, factor, verdicts):
+    """Grouped bars: one group per series (usually one), one bar per provider."""
+    width = min(0.8 / max(1, len(providers)), 0.3)
+    ticks, labels = [], []
+    top = 0.0
+    for g, name in enumerate(series):
+        for i, provider in enumerate(providers):
+            pos = g + (i - (len(providers) - 1) / 2) * width
+            if len(series) == 1:
+                ticks.append(pos)
+                labels.append(provider)
+            r = next((r for r in rows if r.provider == provider and _series(r) == name), None)
+            if r is None or r.ms is None or not r.unit:
+                if r is not None:
+                    ax.text(pos, 0, r.status, rotation=90, ha="center", va="bottom", fontsize=7,
+                            color="#555555")
+                continue
+            value, down, up = _err(r, factor)
+            noisy = verdicts[id(r)].status == "noisy"
+            colour = provider_style(provider)[0]
+            ax.bar(pos, value, width * 0.9, color=colour, edgecolor="black" if noisy else colour,
+                   hatch="///" if noisy else None, yerr=[[down], [up]], capsize=2,
+                   error_kw={"elinewidth": 0.8, "ecolor": "black"}, gid=f"provider:{provider}")
+            ax.text(pos, value + up, fmt_value(value), ha="center", va="bottom", fontsize=7)
+            top = max(top, value + up)
+        if len(series) > 1:
+            ticks.append(g)
+            labels.append(name)
+    ax.set_xlim(-0.5, len(series) - 0.5)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, rotation=30 if len(series) == 1 else 0,
+                       ha="right" if len(series) == 1 else "center", fontsize=8)
+    ax.set_ylim(0, top * 1.18 if top > 0 else 1)
+
+
+def _lines(ax, rows, providers, series, factor, verdicts):
+    """One line per (series, provider): colour and marker by provider, line style by series."""
+    xs_all = sorted({r.x for r in rows})
+    for s_index, name in enumerate(series):
+        style = _LINESTYLES[s_index % len(_LINESTYLES)]
+        for provider in providers:
+            points = sorted((r for r in rows if r.provider == provider and _series(r) == name
+                             and r.ms is not None and r.unit), key=lambda r: r.x)
+            if not points:
+                continue
+            colour, marker = provider_style(provider)
+            values = [_err(r, factor) for r in points]
+            xs = [r.x for r in points]
+            container = ax.errorbar(xs, [v[0] for v in values],
+                                    yerr=[[v[1] for v in values], [v[2] for v in values]],
+                                    color=colour, marker=marker, linestyle=style, capsize=2,
+                                    markersize=5, linewidth=1.4)
+            container.lines[0].set_gid(f"provider:{provider}")
+            for r, v in zip(points, values):  # noisy points: hollow markers
+                if verdicts[id(r)].status == "noisy":
+                    ax.plot([r.x], [v[0]], marker=marker, markersize=9, markerfacecolor="none",
+                            markeredgecolor="black", linestyle="none")
+    if len(xs_all) > 1 and xs_all[-1] / xs_all[0] >= 4:
+        ax.set_xscale("log")
+    ax.set_xticks(xs_all)
+    ax.set_xticklabels([_short(x) for x in xs_all], fontsize=8)
+    ax.minorticks_off()
+    values = [r.throughput() / factor for r in rows if r.ms is not None and r.unit]
+    if values and min(values) > 0 and max(values) / min(values) > 30:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    if len(series) > 1:
+        ax.legend(handles=[_series_handle(_LINESTYLES[i % 4], s) for i, s in enumerate(series)],
+                  fontsize=7, loc="best", frameon=False)
+
+
+def _series_handle(style, label):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color="black", linestyle=style, label=label)
+
+
+def _short(x: int) -> str:
+    """32000 -> '32k', 128256 -> '128k'; below 10,000 the number itself."""
+    return f"{x / 1000:.0f}k" if x >= 10_000 else str(x)
+
+
+def write_plots(results, device: torch.device, out_dir: str | os.PathLike,
+                env: dict | None = None) -> list[str] | str:
+    """Save the figure(s) as PNG: ``<device>.png``, or ``<device>-<op>.png`` per op family when
+    the grid is split. Returns the paths, or a sentence saying why no plot was written."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install 'alignkern[bench]')"
-    panels: dict[tuple[str, str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
-        lambda: defaultdict(list))
-    for r in results:
-        if r.ms is not None:
-            swept = re.escape(_swept(r.kernel)[0])
-            series = re.sub(rf"\s*{swept}=\d+", "", r.config)  # the swept size is the x axis
-            value = r.tflops if r.flops else r.gbps
-            panels[(r.kernel, r.mode, series)][r.provider].append((r.x, value))
-    if not panels:
+    made = figures(results, device, env)
+    if not made:
         return "plot skipped: nothing was measured"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, ((kernel, mode, series), lines) in zip(axes[0], sorted(panels.items())):
-        for provider, points in sorted(lines.items()):
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=provider)
-        ax.set_title(f"{kernel} {mode}\n{series}", fontsize=8)
-        ax.set_xlabel(_swept(kernel)[1])
-        ax.set_ylabel("TFLOP/s" if any(r.flops for r in results if r.kernel == kernel)
-                      else "GB/s (compulsory traffic)")
-        ax.set_xscale("log")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(device_name(device))
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{device_slug(device)}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, fig in made:
+        path = os.path.join(out_dir, f"{device_slug(device)}{'-' + name if name else ''}.png")
+        fig.savefig(path, dpi=DPI)
+        paths.append(path)
+    return paths
+
+
+def write_plot(results, device: torch.device, out_dir: str | os.PathLike) -> str:
+    """The first PNG's path (or why none was written): the single-figure form of write_plots."""
+    paths = write_plots(results, device, out_dir)
+    return paths if isinstance(paths, str) else paths[0]

@@ -24,6 +24,10 @@ import alignkern
 from .report import FLASH
 
 KERNEL = "reward_attention"
+PROVIDERS = ("alignkern", "alignkern-cuda", "flex-attention", "flex-with-mask-build",
+             "sdpa-float-mask", FLASH)
+GPU_ONLY = ("alignkern-cuda",)
+SWEPT = ("L", "sequence length L")
 
 
 def _alignkern(backend: str | None):
@@ -142,6 +146,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         return [Case(1, 2, 128, 64, True, torch.float32)]
     return [Case(1, 4, length, 64, causal, torch.float32)
             for length in (512, 1024) for causal in (False, True)]
+
+
+def default_cases(device: torch.device) -> list[Case]:
+    """The CPU default run's representative case: causal, L = 1024 (from the full sweep)."""
+    return [Case(1, 4, 1024, 64, True, torch.float32)]
 
 
 def runs(found: dict) -> list[tuple[str, str]]:

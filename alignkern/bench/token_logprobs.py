@@ -21,6 +21,10 @@ import alignkern
 from .report import CEILING
 
 KERNEL = "token_logprobs"
+PROVIDERS = ("alignkern", "alignkern-cuda", "torch-eager", "torch-compile", "trl-selective",
+             CEILING)
+GPU_ONLY = ("alignkern-cuda",)
+SWEPT = ("V", "vocabulary size V")
 Provider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -111,6 +115,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     return [
         Case(4, 64, v, dtype) for dtype in (torch.float32, torch.bfloat16) for v in (32000, 128256)
     ]
+
+
+def default_cases(device: torch.device) -> list[Case]:
+    """The CPU default run's representative case (the first of the full sweep)."""
+    return [Case(4, 64, 32000, torch.float32)]
 
 
 def runs(found: dict) -> list[tuple[str, str]]:
