@@ -195,14 +195,14 @@ def _run_bench(args) -> int:
     providers = _names(args.providers)
     try:
         bench.check_names(ops, providers)
-        bench.run(device, scope="quick" if args.quick else "full" if args.full else "default",
-                  ops=ops, providers=set(providers) if providers else None, out_dir=args.out,
-                  save_results=args.save_results, plot=not args.no_plot,
-                  progress=not args.no_progress, budget_s=args.budget,
-                  command=["alignkern", *args.argv])
+        output = bench.run(
+            device, scope="quick" if args.quick else "full" if args.full else "default", ops=ops,
+            providers=set(providers) if providers else None, out_dir=args.out,
+            save_results=args.save_results, plot=not args.no_plot, progress=not args.no_progress,
+            budget_s=args.budget, command=["alignkern", *args.argv])
     except bench.BenchError as exc:
         return fail(str(exc))
-    return 0
+    return 130 if output.interrupted else 0
 
 
 def _run_loops(args, device: torch.device) -> int:

@@ -94,6 +94,28 @@ def test_out_chooses_the_folder_and_save_results_alone_writes_the_committed_file
     assert "Saved as the committed results" in capsys.readouterr().out
 
 
+def test_an_interrupted_run_writes_the_finished_families_and_exits_130(
+    tmp_path, monkeypatch, capsys
+):
+    """gpu_check.sh stops a stage with SIGINT at its time limit: what was measured must survive."""
+    real = bench.bench_family
+    calls = []
+
+    def second_family_interrupted(module, *args, **kwargs):
+        calls.append(module)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_family", second_family_interrupted)
+    argv = [*TINY[:5], "plackett_luce_loss,linear_kl", *TINY[6:], "--no-plot"]
+    assert main([*argv, "--out", str(tmp_path / "cut")]) == 130
+    assert "Interrupted" in capsys.readouterr().err
+    with open(tmp_path / "cut" / "cpu.csv") as f:
+        assert {r["kernel"] for r in csv.DictReader(f)} == {"plackett_luce_loss"}
+    assert json.loads((tmp_path / "cut" / "cpu.json").read_text())["run"]["interrupted"] is True
+
+
 def test_save_results_outside_a_checkout_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(report, "repository_root", lambda: None)
     assert main([*TINY, "--out", str(tmp_path), "--save-results"]) == 2

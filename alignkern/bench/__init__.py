@@ -223,6 +223,7 @@ class RunOutput:
     files: list[str] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)  # copies under benchmarks/results/
     wall_s: float = 0.0
+    interrupted: bool = False  # stopped early; the finished op families were written
 
 
 def _write_all(results, device, folder: Path, env: dict, plot: bool) -> list[str]:
@@ -287,16 +288,22 @@ def run(device: torch.device, *, scope: str = "default", ops: tuple[str, ...] = 
         return max(MIN_BUDGET_S, min(budget, left / max(1, bar.total - bar.completed)))
 
     results: list[Result] = []
+    interrupted = False
     try:
         for index, (op, cases) in enumerate(plan, 1):
             elapsed = time.perf_counter() - started
             bar.family(f"[{elapsed // 60:.0f}:{elapsed % 60:02.0f}] {op} ({index}/{len(plan)}), "
                        f"{len(cases)} case(s)")
             results += bench_family(FAMILIES[op], device, cases, providers, case_budget, bar)
+    except KeyboardInterrupt:
+        # Ctrl-C, or a time limit's SIGINT (benchmarks/gpu_check.sh): keep the finished families.
+        interrupted = True
+        print("\nInterrupted: writing the op families finished so far.", file=sys.stderr)
     finally:
         bar.close()
     wall = time.perf_counter() - started
     env["run"]["wall_s"] = round(wall, 1)
+    env["run"]["interrupted"] = interrupted
     env["run"]["warmup_s"] = round(sum(r.warmup_s for r in results), 1)
     env["run"]["warmup_s_by_provider"] = {
         f"{r.kernel} {r.mode} {r.provider}": round(r.warmup_s, 2) for r in results
@@ -307,7 +314,7 @@ def run(device: torch.device, *, scope: str = "default", ops: tuple[str, ...] = 
         pass
     print(report.table(results, device, env))
     folder = Path(out_dir) if out_dir is not None else default_out_dir(device)
-    output = RunOutput(results, folder.resolve(), wall_s=wall)
+    output = RunOutput(results, folder.resolve(), wall_s=wall, interrupted=interrupted)
     output.files = _write_all(results, device, folder, env, plot)
     if save_results:
         output.saved = _write_all(results, device, repo / "benchmarks" / "results", env, plot)
