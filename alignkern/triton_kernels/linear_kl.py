@@ -12,10 +12,13 @@ GEMMs (no atomics: deterministic).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .linear_logprobs import _flags, _reference_point, _scaled_logits_tile, _tiles
+from . import _tuning
+from .linear_logprobs import _flags, _reference_point, _scaled_logits_tile
+from .linear_logprobs import tile_space as _tile_space
 
 
 @triton.jit
@@ -106,32 +109,78 @@ def _launch_args(hidden, weight, ref_hidden, ref_weight):
             ref_weight, ref_weight.stride(0))
 
 
+# Two logits tiles (policy and reference) live at once, so these spaces hold smaller tiles than
+# linear_logprobs' (tests/gpu_compile.py: 64 x 128 x 64 and 128 x 64 x 64 float16/bfloat16 tiles
+# spill with odd sizes; no float32 tile of 4 warps or of 64 rows compiles without a spill in both
+# kernels, so float32 has a space per kernel; 64 x 64 x 32 float64 tiles spill).
+_SPACE_TENSOR_CORE = (
+    _tuning.config(8, 3, BLOCK_N=64, BLOCK_V=64, BLOCK_H=64),
+    _tuning.config(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_H=32),
+)
+_SPACE_FP32 = {
+    "fwd": (_tuning.config(8, 1, BLOCK_N=32, BLOCK_V=64, BLOCK_H=32),),
+    "dlogits": (
+        _tuning.config(8, 2, BLOCK_N=32, BLOCK_V=64, BLOCK_H=16),
+        _tuning.config(8, 2, BLOCK_N=32, BLOCK_V=32, BLOCK_H=32),
+    ),
+}
+_SPACE_FP64 = (
+    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),
+    _tuning.config(4, 2, BLOCK_N=32, BLOCK_V=64, BLOCK_H=16),
+)
+KEY = ("vocab", "hidden_size", "ref_hidden_size")
+
+
+def tile_space(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype,
+               kind: str = "fwd") -> tuple:
+    """The configurations the ``kind`` ("fwd" or "dlogits") kernel may run with."""
+    if _tuning.interpreting():
+        return _tile_space(n_rows, vocab, hidden_size, dtype)
+    if dtype == torch.float32:
+        return _SPACE_FP32[kind]
+    return _SPACE_FP64 if dtype == torch.float64 else _SPACE_TENSOR_CORE
+
+
+def _kl_flags(hidden) -> dict:
+    flags = _flags(hidden, None, None)
+    return dict(UPCAST=flags["UPCAST"], IEEE=flags["IEEE"])
+
+
+def _fwd_plan(hidden, weight, ref_hidden, ref_weight, kl, lse, expect, temperature):
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if n_rows == 0:
+        return None
+    return _tuning.Launch(
+        _linear_kl_fwd_kernel, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]),),
+        (*_launch_args(hidden, weight, ref_hidden, ref_weight), kl, lse, expect, n_rows, vocab,
+         hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature),
+        _kl_flags(hidden), tile_space(n_rows, vocab, hidden.shape[1], hidden.dtype), KEY,
+    )
+
+
+def _dlogits_plan(hidden, weight, ref_hidden, ref_weight, grad, lse, expect, dlogits,
+                  temperature):
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if n_rows == 0:
+        return None
+    return _tuning.Launch(
+        _linear_kl_dlogits_kernel,
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
+        (*_launch_args(hidden, weight, ref_hidden, ref_weight), grad, lse, expect, dlogits, n_rows,
+         vocab, hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature),
+        _kl_flags(hidden), tile_space(n_rows, vocab, hidden.shape[1], hidden.dtype, "dlogits"),
+        KEY,
+    )
+
+
 def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, kl, lse, expect, temperature) -> None:
     """Fill ``kl``, ``lse`` (of the policy) and ``expect`` (E_p[z - y]), each (N,)."""
-    n_rows = hidden.shape[0]
-    vocab = weight.shape[0]
-    if n_rows == 0:
-        return
-    tiles = _tiles(n_rows, vocab, hidden.shape[1], hidden.dtype)
-    flags = _flags(hidden, None, None)
-    _linear_kl_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
-        *_launch_args(hidden, weight, ref_hidden, ref_weight), kl, lse, expect, n_rows, vocab,
-        hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature, UPCAST=flags["UPCAST"],
-        IEEE=flags["IEEE"], **tiles,
-    )
+    _tuning.launch(_fwd_plan(hidden, weight, ref_hidden, ref_weight, kl, lse, expect,
+                             temperature))
 
 
 def linear_kl_dlogits(hidden, weight, ref_hidden, ref_weight, grad, lse, expect, dlogits,
                       temperature) -> None:
     """Fill ``dlogits (n, V)`` for one chunk of n rows."""
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
-    if n_rows == 0:
-        return
-    tiles = _tiles(n_rows, vocab, hidden.shape[1], hidden.dtype)
-    flags = _flags(hidden, None, None)
-    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))
-    _linear_kl_dlogits_kernel[grid](
-        *_launch_args(hidden, weight, ref_hidden, ref_weight), grad, lse, expect, dlogits, n_rows,
-        vocab, hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature, UPCAST=flags["UPCAST"],
-        IEEE=flags["IEEE"], **tiles,
-    )
+    _tuning.launch(_dlogits_plan(hidden, weight, ref_hidden, ref_weight, grad, lse, expect,
+                                 dlogits, temperature))

@@ -24,11 +24,11 @@ wrong answers otherwise); on a GPU they go to the tensor cores as they are. floa
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import _tuning
 
 
 @triton.jit
@@ -141,19 +141,44 @@ def _linear_logprobs_dlogits_kernel(
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _tuning.interpreting()
 
 
-def _tiles(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and warps. GPU values are untuned first guesses; under the interpreter larger
-    vocabulary tiles mean fewer (slow) loop iterations."""
+# GPU tuning spaces, (rows x vocabulary x hidden) tiles of the logits product. The first entry of
+# each is the untuned default. float16/bfloat16 go to the tensor cores (wgmma on sm_90, mma on
+# sm_80); float32 (IEEE) and float64 run on the FMA units, so their tiles are smaller.
+_SPACE_TENSOR_CORE = (
+    _tuning.config(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_H=32),
+    _tuning.config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32),
+    _tuning.config(8, 3, BLOCK_N=64, BLOCK_V=64, BLOCK_H=64),
+)
+_SPACE_FP32 = (
+    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_H=16),
+    _tuning.config(8, 2, BLOCK_N=128, BLOCK_V=64, BLOCK_H=16),
+)
+_SPACE_FP64 = (
+    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),
+    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32),
+)
+# Dropped because they spill (tests/gpu_compile.py; bias and softcap given, aligned or odd sizes):
+# float16/bfloat16 64 x 128 x 64 (float16 on sm_80), 128 x 128 x 64, 64 x 256 x 64, 128 x 256 x 32,
+# and 64 x 128 x 32 with 4 warps; float32 64 x 64 x 32 and 32 x 64 x 32 with odd sizes on sm_80,
+# 64 x 64 x 16 on sm_90; float64 32 x 64 x 16 with odd sizes on sm_90.
+KEY = ("vocab", "hidden_size")
+
+
+def tile_space(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> tuple:
+    """The configurations the logits-tile kernels (these and linear_kl's) may run with. GPU: the
+    tuning space of the dtype; under the interpreter one configuration fitted to the sizes (larger
+    vocabulary tiles mean fewer, slow, interpreted loop iterations)."""
     if _interpreting():
         block_v = min(1024, max(16, triton.next_power_of_2(vocab)))
         block_h = min(128, max(16, triton.next_power_of_2(hidden_size)))
         block_n = min(32, max(16, triton.next_power_of_2(n_rows)))
-        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=4)
-    wide = dtype in (torch.float32, torch.float64)
-    return dict(BLOCK_N=64, BLOCK_V=64 if wide else 128, BLOCK_H=32 if wide else 64, num_warps=8)
+        return (_tuning.config(4, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h),)
+    if dtype == torch.float64:
+        return _SPACE_FP64
+    return _SPACE_FP32 if dtype == torch.float32 else _SPACE_TENSOR_CORE
 
 
 def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
@@ -165,35 +190,68 @@ def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
     )
 
 
-def _vocab_splits(n_row_blocks: int, vocab: int, block_v: int, device: torch.device) -> int:
+# The row tile and vocabulary tile the vocabulary split is sized for (the splits must not depend
+# on the configuration the autotuner picks: the caller allocates one LSE row per split).
+_SPLIT_BLOCK_N = 64
+_SPLIT_BLOCK_V = 256
+
+
+def _vocab_splits(n_rows: int, vocab: int, device: torch.device) -> int:
     """Split the vocabulary across programs when there are too few row tiles to fill the GPU
-    (N = 1024 is 16 tiles for 132 SMs); the partial LSEs are merged afterwards."""
+    (N = 1024 is 16 tiles of 64 rows for 132 SMs); the partial LSEs are merged afterwards."""
     if _interpreting() or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, n_row_blocks)
-    return max(1, min(wanted, triton.cdiv(vocab, 4 * block_v)))
+    wanted = triton.cdiv(2 * sms, triton.cdiv(n_rows, _SPLIT_BLOCK_N))
+    return max(1, min(wanted, triton.cdiv(vocab, 4 * _SPLIT_BLOCK_V)))
+
+
+def _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale):
+    """(plan or None, lse_parts): the forward launch and its (S, N) output."""
+    n_rows = hidden.shape[0]
+    vocab, hidden_size = weight.shape
+    splits = _vocab_splits(n_rows, vocab, hidden.device)
+    # Each split a whole number of the widest vocabulary tile of any space.
+    split_size = triton.cdiv(triton.cdiv(vocab, splits), _SPLIT_BLOCK_V) * _SPLIT_BLOCK_V
+    splits = triton.cdiv(vocab, split_size)
+    lse_parts = lse_parts_out(splits)
+    if n_rows == 0:
+        return None, lse_parts
+    plan = _tuning.Launch(
+        _linear_logprobs_fwd_kernel,
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
+        (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
+         lse_parts, n_rows, vocab, hidden_size, split_size, 1.0 / temperature, softcap or 1.0,
+         logit_scale),
+        _flags(hidden, bias, softcap), tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY,
+        dict(enable_fp_fusion=False),
+    )
+    return plan, lse_parts
+
+
+def _dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap, logit_scale):
+    n_rows = hidden.shape[0]
+    vocab, hidden_size = weight.shape
+    if n_rows == 0:
+        return None
+    return _tuning.Launch(
+        _linear_logprobs_dlogits_kernel,
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
+        (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
+         coef, lse, dlogits, n_rows, vocab, hidden_size, 1.0 / temperature, softcap or 1.0,
+         logit_scale),
+        _flags(hidden, bias, softcap), tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY,
+        dict(enable_fp_fusion=False),
+    )
 
 
 def linear_logprobs_fwd(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale):
     """Return ``lse_parts (S, N)``: the log-sum-exp of each of S vocabulary splits of every row.
     ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous last dimension;
     ``lse_parts_out(S)`` allocates the (S, N) buffer."""
-    n_rows = hidden.shape[0]
-    vocab, hidden_size = weight.shape
-    tiles = _tiles(n_rows, vocab, hidden_size, hidden.dtype)
-    row_blocks = triton.cdiv(n_rows, tiles["BLOCK_N"])
-    splits = _vocab_splits(row_blocks, vocab, tiles["BLOCK_V"], hidden.device)
-    split_size = triton.cdiv(triton.cdiv(vocab, splits), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
-    splits = triton.cdiv(vocab, split_size)
-    lse_parts = lse_parts_out(splits)
-    if n_rows == 0:
-        return lse_parts
-    _linear_logprobs_fwd_kernel[(row_blocks, splits)](
-        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-        lse_parts, n_rows, vocab, hidden_size, split_size, 1.0 / temperature, softcap or 1.0,
-        logit_scale, **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
-    )
+    plan, lse_parts = _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap,
+                                logit_scale)
+    _tuning.launch(plan)
     return lse_parts
 
 
@@ -201,14 +259,5 @@ def linear_logprobs_dlogits(hidden, weight, bias, coef, lse, dlogits, temperatur
                             logit_scale) -> None:
     """Fill ``dlogits (n, V)`` for one chunk of ``n`` rows with the dense part of the gradient
     (see the kernel for the formula)."""
-    n_rows = hidden.shape[0]
-    vocab, hidden_size = weight.shape
-    if n_rows == 0:
-        return
-    tiles = _tiles(n_rows, vocab, hidden_size, hidden.dtype)
-    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))
-    _linear_logprobs_dlogits_kernel[grid](
-        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-        coef, lse, dlogits, n_rows, vocab, hidden_size, 1.0 / temperature, softcap or 1.0,
-        logit_scale, **_flags(hidden, bias, softcap), **tiles, enable_fp_fusion=False,
-    )
+    _tuning.launch(_dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap,
+                                 logit_scale))

@@ -16,11 +16,11 @@ dQ. Inputs are (B, H, L, D) contiguous; D is padded to a power of two >= 16 with
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import _tuning
 
 
 @triton.jit
@@ -246,22 +246,65 @@ def _reward_attention_dq_kernel(
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _tuning.interpreting()
+
+
+_c = _tuning.config
+# GPU tuning spaces: {(kernel, operands, padded head dimension): configurations}, the first the
+# untuned default. "tc" is float16/bfloat16 (tensor cores), "fp32" (IEEE, FMA units) and "fp64".
+# BLOCK_M is the query tile, BLOCK_N the key tile. Sized by compiling them
+# (tests/gpu_compile.py): dK/dV holds two (BLOCK_N, D) fp32 accumulators and spills on sm_80 with
+# 64-query tiles or 4 warps; the FMA dot of float32/float64 holds whole D-long rows per thread, so
+# their tiles shrink as D grows. Head dimensions under 64 use the 64 spaces. Known exceptions
+# (python tests/gpu_compile.py --all): with a head dimension padded to 256 (e.g. D = 200) and
+# every optional input, the float16/bfloat16 dK/dV and dQ kernels spill on one arch or both for
+# every tile tried; so does float64 dQ at D = 256 on sm_80 (24 B).
+_SPACES = {
+    ("fwd", "tc", 64): (_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64)),
+    ("dq", "tc", 64): (_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64)),
+    ("dkdv", "tc", 64): (_c(8, 2, BLOCK_M=32, BLOCK_N=64), _c(8, 3, BLOCK_M=32, BLOCK_N=64)),
+    ("fwd", "tc", 128): (_c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=32)),
+    ("dq", "tc", 128): (_c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 3, BLOCK_M=128, BLOCK_N=32)),
+    ("dkdv", "tc", 128): (_c(8, 2, BLOCK_M=32, BLOCK_N=64), _c(8, 2, BLOCK_M=32, BLOCK_N=32)),
+    ("fwd", "tc", 256): (_c(8, 2, BLOCK_M=32, BLOCK_N=64),),
+    ("dq", "tc", 256): (_c(8, 2, BLOCK_M=32, BLOCK_N=64),),
+    ("dkdv", "tc", 256): (_c(8, 2, BLOCK_M=32, BLOCK_N=32),),
+    ("fwd", "fp32", 64): (_c(4, 1, BLOCK_M=32, BLOCK_N=32),),
+    ("fwd", "fp32", 128): (_c(8, 1, BLOCK_M=32, BLOCK_N=32),),
+    ("fwd", "fp32", 256): (_c(4, 1, BLOCK_M=16, BLOCK_N=16),),
+    ("fwd", "fp64", 64): (_c(4, 1, BLOCK_M=32, BLOCK_N=32),),
+    ("fwd", "fp64", 128): (_c(4, 1, BLOCK_M=16, BLOCK_N=16),),
+    ("fwd", "fp64", 256): (_c(4, 1, BLOCK_M=16, BLOCK_N=16),),
+    ("dkdv", "fp32", 128): (_c(8, 1, BLOCK_M=16, BLOCK_N=32),),
+    ("dkdv", "fp64", 256): (_c(8, 1, BLOCK_M=16, BLOCK_N=16),),
+    # Spills 24 B on sm_80 (2 and 16 warps spill more); float64 at D > 128 is a precision path.
+    ("dq", "fp64", 256): (_c(8, 1, BLOCK_M=16, BLOCK_N=16),),
+}
+for (_kind, _ops, _d), _space in list(_SPACES.items()):
+    if _ops != "tc":  # otherwise the backward kernels of float32/float64 take the forward's tiles
+        _SPACES.setdefault(("dkdv", _ops, _d), _space)
+        _SPACES.setdefault(("dq", _ops, _d), _space)
+del _kind, _ops, _d, _space
+del _c
+_FWD_KEY = ("len_q", "len_k", "head_dim", "HAS_BIAS", "HAS_RANKS", "CAUSAL")
+_DKDV_KEY = _FWD_KEY + ("group", "NEED_BIAS_GRAD")
+
+
+def attention_space(kind: str, dtype: torch.dtype, block_d: int) -> tuple:
+    """The configurations the ``kind`` ("fwd", "dkdv" or "dq") kernel may run
+    with at head dimension ``block_d`` (padded). Interpreter: one 32 x 32 tile."""
+    if _interpreting():
+        return (_tuning.config(4, BLOCK_M=32, BLOCK_N=32),)
+    operands = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "tc")
+    return _SPACES[(kind, operands, max(64, block_d))]
 
 
 def _config(q: torch.Tensor, head_dim: int) -> dict:
-    """Tiles, flags and warps. GPU tiles are untuned first guesses (64 x 64, 4 warps; 8 for
-    D = 128)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if _interpreting():
-        tiles = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
-    else:
-        tiles = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if block_d >= 128 else 4)
+    """The meta-parameters that are not tuned: BLOCK_D and the operand flags."""
     return dict(
-        BLOCK_D=block_d,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         UPCAST=_interpreting() and q.dtype in (torch.float16, torch.bfloat16),
         IEEE=q.dtype in (torch.float32, torch.float64),
-        **tiles,
     )
 
 
@@ -279,27 +322,26 @@ def _common(q, key_bias, key_rank, query_rank):
     )
 
 
-def reward_attention_fwd(q, k, v, key_bias, key_rank, query_rank, causal, scale, out, lse) -> None:
-    """Fill ``out (B, Hq, Lq, D)`` and ``lse (B, Hq, Lq)``. Every tensor contiguous; key_bias
-    ``(B, 1 or Hq, Lk)`` in lse's dtype; ranks float64."""
+def _fwd_plan(q, k, v, key_bias, key_rank, query_rank, causal, scale, out, lse):
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     if batch * heads_q * len_q == 0:
-        return
+        return None
     cfg = _config(q, head_dim)
     c = _common(q, key_bias, key_rank, query_rank)
-    grid = (triton.cdiv(len_q, cfg["BLOCK_M"]), batch * heads_q)
-    _reward_attention_fwd_kernel[grid](
-        q, k, v, c["bias"], c["bias_b_stride"], c["bias_h_stride"], c["key_rank"],
-        c["query_rank"], out, lse, heads_q, heads_q // heads_kv, len_q, len_k, head_dim, scale,
-        CAUSAL=causal, **c["flags"], **cfg,
+    return _tuning.Launch(
+        _reward_attention_fwd_kernel,
+        lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads_q),
+        (q, k, v, c["bias"], c["bias_b_stride"], c["bias_h_stride"], c["key_rank"],
+         c["query_rank"], out, lse, heads_q, heads_q // heads_kv, len_q, len_k, head_dim, scale),
+        dict(CAUSAL=causal, **c["flags"], **cfg),
+        attention_space("fwd", q.dtype, cfg["BLOCK_D"]), _FWD_KEY,
     )
 
 
-def reward_attention_bwd(grad_out, delta, q, k, v, key_bias, key_rank, query_rank, causal, scale,
-                         lse, dq, dk, dv, dbias) -> None:
-    """Fill ``dq``, ``dk``, ``dv`` (like q, k, v) and, if given, ``dbias (B, Hq, Lk)`` (per query
-    head). ``delta (B, Hq, Lq) = rowsum(dO * O) - dlse``."""
+def _bwd_plans(grad_out, delta, q, k, v, key_bias, key_rank, query_rank, causal, scale, lse, dq,
+               dk, dv, dbias):
+    """(dK/dV plan or None, dQ plan or None)."""
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     cfg = _config(q, head_dim)
@@ -307,12 +349,35 @@ def reward_attention_bwd(grad_out, delta, q, k, v, key_bias, key_rank, query_ran
     head = (q, k, v, c["bias"], c["bias_b_stride"], c["bias_h_stride"], c["key_rank"],
             c["query_rank"], grad_out, lse, delta)
     sizes = (heads_q, heads_q // heads_kv, len_q, len_k, head_dim, scale)
+    dkdv = dq_plan = None
     if batch * heads_kv * len_k > 0:
-        _reward_attention_dkdv_kernel[(triton.cdiv(len_k, cfg["BLOCK_N"]), batch * heads_kv)](
-            *head, dk, dv, dbias if dbias is not None else lse, *sizes,
-            CAUSAL=causal, NEED_BIAS_GRAD=dbias is not None, **c["flags"], **cfg,
+        dkdv = _tuning.Launch(
+            _reward_attention_dkdv_kernel,
+            lambda meta: (triton.cdiv(len_k, meta["BLOCK_N"]), batch * heads_kv),
+            (*head, dk, dv, dbias if dbias is not None else lse, *sizes),
+            dict(CAUSAL=causal, NEED_BIAS_GRAD=dbias is not None, **c["flags"], **cfg),
+            attention_space("dkdv", q.dtype, cfg["BLOCK_D"]), _DKDV_KEY,
         )
     if batch * heads_q * len_q > 0:
-        _reward_attention_dq_kernel[(triton.cdiv(len_q, cfg["BLOCK_M"]), batch * heads_q)](
-            *head, dq, *sizes, CAUSAL=causal, **c["flags"], **cfg,
+        dq_plan = _tuning.Launch(
+            _reward_attention_dq_kernel,
+            lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads_q),
+            (*head, dq, *sizes), dict(CAUSAL=causal, **c["flags"], **cfg),
+            attention_space("dq", q.dtype, cfg["BLOCK_D"]), _FWD_KEY,
         )
+    return dkdv, dq_plan
+
+
+def reward_attention_fwd(q, k, v, key_bias, key_rank, query_rank, causal, scale, out, lse) -> None:
+    """Fill ``out (B, Hq, Lq, D)`` and ``lse (B, Hq, Lq)``. Every tensor contiguous; key_bias
+    ``(B, 1 or Hq, Lk)`` in lse's dtype; ranks float64."""
+    _tuning.launch(_fwd_plan(q, k, v, key_bias, key_rank, query_rank, causal, scale, out, lse))
+
+
+def reward_attention_bwd(grad_out, delta, q, k, v, key_bias, key_rank, query_rank, causal, scale,
+                         lse, dq, dk, dv, dbias) -> None:
+    """Fill ``dq``, ``dk``, ``dv`` (like q, k, v) and, if given, ``dbias (B, Hq, Lk)`` (per query
+    head). ``delta (B, Hq, Lq) = rowsum(dO * O) - dlse``."""
+    for plan in _bwd_plans(grad_out, delta, q, k, v, key_bias, key_rank, query_rank, causal, scale,
+                           lse, dq, dk, dv, dbias):
+        _tuning.launch(plan)

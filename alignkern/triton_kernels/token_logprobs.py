@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 
 @triton.jit
 def _reference_point(m):
@@ -91,11 +93,59 @@ def _token_logprobs_dense_bwd_kernel(
         tl.store(out_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
-def _launch_config(vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): tiles of up to 8192 elements (4096 for float64)."""
-    cap = 4096 if dtype == torch.float64 else 8192
-    block = min(cap, triton.next_power_of_2(vocab))
-    return block, (8 if block >= 4096 else 4)
+# GPU tuning space (one program per row, so only the vocabulary tile and the warps matter): 16 to
+# 64 elements per thread; float64 rows hold half as many elements in the same registers.
+_ROW_SPACE = (
+    _tuning.config(4, BLOCK_V=2048),
+    _tuning.config(8, BLOCK_V=4096),
+    _tuning.config(8, BLOCK_V=8192),
+    _tuning.config(16, BLOCK_V=8192),
+    _tuning.config(16, BLOCK_V=16384),
+)
+_ROW_SPACE_FP64 = (
+    _tuning.config(4, BLOCK_V=1024),
+    _tuning.config(8, BLOCK_V=2048),
+    _tuning.config(8, BLOCK_V=4096),
+    _tuning.config(16, BLOCK_V=8192),
+)
+_KEY = ("vocab",)
+
+
+def row_space(vocab: int, dtype: torch.dtype) -> tuple:
+    """The configurations a row kernel may run with. Interpreter: one tile of up to 8192 elements
+    (4096 for float64), fewer interpreted steps. GPU: the tuning space, less the tiles wider than
+    the row (all of it from V = 16384 up; the narrowest tile for short rows)."""
+    if _tuning.interpreting():
+        cap = 4096 if dtype == torch.float64 else 8192
+        block = min(cap, triton.next_power_of_2(vocab))
+        return (_tuning.config(8 if block >= 4096 else 4, BLOCK_V=block),)
+    space = _ROW_SPACE_FP64 if dtype == torch.float64 else _ROW_SPACE
+    fitting = tuple(c for c in space if c.kwargs["BLOCK_V"] <= triton.next_power_of_2(vocab))
+    return fitting or space[:1]
+
+
+def _fwd_plan(logits, row_offsets, vocab, targets, out, lse, temperature,
+              ignore_index) -> _tuning.Launch | None:
+    n_rows, k = targets.shape
+    if n_rows == 0:
+        return None
+    return _tuning.Launch(
+        _token_logprobs_fwd_kernel, lambda meta: (n_rows,),
+        (logits, row_offsets, vocab, targets, k, out, lse, 1.0 / temperature, ignore_index),
+        {}, row_space(vocab, logits.dtype), _KEY, dict(enable_fp_fusion=False),
+    )
+
+
+def _dense_bwd_plan(coef, logits, row_offsets, vocab, lse, grad_logits,
+                    temperature) -> _tuning.Launch | None:
+    n_rows = coef.shape[0]
+    if n_rows == 0:
+        return None
+    return _tuning.Launch(
+        _token_logprobs_dense_bwd_kernel, lambda meta: (n_rows,),
+        (coef, logits, row_offsets, vocab, lse, grad_logits, 1.0 / temperature),
+        {}, row_space(vocab, logits.dtype), _KEY, dict(enable_fp_fusion=False),
+    )
 
 
 def token_logprobs_fwd(
@@ -110,14 +160,8 @@ def token_logprobs_fwd(
 ) -> None:
     """Fill ``out (N, K)`` and ``lse (N,)``; ``targets (N, K)`` int64 contiguous, rows of the
     logits at ``logits.data_ptr() + row_offsets`` (elements), last dimension contiguous."""
-    n_rows, k = targets.shape
-    if n_rows == 0:
-        return
-    block, warps = _launch_config(vocab, logits.dtype)
-    _token_logprobs_fwd_kernel[(n_rows,)](
-        logits, row_offsets, vocab, targets, k, out, lse, 1.0 / temperature, ignore_index,
-        BLOCK_V=block, num_warps=warps, enable_fp_fusion=False,
-    )
+    _tuning.launch(_fwd_plan(logits, row_offsets, vocab, targets, out, lse, temperature,
+                             ignore_index))
 
 
 def token_logprobs_dense_bwd(
@@ -131,11 +175,5 @@ def token_logprobs_dense_bwd(
 ) -> None:
     """Fill ``grad_logits (N, V)`` (contiguous, logits' dtype) with ``-coef * softmax / T``;
     ``coef (N,)`` and ``lse (N,)`` contiguous in the accumulation dtype."""
-    n_rows = coef.shape[0]
-    if n_rows == 0:
-        return
-    block, warps = _launch_config(vocab, logits.dtype)
-    _token_logprobs_dense_bwd_kernel[(n_rows,)](
-        coef, logits, row_offsets, vocab, lse, grad_logits, 1.0 / temperature,
-        BLOCK_V=block, num_warps=warps, enable_fp_fusion=False,
-    )
+    _tuning.launch(_dense_bwd_plan(coef, logits, row_offsets, vocab, lse, grad_logits,
+                                   temperature))

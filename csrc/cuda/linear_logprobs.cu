@@ -5,7 +5,7 @@
 //
 // One thread block owns kBM rows of hidden and walks the whole vocabulary in tiles of kBN columns.
 // For each vocabulary tile:
-//   1. the kBM x kBN tile of hidden . weight^T is accumulated over the hidden dimension in kBK
+//   1. the kBM x kBN tile of hidden . weight^T is accumulated over the hidden dimension in KBK
 //      chunks staged through shared memory (zero-filled past every edge): on the tensor cores with
 //      nvcuda::wmma for float16/bfloat16 (fp32 accumulators), with plain fp32 FMAs for float32 (no
 //      TF32, so float32 keeps PyTorch's fp32 matmul precision);
@@ -21,10 +21,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "online_lse.cuh"
 #include "linear_logprobs.h"
+#include "tuning.cuh"
 
 namespace alignkern {
 namespace {
@@ -35,15 +37,28 @@ namespace wmma = nvcuda::wmma;
 
 constexpr int kBM = 64;                // rows of hidden per block
 constexpr int kBN = 64;                // vocabulary columns per tile
-constexpr int kBK = 32;                // hidden elements per shared-memory stage
 constexpr int kThreads = 128;          // 4 warps; 2 threads per row in the epilogue
+// At least 2 blocks per SM: without a minimum, ptxas 13 picks register counts that spill for some
+// instantiations (16-28 bytes); with it every instantiation uses 119-242 registers, no spills.
+constexpr int kMinBlocks = 2;
 constexpr int kCPitch = kBN + 4;       // fp32 tile pitch; wmma stores need a multiple of 4
 static_assert(kThreads == 2 * kBM, "the epilogue gives each row two threads");
 
+// KBK, the hidden elements per shared-memory stage, is a tuning choice (tuning.cuh, linear_kbk):
+// 32 or 64 for float16/bfloat16, 32 for float32. The products accumulate over k in the same order
+// either way, so the choice changes the speed, never the result.
+constexpr int kKbkChoices[] = {32, 64};
+constexpr int kDefaultKbk = 32;
+
 // Pitch of the staged hidden/weight tiles: 16 bytes of padding keeps every row 16-byte aligned
 // (vector stores, wmma's ldm) while shifting consecutive rows by 4 banks.
-template <typename T>
-constexpr int kPitch = kBK + 16 / static_cast<int>(sizeof(T));
+template <typename T, int KBK>
+constexpr int kPitch = KBK + 16 / static_cast<int>(sizeof(T));
+
+// Static shared memory of one block: the two staged tiles and the fp32 logits tile (at most 48 KB).
+template <typename T, int KBK>
+constexpr int kSmemBytes = (kBM + kBN) * kPitch<T, KBK> * static_cast<int>(sizeof(T)) +
+                           kBM * kCPitch * static_cast<int>(sizeof(float));
 
 
 // One global load / shared store moves VEC elements as a single word of this type.
@@ -56,15 +71,15 @@ struct Word<4> { using type = uint32_t; };
 template <>
 struct Word<16> { using type = uint4; };
 
-// Stages rows [0, ROWS) x columns [k0, k0 + kBK) of a row-major matrix (src points at the tile's
+// Stages rows [0, ROWS) x columns [k0, k0 + KBK) of a row-major matrix (src points at the tile's
 // first row; rows_left rows exist) into dst, zero-filling past the edges. VEC > 1 is only used
 // when rows are 16-byte aligned and hidden_size % VEC == 0, so a word is wholly in or out.
-template <typename T, int VEC, int ROWS>
+template <typename T, int VEC, int ROWS, int KBK>
 __device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restrict__ src,
                                            int64_t stride, int64_t rows_left, int64_t k0,
                                            int64_t hidden_size) {
   using W = typename Word<VEC * static_cast<int>(sizeof(T))>::type;
-  constexpr int kWordsPerRow = kBK / VEC;
+  constexpr int kWordsPerRow = KBK / VEC;
   static_assert((ROWS * kWordsPerRow) % kThreads == 0, "whole passes only");
 #pragma unroll
   for (int pass = 0; pass < ROWS * kWordsPerRow / kThreads; ++pass) {
@@ -75,13 +90,13 @@ __device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restr
     if (r < rows_left && k0 + c < hidden_size) {
       word = *reinterpret_cast<const W*>(src + r * stride + k0 + c);
     }
-    *reinterpret_cast<W*>(dst + r * kPitch<T> + c) = word;
+    *reinterpret_cast<W*>(dst + r * kPitch<T, KBK> + c) = word;
   }
 }
 
 // float16/bfloat16 tile product on the tensor cores: warp w owns the 32 x 32 quarter at rows
 // 32 * (w / 2), columns 32 * (w % 2), as 2 x 2 fragments of 16 x 16.
-template <typename T>
+template <typename T, int KBK>
 struct MmaTile {
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 
@@ -92,17 +107,18 @@ struct MmaTile {
 
   __device__ void add(const T* a_tile, const T* b_tile) {
     const int warp = threadIdx.x / 32;
-    const T* a_base = a_tile + (warp / 2) * 32 * kPitch<T>;
-    const T* b_base = b_tile + (warp % 2) * 32 * kPitch<T>;
+    constexpr int kP = kPitch<T, KBK>;
+    const T* a_base = a_tile + (warp / 2) * 32 * kP;
+    const T* b_base = b_tile + (warp % 2) * 32 * kP;
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < KBK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
       // The staged weight tile is (columns, k) row-major, i.e. weight^T column-major.
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], a_base + i * 16 * kPitch<T> + kk, kPitch<T>);
-        wmma::load_matrix_sync(b[i], b_base + i * 16 * kPitch<T> + kk, kPitch<T>);
+        wmma::load_matrix_sync(a[i], a_base + i * 16 * kP + kk, kP);
+        wmma::load_matrix_sync(b[i], b_base + i * 16 * kP + kk, kP);
       }
 #pragma unroll
       for (int f = 0; f < 4; ++f) {
@@ -124,8 +140,10 @@ struct MmaTile {
 
 // float32 tile product with fp32 FMAs: thread (ty, tx) = (tid / 8, tid % 8) owns rows ty + 16 i and
 // columns tx + 8 j, so a warp reads 4 hidden rows and 8 weight rows of distinct banks per step.
+template <int KBK>
 struct FmaTile {
   static_assert(kThreads == 128 && kBM == 64 && kBN == 64, "thread layout assumes a 64 x 64 tile");
+  static constexpr int kP = kPitch<float, KBK>;
   float acc[4][8];
 
   __device__ void zero() {
@@ -137,13 +155,13 @@ struct FmaTile {
     const int tx = threadIdx.x % 8;
     const int ty = threadIdx.x / 8;
 #pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
+    for (int kk = 0; kk < KBK; ++kk) {
       float a[4];
       float b[8];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = a_tile[(ty + 16 * i) * kPitch<float> + kk];
+      for (int i = 0; i < 4; ++i) a[i] = a_tile[(ty + 16 * i) * kP + kk];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = b_tile[(tx + 8 * j) * kPitch<float> + kk];
+      for (int j = 0; j < 8; ++j) b[j] = b_tile[(tx + 8 * j) * kP + kk];
 #pragma unroll
       for (int f = 0; f < 32; ++f) acc[f / 8][f % 8] = fmaf(a[f / 8], b[f % 8], acc[f / 8][f % 8]);
     }
@@ -159,13 +177,13 @@ struct FmaTile {
   }
 };
 
-template <typename T>
+template <typename T, int KBK>
 struct TileProduct {
-  using type = MmaTile<T>;
+  using type = MmaTile<T, KBK>;
 };
-template <>
-struct TileProduct<float> {
-  using type = FmaTile;
+template <int KBK>
+struct TileProduct<float, KBK> {
+  using type = FmaTile<KBK>;
 };
 
 // The scaled logit z from a dot product: + bias, * logit_scale, softcap, / temperature. (The
@@ -203,15 +221,16 @@ __device__ __forceinline__ void fold_row(OnlineLse& acc, const float* c_row, int
   acc.m = m_new;
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int VEC, int KBK>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     linear_logprobs_lse_kernel(const T* __restrict__ hidden, int64_t hidden_stride,
                                const T* __restrict__ weight, int64_t weight_stride,
                                const T* __restrict__ bias, int64_t n_rows, int64_t vocab,
                                int64_t hidden_size, float* __restrict__ lse, float inv_t,
                                float softcap, float logit_scale) {
-  __shared__ __align__(128) T a_tile[kBM * kPitch<T>];
-  __shared__ __align__(128) T b_tile[kBN * kPitch<T>];
+  static_assert(kSmemBytes<T, KBK> <= 48 * 1024, "static shared memory is limited to 48 KB");
+  __shared__ __align__(128) T a_tile[kBM * kPitch<T, KBK>];
+  __shared__ __align__(128) T b_tile[kBN * kPitch<T, KBK>];
   __shared__ __align__(128) float c_tile[kBM * kCPitch];
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -225,14 +244,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = row0 + local_row;
 
   OnlineLse acc{-INFINITY, 0.0f};
-  typename TileProduct<T>::type tile;
+  typename TileProduct<T, KBK>::type tile;
   for (int64_t v0 = 0; v0 < vocab; v0 += kBN) {
     const int n_cols = static_cast<int>(vocab - v0 < kBN ? vocab - v0 : kBN);
     const T* weight_block = weight + v0 * weight_stride;
     tile.zero();
-    for (int64_t k0 = 0; k0 < hidden_size; k0 += kBK) {
-      stage_tile<T, VEC, kBM>(a_tile, hidden_block, hidden_stride, rows_left, k0, hidden_size);
-      stage_tile<T, VEC, kBN>(b_tile, weight_block, weight_stride, n_cols, k0, hidden_size);
+    for (int64_t k0 = 0; k0 < hidden_size; k0 += KBK) {
+      stage_tile<T, VEC, kBM, KBK>(a_tile, hidden_block, hidden_stride, rows_left, k0,
+                                   hidden_size);
+      stage_tile<T, VEC, kBN, KBK>(b_tile, weight_block, weight_stride, n_cols, k0, hidden_size);
       __syncthreads();
       tile.add(a_tile, b_tile);
       __syncthreads();  // the next stage overwrites the tiles
@@ -257,7 +277,7 @@ __global__ void __launch_bounds__(kThreads)
 
 inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
 
-template <typename T>
+template <typename T, int KBK>
 void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64_t weight_stride,
                 uintptr_t bias, int64_t n_rows, int64_t vocab, int64_t hidden_size, uintptr_t lse,
                 float inv_t, float softcap, float logit_scale, cudaStream_t stream) {
@@ -278,9 +298,9 @@ void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64
         as_ptr<float>(lse), inv_t, softcap, logit_scale);
   };
   if (vectorised) {
-    run(linear_logprobs_lse_kernel<T, vec>);
+    run(linear_logprobs_lse_kernel<T, vec, KBK>);
   } else {
-    run(linear_logprobs_lse_kernel<T, 1>);
+    run(linear_logprobs_lse_kernel<T, 1, KBK>);
   }
   ALIGNKERN_CUDA_CHECK(cudaGetLastError());
 }
@@ -300,15 +320,23 @@ void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintp
             "0-2), got dtype code " + std::to_string(dtype));
   const float inv_t = static_cast<float>(1.0 / temperature);
   const float cap = softcap > 0 ? static_cast<float>(softcap) : 0.0f;
-  auto launch = [&](auto tag) {
-    launch_lse<decltype(tag)>(hidden, hidden_row_stride, weight, weight_row_stride, bias, n_rows,
-                              vocab, hidden_size, lse, inv_t, cap, static_cast<float>(logit_scale),
-                              reinterpret_cast<cudaStream_t>(stream));
+  const int kbk = tuning_choice("linear_kbk", kDefaultKbk, kKbkChoices,
+                                static_cast<int>(sizeof(kKbkChoices) / sizeof(int)));
+  auto launch = [&](auto tag, auto kbk_tag) {
+    launch_lse<decltype(tag), decltype(kbk_tag)::value>(
+        hidden, hidden_row_stride, weight, weight_row_stride, bias, n_rows, vocab, hidden_size, lse,
+        inv_t, cap, static_cast<float>(logit_scale), reinterpret_cast<cudaStream_t>(stream));
   };
+  using Kbk32 = std::integral_constant<int, 32>;
+  using Kbk64 = std::integral_constant<int, 64>;
   switch (to_dtype(dtype)) {
-    case DType::Float32: launch(float{}); break;
-    case DType::Float16: launch(__half{}); break;
-    case DType::BFloat16: launch(__nv_bfloat16{}); break;
+    case DType::Float32: launch(float{}, Kbk32{}); break;  // 64 would exceed 48 KB of shared memory
+    case DType::Float16:
+      if (kbk == 64) launch(__half{}, Kbk64{}); else launch(__half{}, Kbk32{});
+      break;
+    case DType::BFloat16:
+      if (kbk == 64) launch(__nv_bfloat16{}, Kbk64{}); else launch(__nv_bfloat16{}, Kbk32{});
+      break;
     case DType::Float64: break;  // refused above
   }
 }

@@ -14,17 +14,21 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "online_lse.cuh"
 #include "token_logprobs.h"
+#include "tuning.cuh"
 
 namespace alignkern {
 namespace {
 
 using namespace cuda_detail;
 
-constexpr int kThreads = 256;
+// Threads per block: a tuning choice (tuning.cuh, token_threads); every value is instantiated.
+constexpr int kThreadChoices[] = {256, 512, 1024};
+constexpr int kDefaultThreads = 256;
 
 
 template <typename T>
@@ -38,7 +42,9 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+template <int kThreads>
 __device__ OnlineLse block_lse_reduce(OnlineLse v) {
+  static_assert(kThreads % 32 == 0 && kThreads / 32 <= 32, "one partial per warp, one warp merges");
   __shared__ OnlineLse partial[kThreads / 32];
   for (int offset = 16; offset > 0; offset >>= 1) {
     OnlineLse other{__shfl_xor_sync(0xffffffffu, v.m, offset),
@@ -83,7 +89,7 @@ __device__ __forceinline__ void update_lse(OnlineLse& acc, const float (&x)[VEC]
   acc.m = m_new;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, int64_t vocab, const int64_t* __restrict__ row_offsets,
                               const int64_t* __restrict__ targets, int64_t k,
@@ -105,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
     const float x[1] = {__fmul_rn(to_f32(row_ptr[col]), inv_t)};
     update_lse<T, 1>(acc, x);
   }
-  const OnlineLse total = block_lse_reduce(acc);
+  const OnlineLse total = block_lse_reduce<kThreads>(acc);
   const float row_lse = lse_reference(total.m) + logf(total.s);
   if (threadIdx.x == 0) lse[row] = row_lse;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
@@ -122,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     token_logprobs_bwd_kernel(const float* __restrict__ coef, const T* __restrict__ logits,
                               int64_t vocab, const int64_t* __restrict__ row_offsets,
@@ -160,7 +166,19 @@ constexpr int vec_width() {
 // 16-byte vectors need every row start aligned to 16 bytes; the caller knows from the strides.
 inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
 
-template <typename T>
+// Calls fn(std::integral_constant<int, threads>{}) for the block size ALIGNKERN_CUDA_CONFIG asks for.
+template <typename Fn>
+void dispatch_threads(Fn&& fn) {
+  const int threads = tuning_choice("token_threads", kDefaultThreads, kThreadChoices,
+                                    static_cast<int>(sizeof(kThreadChoices) / sizeof(int)));
+  switch (threads) {
+    case 512: fn(std::integral_constant<int, 512>{}); break;
+    case 1024: fn(std::integral_constant<int, 1024>{}); break;
+    default: fn(std::integral_constant<int, 256>{}); break;
+  }
+}
+
+template <typename T, int kThreads>
 void launch_forward(uintptr_t logits, int64_t n_rows, int64_t vocab, uintptr_t row_offsets,
                     bool rows_aligned,
                     uintptr_t targets, int64_t k, uintptr_t out, uintptr_t lse, float inv_t,
@@ -174,14 +192,14 @@ void launch_forward(uintptr_t logits, int64_t n_rows, int64_t vocab, uintptr_t r
                                           as_ptr<float>(lse), inv_t, ignore_index);
   };
   if (rows_aligned && is_aligned16(logits)) {
-    args(token_logprobs_fwd_kernel<T, vec_width<T>()>);
+    args(token_logprobs_fwd_kernel<T, vec_width<T>(), kThreads>);
   } else {
-    args(token_logprobs_fwd_kernel<T, 1>);
+    args(token_logprobs_fwd_kernel<T, 1, kThreads>);
   }
   ALIGNKERN_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T>
+template <typename T, int kThreads>
 void launch_backward(uintptr_t coef, uintptr_t logits, int64_t n_rows, int64_t vocab,
                      uintptr_t row_offsets, bool rows_aligned, uintptr_t lse, uintptr_t grad_logits,
                      float inv_t, cudaStream_t stream) {
@@ -194,9 +212,9 @@ void launch_backward(uintptr_t coef, uintptr_t logits, int64_t n_rows, int64_t v
   };
   if (rows_aligned && is_aligned16(logits) && is_aligned16(grad_logits) &&
       (vocab * static_cast<int64_t>(sizeof(T))) % 16 == 0) {
-    args(token_logprobs_bwd_kernel<T, vec_width<T>()>);
+    args(token_logprobs_bwd_kernel<T, vec_width<T>(), kThreads>);
   } else {
-    args(token_logprobs_bwd_kernel<T, 1>);
+    args(token_logprobs_bwd_kernel<T, 1, kThreads>);
   }
   ALIGNKERN_CUDA_CHECK(cudaGetLastError());
 }
@@ -228,8 +246,11 @@ void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_
   const float inv_t = checked_inverse_temperature(n_rows, vocab, temperature);
   dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_forward<T>(logits, n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, out,
-                      lse, inv_t, ignore_index, reinterpret_cast<cudaStream_t>(stream));
+    dispatch_threads([&](auto threads) {
+      launch_forward<T, decltype(threads)::value>(
+          logits, n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, out, lse, inv_t,
+          ignore_index, reinterpret_cast<cudaStream_t>(stream));
+    });
   });
 }
 
@@ -239,8 +260,11 @@ void token_logprobs_bwd_cuda(uintptr_t coef, uintptr_t logits, int dtype, int64_
   const float inv_t = checked_inverse_temperature(n_rows, vocab, temperature);
   dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_backward<T>(coef, logits, n_rows, vocab, row_offsets, rows_aligned != 0, lse,
-                       grad_logits, inv_t, reinterpret_cast<cudaStream_t>(stream));
+    dispatch_threads([&](auto threads) {
+      launch_backward<T, decltype(threads)::value>(coef, logits, n_rows, vocab, row_offsets,
+                                                   rows_aligned != 0, lse, grad_logits, inv_t,
+                                                   reinterpret_cast<cudaStream_t>(stream));
+    });
   });
 }
 
