@@ -5,7 +5,7 @@ Every loss takes ``reduction="mean" | "sum" | "none"``. The log-likelihoods they
 does that step for you.
 
   bradley_terry_loss       -logsigmoid(chosen - rejected - margin)
-  dpo_loss                 DPO and its IPO / hinge / robust variants, with TRL's logged metrics
+  dpo_loss                 DPO with every loss type of TRL 1.16's DPOTrainer, TRL's semantics
   fused_linear_dpo_loss    DPO from hidden states and the LM head (chosen rows, then rejected)
   plackett_luce_loss       the listwise ranking loss, O(N log N)
   linear_kl                per-token KL(pi || pi_ref) from hidden states, no logits (ops/linear_kl)
@@ -17,6 +17,8 @@ does that step for you.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -32,7 +34,25 @@ __all__ = ["bradley_terry_loss", "dpo_loss", "fused_linear_dpo_loss", "plackett_
            "Distinguishability"]
 
 REDUCTIONS = ("mean", "sum", "none")
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# Every loss type of TRL 1.16's DPOTrainer, in its order.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                  "sigmoid_norm")
+# TRL's f-DPO regularisers, and the loss types built on the chosen-rejected score difference that
+# accept one other than reverse_kl (TRL refuses the others: their log Z(x) term does not cancel).
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                           "discopop", "sft")
+# "trl": label_smoothing reaches only robust, exo_pair, aot and aot_unpaired, as in TRL 1.16;
+# "cdpo": sigmoid also gets conservative DPO's smoothing (alignkern's default before TRL parity).
+DPO_SMOOTHINGS = ("trl", "cdpo")
+_SMOOTHED_LOSS_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
+# Loss types that normalise by completion length: they need chosen_lengths (and rejected_lengths).
+_LENGTH_LOSS_TYPES = {"ipo": ("chosen_lengths", "rejected_lengths"),
+                      "sigmoid_norm": ("chosen_lengths", "rejected_lengths"),
+                      "sft": ("chosen_lengths",)}
+# TRL clamps exp's argument in the alpha divergence to keep it representable in float32.
+_ALPHA_DIVERGENCE_CLAMP = 80.0
 # Losses compute in float32 for all but float64 inputs: a larger beta, margin or alpha would turn
 # into inf there (and inf * 0 into NaN).
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -87,19 +107,68 @@ def _scalar(name: str, arg: str, value, **kwargs) -> float:
     return number
 
 
-def _dpo_options(name: str, beta, loss_type, label_smoothing, reduction
-                 ) -> tuple[float, str, float, str]:
-    """``dpo_loss``'s scalar arguments, checked: beta positive and finite, label_smoothing in
-    [0, 0.5)."""
-    loss_type = _checks.choice(name, "loss_type", loss_type, DPO_LOSS_TYPES)
+class _DPOOptions(NamedTuple):
+    beta: float
+    loss_types: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    label_smoothing: float
+    smoothing: str
+    reduction: str
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    discopop_tau: float
+
+
+def _dpo_options(name: str, beta, loss_type, label_smoothing, reduction, smoothing, loss_weights,
+                 f_divergence_type, f_alpha_divergence_coef, discopop_tau) -> _DPOOptions:
+    """``dpo_loss``'s scalar arguments, checked: beta positive and finite; loss_type one type or a
+    non-empty list of them, loss_weights None or one finite weight per type; label_smoothing in
+    [0, 0.5) (and above 0 for exo_pair); the f-divergence one that every type supports."""
+    if isinstance(loss_type, (list, tuple)):
+        if not loss_type:
+            raise ValueError(f"{name}: loss_type must name at least one loss type, got "
+                             f"{_checks.describe(loss_type)}")
+        loss_types = tuple(_checks.choice(name, "loss_type", t, DPO_LOSS_TYPES) for t in loss_type)
+    else:
+        loss_types = (_checks.choice(name, "loss_type", loss_type, DPO_LOSS_TYPES),)
+    if loss_weights is None:
+        weights = (1.0,) * len(loss_types)
+    else:
+        if not isinstance(loss_weights, Sequence) or isinstance(loss_weights, str):
+            raise TypeError(f"{name}: loss_weights must be None or a list of numbers, one per loss "
+                            f"type, got {_checks.describe(loss_weights)}")
+        if len(loss_weights) != len(loss_types):
+            raise ValueError(f"{name}: loss_weights must have one weight per loss type, got "
+                             f"{len(loss_weights)} weights for {len(loss_types)} loss types")
+        weights = tuple(_scalar(name, "loss_weights", w) for w in loss_weights)
     reduction = _checks.choice(name, "reduction", reduction, REDUCTIONS)
+    smoothing = _checks.choice(name, "smoothing", smoothing, DPO_SMOOTHINGS)
     beta = _scalar(name, "beta", beta, positive=True)
     label_smoothing = _checks.real(name, "label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing}"
                          + (" (robust DPO divides by 1 - 2 * label_smoothing)"
-                            if loss_type == "robust" else ""))
-    return beta, loss_type, label_smoothing, reduction
+                            if "robust" in loss_types else ""))
+    if "exo_pair" in loss_types and label_smoothing == 0.0:
+        raise ValueError(f"{name}: loss_type 'exo_pair' needs label_smoothing > 0 (EXO's epsilon; "
+                         f"the paper recommends 1e-3), got 0.0")
+    f_divergence_type = _checks.choice(name, "f_divergence_type", f_divergence_type,
+                                       F_DIVERGENCE_TYPES)
+    unsupported = [t for t in loss_types if t not in F_DIVERGENCE_LOSS_TYPES]
+    if f_divergence_type != "reverse_kl" and unsupported:
+        raise ValueError(f"{name}: f_divergence_type {f_divergence_type!r} is only supported for "
+                         f"loss types {', '.join(map(repr, F_DIVERGENCE_LOSS_TYPES))}, got "
+                         f"{', '.join(map(repr, unsupported))}")
+    f_alpha_divergence_coef = _scalar(name, "f_alpha_divergence_coef", f_alpha_divergence_coef)
+    discopop_tau = _scalar(name, "discopop_tau", discopop_tau, positive=True)
+    uses_smoothing = set(_SMOOTHED_LOSS_TYPES) | ({"sigmoid"} if smoothing == "cdpo" else set())
+    if label_smoothing > 0 and not uses_smoothing & set(loss_types):
+        warnings.warn(f"{name}: label_smoothing={label_smoothing} has no effect on loss type(s) "
+                      f"{', '.join(map(repr, loss_types))} with TRL's semantics (the default since "
+                      f"alignkern follows TRL 1.16); pass smoothing='cdpo' for conservative DPO's "
+                      f"smoothing of the sigmoid loss", UserWarning, stacklevel=3)
+    return _DPOOptions(beta, loss_types, weights, label_smoothing, smoothing, reduction,
+                       f_divergence_type, f_alpha_divergence_coef, discopop_tau)
 
 
 def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -136,7 +205,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: 
 class DPOOutput(NamedTuple):
     """``dpo_loss``'s loss and the metrics DPO trainers log (per pair, detached):
     ``chosen_rewards = beta * (policy_chosen - ref_chosen)``, likewise ``rejected_rewards``,
-    ``margins = chosen_rewards - rejected_rewards``, ``accuracies = chosen > rejected``."""
+    ``margins = chosen_rewards - rejected_rewards``, ``accuracies = chosen > rejected`` (1.0 or
+    0.0). These are TRL's for every loss type and f-divergence (TRL's rewards are always the
+    beta-scaled log-ratios). ``metrics()`` gives the batch means under TRL's logged names."""
 
     loss: torch.Tensor
     chosen_rewards: torch.Tensor
@@ -144,47 +215,188 @@ class DPOOutput(NamedTuple):
     margins: torch.Tensor
     accuracies: torch.Tensor
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """``{"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}``:
+        the batch means TRL's ``DPOTrainer`` logs under those keys, as detached 0-dim tensors
+        (``float()`` them to log; nothing here synchronises with the device)."""
+        return {"rewards/chosen": self.chosen_rewards.mean(),
+                "rewards/rejected": self.rejected_rewards.mean(),
+                "rewards/accuracies": self.accuracies.mean(),
+                "rewards/margins": self.margins.mean()}
+
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, reduction: str = "mean") -> DPOOutput:
-    """Direct Preference Optimisation from sequence log-likelihoods ``(B,)``, with TRL's formulas
-    for each ``loss_type``; ``h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)``:
+             ref_rejected: torch.Tensor, *, beta: float = 0.1,
+             loss_type: str | Sequence[str] = "sigmoid", label_smoothing: float = 0.0,
+             reduction: str = "mean", chosen_lengths: torch.Tensor | None = None,
+             rejected_lengths: torch.Tensor | None = None,
+             loss_weights: Sequence[float] | None = None, smoothing: str = "trl",
+             f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+             discopop_tau: float = 0.05) -> DPOOutput:
+    """Direct Preference Optimisation from sequence log-likelihoods (the sums over each
+    completion's tokens), equal to TRL 1.16's ``DPOTrainer`` for every loss type it has, with
+    its arguments' names and defaults (``DPOConfig``'s ``beta``, ``loss_type``, ``loss_weights``,
+    ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``).
 
-    - ``"sigmoid"``: ``-(1 - ls) logsigmoid(beta h) - ls logsigmoid(-beta h)`` (cDPO smoothing)
-    - ``"robust"``: ``(-(1 - ls) logsigmoid(beta h) + ls logsigmoid(-beta h)) / (1 - 2 ls)``
-    - ``"hinge"``: ``relu(1 - beta h)``
-    - ``"ipo"``: ``(h - 1 / (2 beta))^2``
+    With ``lr_c = policy_chosen - ref_chosen``, ``lr_r = policy_rejected - ref_rejected``, the
+    scores ``s_c, s_r`` (the log-ratios, or their f-divergence transform), ``d = s_c - s_r`` and
+    ``ls = label_smoothing``, the per-pair losses are:
 
-    The four inputs are real floating-point tensors of one shape on one device; ``beta`` is
-    positive and finite, ``label_smoothing`` in ``[0, 0.5)``. Loss and metrics are float32
-    (float64 for float64 inputs).
+    - ``"sigmoid"``: ``-logsigmoid(beta d)``; no smoothing, as TRL (``smoothing="cdpo"``:
+      ``-(1 - ls) logsigmoid(beta d) - ls logsigmoid(-beta d)``, conservative DPO)
+    - ``"hinge"``: ``relu(1 - beta d)``
+    - ``"ipo"``: ``(s_c / n_c - s_r / n_r - 1 / (2 beta))^2``, ``n`` the completion lengths
+    - ``"exo_pair"``: EXO's KL to ``[1 - ls, ls]`` (needs ``ls > 0``)
+    - ``"nca_pair"``: ``-logsigmoid(beta lr_c) - (logsigmoid(-beta lr_c) + logsigmoid(-beta lr_r)) / 2``
+    - ``"robust"``: ``(-(1 - ls) logsigmoid(beta d) + ls logsigmoid(-beta d)) / (1 - 2 ls)``
+    - ``"bco_pair"``: ``-logsigmoid(beta lr_c) - logsigmoid(-beta lr_r)`` (TRL 1.16 keeps no
+      running reward mean for it)
+    - ``"sppo_hard"``: ``(lr_c - 1 / (2 beta))^2 + (lr_r + 1 / (2 beta))^2``
+    - ``"aot"`` / ``"aot_unpaired"``: the cDPO form on the batch-sorted log-ratio differences
+      (``reduction="none"`` answers in sorted order, as TRL)
+    - ``"apo_zero"`` / ``"apo_down"``: APO's anchored losses
+    - ``"discopop"``: DiscoPOP's blend of logistic and exponential losses, ``discopop_tau``
+    - ``"sft"``: ``-sum(policy_chosen) / sum(chosen_lengths)``, the token-mean NLL of the chosen
+      completions, the same value for every pair
+    - ``"sigmoid_norm"``: ``-logsigmoid(beta (s_c / n_c - s_r / n_r))``
+
+    ``loss_type`` may be a list; the loss is then ``sum_k loss_weights[k] * loss_k`` (weights 1
+    when None), as TRL combines them (MPO). ``chosen_lengths``, ``rejected_lengths``: completion
+    token counts (integer or float, the inputs' shape; clamped to at least 1 where they divide a
+    score), required by ``ipo``, ``sigmoid_norm`` and (chosen only) ``sft``. ``f_divergence_type``
+    is one of ``F_DIVERGENCE_TYPES``, allowed only for ``F_DIVERGENCE_LOSS_TYPES``.
+
+    ``label_smoothing`` is in ``[0, 0.5)``; with TRL's semantics (``smoothing="trl"``) it reaches
+    only robust, exo_pair, aot and aot_unpaired (a warning says when it reaches nothing). The four
+    log-likelihood inputs are real floating-point tensors of one shape on one device; ``beta``
+    positive and finite. Loss and metrics are float32 (float64 for float64 inputs); the metrics
+    are ``DPOOutput``'s, detached.
     """
     name = "dpo_loss"
-    _check_inputs(name, policy_chosen=policy_chosen, policy_rejected=policy_rejected,
-                  ref_chosen=ref_chosen, ref_rejected=ref_rejected)
-    beta, loss_type, label_smoothing, reduction = _dpo_options(name, beta, loss_type,
-                                                               label_smoothing, reduction)
+    _check_inputs(name, integral_ok=("chosen_lengths", "rejected_lengths"),
+                  policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                  ref_chosen=ref_chosen, ref_rejected=ref_rejected,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    options = _dpo_options(name, beta, loss_type, label_smoothing, reduction, smoothing,
+                           loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau)
+    _check_lengths(name, options, chosen_lengths=chosen_lengths,
+                   rejected_lengths=rejected_lengths)
+    return _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, options,
+                chosen_lengths, rejected_lengths)
+
+
+def _check_lengths(name: str, options: _DPOOptions, **lengths: torch.Tensor | None) -> None:
+    for loss_type in options.loss_types:
+        for arg in _LENGTH_LOSS_TYPES.get(loss_type, ()):
+            if lengths[arg] is None:
+                raise ValueError(f"{name}: loss_type {loss_type!r} needs {arg}, the completion "
+                                 f"token counts (TRL normalises by them)")
+
+
+def _f_divergence_scores(options: _DPOOptions, logratios: torch.Tensor) -> torch.Tensor:
+    """TRL's f'(policy / ref) for the f-DPO regularisers, from the log-ratio."""
+    kind = options.f_divergence_type
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":  # f'(t) = log(2t / (t + 1)) = log 2 + logsigmoid(log t)
+        return math.log(2) + F.logsigmoid(logratios)
+    alpha = options.f_alpha_divergence_coef
+    if kind == "reverse_kl" or abs(alpha - 1.0) < 1e-6:  # alpha -> 1 is reverse KL, as in TRL
+        return logratios
+    # alpha divergence: f'(t) = (t^(alpha - 1) - 1) / (alpha - 1), exp's argument clamped as TRL
+    t = torch.clamp((alpha - 1.0) * logratios, max=_ALPHA_DIVERGENCE_CLAMP)
+    return (torch.exp(t) - 1.0) * (1.0 / (alpha - 1.0))
+
+
+def _dpo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+         ref_rejected: torch.Tensor, options: _DPOOptions, chosen_lengths: torch.Tensor | None,
+         rejected_lengths: torch.Tensor | None) -> DPOOutput:
+    """``dpo_loss`` on checked arguments."""
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = _in_loss_dtype(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    dtype = policy_chosen.dtype
+    beta, smooth = options.beta, options.label_smoothing
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
-    h = chosen_logratio - rejected_logratio
-    smooth = label_smoothing
-    if loss_type == "sigmoid":
-        losses = -(1 - smooth) * F.logsigmoid(beta * h) - smooth * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        losses = (-(1 - smooth) * F.logsigmoid(beta * h)
-                  + smooth * F.logsigmoid(-beta * h)) / (1 - 2 * smooth)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    else:
-        losses = (h - 1 / (2 * beta)) ** 2
+    chosen_score = _f_divergence_scores(options, chosen_logratio)
+    rejected_score = _f_divergence_scores(options, rejected_logratio)
+    delta = chosen_score - rejected_score
+
+    def length_normalised_delta():
+        return (chosen_score / chosen_lengths.to(dtype).clamp(min=1.0)
+                - rejected_score / rejected_lengths.to(dtype).clamp(min=1.0))
+
+    def smoothed(x):  # cDPO: the preference is flipped with probability label_smoothing
+        return -F.logsigmoid(beta * x) * (1 - smooth) - F.logsigmoid(-beta * x) * smooth
+
+    total = None
+    for loss_type, weight in zip(options.loss_types, options.loss_weights):
+        if loss_type == "sigmoid":
+            losses = smoothed(delta) if options.smoothing == "cdpo" else -F.logsigmoid(beta * delta)
+        elif loss_type == "hinge":
+            losses = torch.relu(1 - beta * delta)
+        elif loss_type == "ipo":
+            losses = (length_normalised_delta() - 1 / (2 * beta)) ** 2
+        elif loss_type == "exo_pair":
+            # KL(softmax(beta * [s_c, s_r]) || [1 - eps, eps]), EXO-pref (arXiv 2402.00856, Eq. 16)
+            losses = (torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - math.log1p(-smooth))
+                      + torch.sigmoid(-beta * delta)
+                      * (F.logsigmoid(-beta * delta) - math.log(smooth)))
+        elif loss_type == "nca_pair":
+            losses = (-F.logsigmoid(beta * chosen_logratio)
+                      - 0.5 * F.logsigmoid(-beta * chosen_logratio)
+                      - 0.5 * F.logsigmoid(-beta * rejected_logratio))
+        elif loss_type == "robust":
+            losses = ((-(1 - smooth) * F.logsigmoid(beta * delta)
+                       + smooth * F.logsigmoid(-beta * delta)) / (1 - 2 * smooth))
+        elif loss_type == "bco_pair":
+            losses = (-F.logsigmoid(beta * chosen_logratio)
+                      - F.logsigmoid(-beta * rejected_logratio))
+        elif loss_type == "sppo_hard":  # SPPO with hard win probabilities 1 and 0
+            losses = ((chosen_logratio - 0.5 / beta) ** 2 + (rejected_logratio + 0.5 / beta) ** 2)
+        elif loss_type == "aot":  # sorted over the batch: an optimal-transport coupling
+            policy_sorted = torch.sort(policy_chosen - policy_rejected, dim=0).values
+            ref_sorted = torch.sort(ref_chosen - ref_rejected, dim=0).values
+            losses = smoothed(policy_sorted - ref_sorted)
+        elif loss_type == "aot_unpaired":
+            losses = smoothed(torch.sort(chosen_logratio, dim=0).values
+                              - torch.sort(rejected_logratio, dim=0).values)
+        elif loss_type == "apo_zero":  # APO (arXiv 2408.06266) Eq. 7: chosen up, rejected down
+            losses = (1 - torch.sigmoid(beta * chosen_logratio)
+                      + torch.sigmoid(beta * rejected_logratio))
+        elif loss_type == "apo_down":  # Eq. 8: both down, rejected more
+            losses = (torch.sigmoid(beta * chosen_logratio)
+                      + 1 - torch.sigmoid(beta * (chosen_logratio - rejected_logratio)))
+        elif loss_type == "discopop":  # DiscoPOP (arXiv 2406.08414) Eq. 5
+            logits = beta * delta
+            modulation = torch.sigmoid(logits / options.discopop_tau)
+            losses = -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+        elif loss_type == "sft":  # token-mean NLL of the chosen completions, for every pair
+            nll = -policy_chosen.sum() / chosen_lengths.to(dtype).sum()
+            losses = nll.expand(policy_chosen.shape)
+        else:  # "sigmoid_norm"
+            losses = -F.logsigmoid(beta * length_normalised_delta())
+        losses = losses * weight
+        total = losses if total is None else total + losses
+
     chosen_rewards = beta * chosen_logratio.detach()
     rejected_rewards = beta * rejected_logratio.detach()
-    return DPOOutput(_reduce(losses, reduction), chosen_rewards, rejected_rewards,
+    return DPOOutput(_reduce(total, options.reduction), chosen_rewards, rejected_rewards,
                      chosen_rewards - rejected_rewards,
                      (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype))
+
+
+def completion_lengths(targets: torch.Tensor, mask: torch.Tensor | None = None,
+                       average_log_prob: bool = False, ignore_index: int = -100) -> torch.Tensor:
+    """``(rows,)`` float32 token counts of what ``sequence_logprobs`` sums for ``targets (rows,
+    T)``: the positions in ``mask`` whose target is not ``ignore_index`` (TRL's completion
+    lengths); ones with ``average_log_prob`` (the log-likelihoods are then already per token)."""
+    if average_log_prob:
+        return torch.ones(targets.shape[0], dtype=torch.float32, device=targets.device)
+    counted = targets != ignore_index
+    if mask is not None:
+        counted = counted & mask.to(torch.bool)
+    return counted.sum(-1).to(torch.float32)
 
 
 def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -192,24 +404,33 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           ref_logps: torch.Tensor | None = None,
                           ref_hidden: torch.Tensor | None = None,
                           ref_weight: torch.Tensor | None = None, beta: float = 0.1,
-                          loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                          average_log_prob: bool = False, reduction: str = "mean",
-                          logit_scale: float = 1.0) -> DPOOutput:
-    """DPO straight from hidden states: ``hidden (2B, T, H)`` holds the B chosen sequences, then
-    the B rejected ones; ``targets``, ``mask (2B, T)``. Sequence log-likelihoods come from
-    ``sequence_logprobs`` (no logits materialised); the reference side is ``ref_logps (2B,)`` or
-    computed from ``ref_hidden`` and ``ref_weight`` (no gradient). Gradients flow to ``hidden``
-    and ``weight``. ``average_log_prob`` (a bool) uses the mean over tokens instead of the sum
-    (IPO). ``logit_scale`` (positive, finite) multiplies the logits of both the policy and the
-    ``ref_hidden``/``ref_weight`` side, as in ``linear_logprobs``. The scalar arguments are
-    checked as ``dpo_loss`` checks them, before any work."""
+                          loss_type: str | Sequence[str] = "sigmoid",
+                          label_smoothing: float = 0.0, average_log_prob: bool = False,
+                          reduction: str = "mean", logit_scale: float = 1.0,
+                          loss_weights: Sequence[float] | None = None, smoothing: str = "trl",
+                          f_divergence_type: str = "reverse_kl",
+                          f_alpha_divergence_coef: float = 0.5,
+                          discopop_tau: float = 0.05) -> DPOOutput:
+    """DPO straight from hidden states: ``hidden (2B, T, H)`` holds the B chosen sequences, then the B
+    rejected ones; ``targets``, ``mask (2B, T)`` (the completion tokens, as TRL's shifted completion
+    mask). Sequence log-likelihoods come from ``sequence_logprobs`` (no logits materialised); the
+    reference side is ``ref_logps (2B,)`` or computed from ``ref_hidden`` and ``ref_weight`` (no
+    gradient). Gradients flow to ``hidden`` and ``weight``. Every loss option is ``dpo_loss``'s,
+    with the completion lengths counted by ``completion_lengths`` (``mask`` and the targets that are
+    not -100), so the defaults equal TRL 1.16's ``DPOTrainer`` for every loss type.
+    ``average_log_prob`` (a bool) uses the mean over tokens instead of the sum, with lengths 1 (the
+    log-likelihoods are already per token: ``ipo`` and ``sigmoid_norm`` then equal TRL's loss, but
+    the rewards and ``sft`` are per-token, unlike TRL's). ``logit_scale`` (positive, finite)
+    multiplies the logits of both the policy and the ``ref_hidden``/``ref_weight`` side, as in
+    ``linear_logprobs``. The scalar arguments are checked as ``dpo_loss`` checks them, before any
+    work."""
     name = "fused_linear_dpo_loss"
     _checks.tensor(name, "hidden", hidden, floating=True)
     _checks.optional_tensor(name, "ref_logps", ref_logps, floating=True)
     _checks.optional_tensor(name, "ref_hidden", ref_hidden, floating=True)
     _checks.same_device(name, hidden=hidden, ref_logps=ref_logps, ref_hidden=ref_hidden)
-    beta, loss_type, label_smoothing, reduction = _dpo_options(name, beta, loss_type,
-                                                               label_smoothing, reduction)
+    options = _dpo_options(name, beta, loss_type, label_smoothing, reduction, smoothing,
+                           loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau)
     average_log_prob = _checks.boolean(name, "average_log_prob", average_log_prob)
     logit_scale = _checks.real(name, "logit_scale", logit_scale, positive=True)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
@@ -219,19 +440,20 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"{name}: give exactly one of ref_logps or ref_hidden (with ref_weight)")
     if ref_logps is not None:
         _checks.shape(name, "ref_logps", ref_logps, hidden.shape[:1])
+    elif ref_weight is None:
+        raise ValueError(f"{name}: ref_hidden needs ref_weight")
     reduction_kind = "mean" if average_log_prob else "sum"
     policy = sequence_logprobs(hidden, weight, targets, mask, reduction=reduction_kind,
                                logit_scale=logit_scale)
     if ref_logps is None:
-        if ref_weight is None:
-            raise ValueError(f"{name}: ref_hidden needs ref_weight")
         with torch.no_grad():
             ref_logps = sequence_logprobs(ref_hidden, ref_weight, targets, mask,
                                           reduction=reduction_kind, logit_scale=logit_scale)
+    lengths = completion_lengths(targets, mask, average_log_prob).to(policy.dtype)
     half = hidden.shape[0] // 2
     ref_logps = ref_logps.to(policy.dtype)
-    return dpo_loss(policy[:half], policy[half:], ref_logps[:half], ref_logps[half:], beta=beta,
-                    loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction)
+    return _dpo(policy[:half], policy[half:], ref_logps[:half], ref_logps[half:], options,
+                lengths[:half], lengths[half:])
 
 
 # ----------------------------------------------------------------------------- listwise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -42,22 +43,35 @@ def test_bradley_terry_matches_formula_and_gradients():
                                out.mean())
 
 
-@pytest.mark.parametrize("loss_type", losses.DPO_LOSS_TYPES)
+@pytest.mark.parametrize(("loss_type", "smoothing"), [("sigmoid", "trl"), ("sigmoid", "cdpo"),
+                                                      ("robust", "trl"), ("hinge", "trl"),
+                                                      ("ipo", "trl")])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_dpo_loss_matches_trl_formulas(loss_type, label_smoothing):
+def test_dpo_loss_matches_trl_formulas(loss_type, smoothing, label_smoothing):
+    """Hand-written formulas for four types (tests/test_dpo_trl_parity.py holds every type
+    against TRL's own trainer code). Sigmoid takes no label smoothing by default, as TRL 1.16;
+    cDPO's smoothing (alignkern's default before) is ``smoothing="cdpo"``. IPO normalises by the
+    completion lengths."""
     pc, pr, rc, rr = (torch.randn(6, dtype=torch.float64, requires_grad=i < 2) for i in range(4))
+    lc = torch.randint(0, 5, (6,))
+    lr = torch.randint(1, 5, (6,))
     beta = 0.3
-    result = losses.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
-                             label_smoothing=label_smoothing, reduction="none")
+    options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                   reduction="none", smoothing=smoothing, chosen_lengths=lc, rejected_lengths=lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # smoothing that reaches no loss type
+        result = losses.dpo_loss(pc, pr, rc, rr, **options)
     for i in range(6):
         h = (pc[i] - rc[i] - (pr[i] - rr[i])).item()
         ls = label_smoothing
+        cdpo = -(1 - ls) * _sigmoid_log(beta * h) - ls * _sigmoid_log(-beta * h)
+        h_ipo = (pc[i] - rc[i]).item() / max(lc[i].item(), 1) - (pr[i] - rr[i]).item() / lr[i].item()
         want = {
-            "sigmoid": -(1 - ls) * _sigmoid_log(beta * h) - ls * _sigmoid_log(-beta * h),
+            "sigmoid": cdpo if smoothing == "cdpo" else -_sigmoid_log(beta * h),
             "robust": (-(1 - ls) * _sigmoid_log(beta * h) + ls * _sigmoid_log(-beta * h))
             / (1 - 2 * ls),
             "hinge": max(0.0, 1 - beta * h),
-            "ipo": (h - 1 / (2 * beta)) ** 2,
+            "ipo": (h_ipo - 1 / (2 * beta)) ** 2,
         }[loss_type]
         assert result.loss[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
         assert result.chosen_rewards[i].item() == pytest.approx(beta * (pc[i] - rc[i]).item())
@@ -69,16 +83,16 @@ def test_dpo_loss_matches_trl_formulas(loss_type, label_smoothing):
     grad = torch.randn(6, dtype=torch.float64)
     got = torch.autograd.grad(result.loss, (pc, pr), grad)
     numeric = [x.detach().clone().requires_grad_(True) for x in (pc, pr)]
-    again = losses.dpo_loss(*numeric, rc, rr, beta=beta, loss_type=loss_type,
-                            label_smoothing=label_smoothing, reduction="none")
-    want = torch.autograd.grad(again.loss, numeric, grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
-    assert torch.autograd.gradcheck(
-        lambda a, b: losses.dpo_loss(a, b, rc, rr, beta=beta, loss_type=loss_type,
-                                     label_smoothing=label_smoothing, reduction="none").loss,
-        (pc.detach().requires_grad_(True), pr.detach().requires_grad_(True)),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        again = losses.dpo_loss(*numeric, rc, rr, **options)
+        want = torch.autograd.grad(again.loss, numeric, grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        assert torch.autograd.gradcheck(
+            lambda a, b: losses.dpo_loss(a, b, rc, rr, **options).loss,
+            (pc.detach().requires_grad_(True), pr.detach().requires_grad_(True)),
+        )
 
 
 def test_dpo_errors():
@@ -121,13 +135,33 @@ def test_fused_linear_dpo_matches_the_unfused_composition(loss_type):
     policy = reference.sequence_logprobs(*dl, targets, mask, reduction=reduction)
     ref = reference.sequence_logprobs(ref_h.double(), ref_w.double(), targets, mask,
                                       reduction=reduction)
+    ones = torch.ones(3)  # average_log_prob: the log-likelihoods are already per token
     unfused = losses.dpo_loss(policy[:3], policy[3:], ref[:3], ref[3:], beta=0.2,
-                              loss_type=loss_type)
+                              loss_type=loss_type, chosen_lengths=ones, rejected_lengths=ones)
     want = torch.autograd.grad(unfused.loss, dl)
     torch.testing.assert_close(fused.loss.double(), unfused.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.margins.double(), unfused.margins, rtol=1e-5, atol=1e-6)
     for got, expected in zip(grads, want):
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_dpo_lengths_count_the_scored_tokens():
+    """ipo normalises by the completion length: the tokens sequence_logprobs sums, i.e. inside the
+    mask and not ignore_index, also when there is no mask."""
+    h, w, targets, _ = _dpo_inputs()
+    targets = targets.clone()
+    targets[0, :2] = -100
+    targets[4, -1] = -100
+    fused = losses.fused_linear_dpo_loss(h, w, targets, None, ref_logps=torch.zeros(6, device=DEVICE),
+                                         beta=0.2, loss_type="ipo", reduction="none")
+    counted = (targets != -100).sum(-1).to(torch.float32)
+    assert counted.tolist() != [targets.shape[1]] * 6  # the ignored targets change the counts
+    policy = alignkern.sequence_logprobs(h, w, targets)
+    zero = torch.zeros(3, device=DEVICE)
+    want = losses.dpo_loss(policy[:3], policy[3:], zero, zero, beta=0.2,
+                           loss_type="ipo", reduction="none", chosen_lengths=counted[:3],
+                           rejected_lengths=counted[3:])
+    torch.testing.assert_close(fused.loss, want.loss, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,14 +170,17 @@ def test_fused_linear_dpo_matches_the_unfused_composition(loss_type):
 def test_fused_linear_dpo_per_pair_gradients_with_random_upstream(backend, loss_type,
                                                                   label_smoothing):
     """reduction="none" with a random gradient per pair: the bug class where a fused loss
-    precomputes gradients for a scalar loss and gets per-example weights wrong."""
+    precomputes gradients for a scalar loss and gets per-example weights wrong. Sigmoid with
+    label smoothing is cDPO's, an explicit option since the default follows TRL 1.16."""
+    smoothing = "cdpo" if loss_type == "sigmoid" else "trl"
     h, w, targets, mask = _dpo_inputs(batch=2, length=5, vocab=61)
     ref_logps = -10 * torch.rand(4, device=DEVICE)
     leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
     with alignkern.use_backend(backend):
         fused = losses.fused_linear_dpo_loss(*leaves, targets, mask, ref_logps=ref_logps,
                                              beta=0.5, loss_type=loss_type,
-                                             label_smoothing=label_smoothing, reduction="none")
+                                             label_smoothing=label_smoothing, reduction="none",
+                                             smoothing=smoothing)
     grad = torch.randn(2, device=DEVICE)
     got = torch.autograd.grad(fused.loss, leaves, grad)
 
@@ -152,7 +189,7 @@ def test_fused_linear_dpo_per_pair_gradients_with_random_upstream(backend, loss_
     ref = ref_logps.double()
     unfused = losses.dpo_loss(policy[:2], policy[2:], ref[:2], ref[2:], beta=0.5,
                               loss_type=loss_type, label_smoothing=label_smoothing,
-                              reduction="none")
+                              reduction="none", smoothing=smoothing)
     want = torch.autograd.grad(unfused.loss, dl, grad.double())
     assert fused.loss.shape == (2,) and fused.loss.dtype == torch.float32
     torch.testing.assert_close(fused.loss.double(), unfused.loss, rtol=1e-5, atol=1e-5)
