@@ -1,0 +1,573 @@
+"""Vocabulary-parallel scoring over ``torch.distributed``, composed from alignkern's public ops.
+
+Shard convention
+----------------
+Every rank of ``process_group`` (``None``: the default group) holds one contiguous, non-empty
+shard ``[vocab_start, vocab_start + V_local)`` of a vocabulary of ``V`` ids: the last dimension of
+its logits shard (``token_logprobs``) or the rows of its LM-head shard ``weight (V_local, H)`` and
+``bias (V_local,)`` (``linear_logprobs`` and the functions built on it). Together the shards must
+tile ``[0, V)`` exactly, with no gap and no overlap. ``vocab_start=None`` (on every rank) means
+"rank order is shard order": rank ``r`` of the group starts where rank ``r - 1`` ends, as in
+Megatron's ``VocabUtility`` (shards may be uneven). ``vocab_size`` (optional, the full ``V``)
+is checked against the shards when given. Hidden states, targets, options, masks and the scalar
+settings must be the same on every rank; results are the same on every rank (replicated).
+
+What is communicated, per call with N rows and K targets per row
+----------------------------------------------------------------
+* one all-gather of ``SETUP_FIELDS`` (16) int64 per rank: shard sizes/starts, shapes, dtypes,
+  settings and a checksum of the targets, so that a bad setup raises the same error on every
+  rank instead of hanging in a collective (skipped when ``vocab_start`` is given and
+  ``ALIGNKERN_VALIDATE=0``);
+* forward: an all-reduce (max) of N numbers (each shard's log-sum-exp), then one all-reduce (sum)
+  of N·(K + 1) numbers (the rescaled sum-exp of each shard and the target logits, each owned by
+  exactly one rank, zero elsewhere). The ``(N, V)`` logits are never gathered.
+* backward: nothing for ``token_logprobs`` (each rank's ``dlogits`` is local); for the
+  ``linear_*`` functions one all-reduce (sum) of ``dhidden`` (N·H numbers), so that every rank
+  gets the full gradient of the replicated hidden states (Megatron's "copy to tensor-parallel
+  region"). ``dweight``/``dbias`` stay local to their shard.
+
+Autograd: ``_ReduceFromShards`` (forward all-reduce sum, backward identity) combines per-rank
+partial values into a replicated one; ``_CopyToShards`` (forward identity, backward all-reduce
+sum) marks the replicated hidden states entering the per-rank computation. Partial values are
+computed from rank-local tensors only (the global maximum used for rescaling is a constant, so
+it carries no gradient), which makes the identity backward exact.
+
+torch.compile: values and gradients are right under ``torch.compile`` (checked on 2 gloo ranks),
+but the graph breaks at each ``torch.distributed`` collective (``dist.all_reduce`` in the
+autograd Functions: three in the forward) and at the setup exchange (``.tolist()`` of the
+gathered table); the single-process registered ops between the breaks are compiled as usual.
+The process group is a Python object handed to the Functions, never to a registered op.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+import alignkern
+
+from .. import _checks
+from .. import losses as _losses
+from ..ops import token_logprobs as _tokens
+
+SETUP_FIELDS = 16
+_LOCAL_IGNORE = -1  # the ignore_index handed to the single-process op: never a local id
+_NO_IGNORED_ID = _checks.INT64_MIN  # what the option functions use: no option is ignored
+
+
+class ShardLayout(NamedTuple):
+    """This rank's place in a vocabulary-parallel group."""
+
+    vocab_start: int
+    vocab_local: int
+    vocab_size: int
+    rank: int
+    world_size: int
+
+
+# ----------------------------------------------------------------------------- autograd pieces
+
+
+class _ReduceFromShards(torch.autograd.Function):
+    """All-reduce (sum) of per-rank partial values; the backward is the identity, since every
+    rank computes the same loss from the replicated sum."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        total = partial.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Identity in the forward; the backward sums the per-rank gradients of a replicated input
+    (each rank only sees the part of ``dhidden`` that comes through its vocabulary shard)."""
+
+    @staticmethod
+    def forward(ctx, value, group):
+        ctx.group = group
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total, None
+
+
+def _all_reduce_max(value: torch.Tensor, group) -> torch.Tensor:
+    out = value.detach().contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+# ----------------------------------------------------------------------------- setup exchange
+
+
+def _group_rank(fn: str, group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{fn}: torch.distributed is not initialised (call "
+                           "torch.distributed.init_process_group first)")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError(f"{fn}: this process is not a member of process_group")
+    return rank, dist.get_world_size(group)
+
+
+def _validating() -> bool:
+    return os.environ.get("ALIGNKERN_VALIDATE", "1") != "0"
+
+
+def _optional_int(fn: str, arg: str, value) -> int | None:
+    return None if value is None else _checks.integer(fn, arg, value)
+
+
+def _settings_code(*values) -> int:
+    """A number equal on ranks whose settings (numbers, strings, None, shapes) are equal: a CRC
+    of their ``repr``, which unlike ``hash`` of a string is the same in every process."""
+    return zlib.crc32(repr(values).encode())
+
+
+def _targets_summary(targets: torch.Tensor | None, ignore_index: int | None) -> list[int]:
+    """``[count, min, max, checksum]`` of the ids that are not ``ignore_index``."""
+    if targets is None or targets.numel() == 0 or not _validating():
+        return [0, 0, 0, 0]
+    flat = targets.reshape(-1).to(torch.int64)
+    weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
+    checksum = (flat * weights).sum()
+    counted = flat if ignore_index is None else flat[flat != ignore_index]
+    if counted.numel() == 0:
+        return [0, 0, 0, int(checksum)]
+    stats = torch.stack([counted.min(), counted.max(), checksum]).tolist()
+    return [counted.numel(), *stats]
+
+
+class _Setup(NamedTuple):
+    vocab_local: int
+    vocab_start: int | None
+    vocab_size: int | None
+    rows: int
+    k: int  # -1: no K dimension
+    width: int  # H for the linear functions, -1 for token_logprobs
+    dtype: torch.dtype | None
+    shape_code: int
+    settings_code: int
+    targets: torch.Tensor | None
+    ignore_index: int | None
+
+
+_DTYPE_CODE = {None: -1, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_FIELD_NAMES = {5: "the number of rows N", 6: "the number of targets per row K",
+                7: "the hidden size H", 8: "the dtype", 9: "the shape of the targets",
+                10: "the scalar settings (temperature, softcap, logit_scale, ignore_index, ...)",
+                14: "the target ids"}
+
+
+def _exchange(fn: str, group, device: torch.device, local_error: BaseException | None,
+              setup: _Setup | None) -> ShardLayout:
+    """All-gather every rank's setup, check it identically on every rank, and return this rank's
+    layout; raise the same error on every rank when anything is wrong (a rank whose own inputs
+    were invalid raises its own error, the others say which rank failed)."""
+    rank, world = _group_rank(fn, group)
+    row = [0] * SETUP_FIELDS
+    if local_error is None:
+        summary = _targets_summary(setup.targets, setup.ignore_index)
+        row[:15] = [1, setup.vocab_local, int(setup.vocab_start is not None),
+                    setup.vocab_start or 0, int(setup.vocab_size is not None),
+                    setup.rows, setup.k, setup.width, _DTYPE_CODE[setup.dtype],
+                    setup.shape_code, setup.settings_code, *summary]
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).tolist()
+    failed = [r for r in range(world) if table[r][0] == 0]
+    if failed:
+        if local_error is not None:
+            raise local_error
+        raise RuntimeError(f"{fn}: rank(s) {failed} of the process group were given invalid "
+                           "inputs (see the error raised there); no rank went on")
+    # The shapes, dtypes and settings must agree (the vocab_size field is checked with the tiling).
+    for field in (5, 6, 7, 8, 9, 10, 14):
+        values = [table[r][field] for r in range(world)]
+        if len(set(values)) > 1:
+            shown = values if field in (5, 6, 7) else ""
+            raise ValueError(f"{fn}: the ranks of the process group disagree on "
+                             f"{_FIELD_NAMES[field]}{f' {shown}' if shown else ''}; "
+                             "every rank must pass the same (replicated) inputs")
+    sizes = [table[r][1] for r in range(world)]
+    given = [table[r][2] for r in range(world)]
+    if 0 < sum(given) < world:
+        raise ValueError(f"{fn}: vocab_start was given on rank(s) "
+                         f"{[r for r in range(world) if given[r]]} but not on the others; give it "
+                         "on every rank or on none (None: rank order is shard order)")
+    starts = [table[r][3] for r in range(world)] if given[0] else \
+        [sum(sizes[:r]) for r in range(world)]
+    order = sorted(range(world), key=lambda r: (starts[r], sizes[r]))
+    end = 0
+    for r in order:
+        if starts[r] != end:
+            what = "a gap" if starts[r] > end else "an overlap"
+            raise ValueError(
+                f"{fn}: the vocabulary shards do not tile [0, V): there is {what} at id "
+                f"{min(end, starts[r])} (shards as (rank, start, size): "
+                f"{[(q, starts[q], sizes[q]) for q in range(world)]})")
+        end = starts[r] + sizes[r]
+    # vocab_size is part of the settings code (compared above), so this rank's value serves.
+    if setup.vocab_size is not None and setup.vocab_size != end:
+        raise ValueError(f"{fn}: the vocabulary shards cover [0, {end}) but vocab_size is "
+                         f"{setup.vocab_size} (shards as (rank, start, size): "
+                         f"{[(q, starts[q], sizes[q]) for q in range(world)]})")
+    for r in range(world):
+        count, low, high = table[r][11], table[r][12], table[r][13]
+        if count and (low < 0 or high >= end):
+            bad = low if low < 0 else high
+            allowed = "" if setup.ignore_index is None else \
+                f" or ignore_index ({setup.ignore_index})"
+            raise IndexError(f"{fn}: target id {bad} is outside every vocabulary shard: ids must "
+                             f"be in [0, {end}){allowed}")
+    return ShardLayout(starts[rank], sizes[rank], end, rank, world)
+
+
+def _layout(fn: str, group, device, vocab_start, vocab_size, make_setup) -> ShardLayout:
+    """Run the local checks (``make_setup`` returns a ``_Setup`` or raises), then the exchange;
+    with ``ALIGNKERN_VALIDATE=0`` and an explicit ``vocab_start`` the exchange is skipped."""
+    local_error = None
+    setup = None
+    try:
+        vocab_start = _optional_int(fn, "vocab_start", vocab_start)
+        vocab_size = _optional_int(fn, "vocab_size", vocab_size)
+        setup = make_setup(vocab_start, vocab_size)
+        if setup.vocab_local <= 0:
+            raise ValueError(f"{fn}: this rank's vocabulary shard is empty (every rank must hold "
+                             "at least one id)")
+        if vocab_start is not None and vocab_start < 0:
+            raise ValueError(f"{fn}: vocab_start must be >= 0, got {vocab_start}")
+    except (TypeError, ValueError, IndexError) as exc:
+        local_error = exc
+    if local_error is None and vocab_start is not None and not _validating():
+        rank, world = _group_rank(fn, group)
+        total = vocab_size if vocab_size is not None else -1
+        return ShardLayout(vocab_start, setup.vocab_local, total, rank, world)
+    return _exchange(fn, group, device, local_error, setup)
+
+
+def shard_layout(vocab_local: int, *, vocab_start: int | None = None,
+                 vocab_size: int | None = None, process_group=None) -> ShardLayout:
+    """Check that the shards of ``process_group`` tile the vocabulary (a collective: call it on
+    every rank) and return this rank's ``ShardLayout``; raises the same error on every rank."""
+    fn = "shard_layout"
+
+    def make(start, size):
+        local = _checks.integer(fn, "vocab_local", vocab_local)
+        return _Setup(local, start, size, 0, -1, -1, None, 0, _settings_code(size), None, None)
+
+    device = _collective_device(process_group)
+    return _exchange(fn, process_group, device, *_try(make, fn, vocab_start, vocab_size))
+
+
+def _try(make, fn, vocab_start, vocab_size):
+    try:
+        return None, make(_optional_int(fn, "vocab_start", vocab_start),
+                          _optional_int(fn, "vocab_size", vocab_size))
+    except (TypeError, ValueError) as exc:
+        return exc, None
+
+
+def _checked_on_every_rank(fn: str, group, check) -> None:
+    """Run a function's own argument checks; if they fail on this rank, still meet the other
+    ranks at the setup exchange, so that every rank raises (none waits for the group timeout)."""
+    try:
+        check()
+    except (TypeError, ValueError, IndexError) as exc:
+        _exchange(fn, group, _collective_device(group), exc, None)
+
+
+def _collective_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- combination
+
+
+def _localise(targets: torch.Tensor, layout: ShardLayout, ignore_index: int | None):
+    """``(local_ids, owned, ignored)``: ids of this shard shifted to ``[0, V_local)``, every other
+    slot ``_LOCAL_IGNORE``."""
+    ids = targets.to(torch.int64)
+    ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_index is None \
+        else ids == ignore_index
+    shifted = ids - layout.vocab_start
+    owned = (shifted >= 0) & (shifted < layout.vocab_local) & ~ignored
+    return torch.where(owned, shifted, _LOCAL_IGNORE), owned, ignored
+
+
+def _combine(local_logprobs, local_lse, owned, ignored, has_k: bool, group):
+    """Global ``(logprobs, lse)`` from this shard's: ``local_logprobs = z_t - lse_r`` at the owned
+    slots, ``local_lse = lse_r``. With ``M = max_r lse_r`` (a constant, no gradient):
+    ``S = sum_r exp(lse_r - M)``, ``z_t - M = sum_r [owned] (local_logprobs + lse_r - M)``,
+    ``logprobs = (z_t - M) - log S`` and ``lse = M + log S``."""
+    m = _all_reduce_max(local_lse, group)
+    scaled = torch.exp(local_lse - m)
+    shift = (local_lse - m)[..., None] if has_k else (local_lse - m)
+    partial = torch.where(owned, local_logprobs + shift, 0.0)
+    packed = torch.cat([scaled[..., None], partial if has_k else partial[..., None]], dim=-1)
+    total = _ReduceFromShards.apply(packed, group)
+    log_s = torch.log(total[..., 0])
+    target = total[..., 1:] if has_k else total[..., 1]
+    logprobs = torch.where(ignored, 0.0, target - (log_s[..., None] if has_k else log_s))
+    return logprobs, m + log_s
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int | None = None,
+                   vocab_size: int | None = None, process_group=None, temperature: float = 1.0,
+                   ignore_index: int = -100, return_lse: bool = False):
+    """``alignkern.token_logprobs`` over a vocabulary split across ``process_group``.
+
+    ``logits (..., V_local)`` is this rank's shard (ids ``[vocab_start, vocab_start + V_local)``);
+    ``targets (...)`` or ``(..., K)`` holds global ids (or ``ignore_index``) and is the same on
+    every rank. Returns what ``alignkern.token_logprobs`` returns on the full logits, on every
+    rank; the gradient of each rank's logits shard is that shard of the full gradient (no
+    communication in the backward). A collective: call it on every rank of the group.
+    """
+    fn = "token_logprobs"
+
+    def make(start, size):
+        temperature_, ignore = _tokens._check_inputs(fn, logits, targets, temperature,
+                                                     ignore_index)
+        has_k = targets.dim() == logits.dim()
+        rows = math.prod(logits.shape[:-1])
+        return _Setup(logits.shape[-1], start, size, rows,
+                      targets.shape[-1] if has_k else -1, -1, logits.dtype,
+                      _settings_code(*targets.shape),
+                      _settings_code(temperature_, ignore, size, bool(return_lse)),
+                      targets, ignore)
+
+    device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+    layout = _layout(fn, process_group, device, vocab_start, vocab_size, make)
+    local_ids, owned, ignored = _localise(targets, layout, ignore_index)
+    with _tokens.ids_already_checked():
+        local = alignkern.token_logprobs(logits, local_ids, temperature=temperature,
+                                         ignore_index=_LOCAL_IGNORE, return_lse=True)
+    logprobs, lse = _combine(local.logprobs, local.lse, owned, ignored,
+                             targets.dim() == logits.dim(), process_group)
+    return alignkern.TokenLogprobs(logprobs, lse) if return_lse else logprobs
+
+
+def _linear_setup(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                  ignore_index, extra=()):
+    """The local checks of the linear functions (those of the single-process op, on this rank's
+    shard); returns a ``make_setup`` for ``_layout``."""
+    from ..ops import linear_logprobs as _linear
+
+    def make(start, size):
+        _, _, _, ignore = _linear._check_inputs(fn, hidden, weight, targets, bias, temperature,
+                                                softcap, logit_scale,
+                                                _NO_IGNORED_ID if ignore_index is None
+                                                else ignore_index)
+        has_k = targets.dim() == hidden.dim()
+        return _Setup(weight.shape[0], start, size, math.prod(hidden.shape[:-1]),
+                      targets.shape[-1] if has_k else -1, hidden.shape[-1], hidden.dtype,
+                      _settings_code(*targets.shape),
+                      _settings_code(float(temperature), softcap, float(logit_scale),
+                                     ignore_index, size, bias is not None, *extra),
+                      targets, None if ignore_index is None else ignore)
+
+    return make
+
+
+def _linear(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
+            vocab_start, vocab_size, process_group, extra=()):
+    """``(logprobs, lse)`` of the linear functions; ``ignore_index=None``: no id is ignored."""
+    make = _linear_setup(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                         ignore_index, extra)
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    layout = _layout(fn, process_group, device, vocab_start, vocab_size, make)
+    local_ids, owned, ignored = _localise(targets, layout, ignore_index)
+    replicated = _CopyToShards.apply(hidden, process_group)
+    with _tokens.ids_already_checked():
+        local = alignkern.linear_logprobs(replicated, weight, local_ids, bias=bias,
+                                          temperature=temperature, softcap=softcap,
+                                          logit_scale=logit_scale, ignore_index=_LOCAL_IGNORE,
+                                          return_lse=True)
+    return _combine(local.logprobs, local.lse, owned, ignored, targets.dim() == hidden.dim(),
+                    process_group)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, vocab_start: int | None = None,
+                    vocab_size: int | None = None, process_group=None, temperature: float = 1.0,
+                    softcap: float | None = None, logit_scale: float = 1.0,
+                    ignore_index: int = -100, return_lse: bool = False):
+    """``alignkern.linear_logprobs`` with the LM head split by vocabulary across ``process_group``.
+
+    ``hidden (..., H)`` and ``targets`` (global ids) are the same on every rank; ``weight
+    (V_local, H)`` and ``bias (V_local,)`` are this rank's rows ``[vocab_start, vocab_start +
+    V_local)`` of the head. Returns what the single-process op returns on the full head, on every
+    rank. Gradients: ``weight``/``bias`` get their shard of the full gradient (local);
+    ``hidden`` gets the full gradient on every rank (one all-reduce of N·H numbers). A collective:
+    call it on every rank of the group.
+    """
+    logprobs, lse = _linear("linear_logprobs", hidden, weight, targets, bias, temperature, softcap,
+                            logit_scale, ignore_index, vocab_start, vocab_size, process_group,
+                            (bool(return_lse),))
+    return alignkern.LinearLogprobs(logprobs, lse) if return_lse else logprobs
+
+
+def _options(fn, hidden, weight, options, bias, temperature, softcap, logit_scale, vocab_start,
+             vocab_size, process_group):
+    def check():
+        _checks.tensor(fn, "options", options, dtypes=_checks.INDEX_DTYPES)
+        if options.dim() != 1 or options.shape[0] == 0:
+            raise ValueError(f"{fn}: options must be a non-empty 1-D tensor of K token ids, got "
+                             f"shape {tuple(options.shape)}")
+        _checks.tensor(fn, "hidden", hidden)
+
+    _checked_on_every_rank(fn, process_group, check)
+    targets = options.expand(*hidden.shape[:-1], options.shape[0])
+    return _linear(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, None,
+                   vocab_start, vocab_size, process_group)[0]
+
+
+def option_logprobs(hidden: torch.Tensor, weight: torch.Tensor, options: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, vocab_start: int | None = None,
+                    vocab_size: int | None = None, process_group=None, temperature: float = 1.0,
+                    softcap: float | None = None, logit_scale: float = 1.0) -> torch.Tensor:
+    """``alignkern.option_logprobs`` with a vocabulary-parallel head (see ``linear_logprobs``):
+    ``(..., K)`` log-probabilities of the same ``options (K,)`` global ids at every row. The
+    options may live on different ranks. A collective."""
+    return _options("option_logprobs", hidden, weight, options, bias, temperature, softcap,
+                    logit_scale, vocab_start, vocab_size, process_group)
+
+
+def self_eval_scores(hidden: torch.Tensor, weight: torch.Tensor, options: torch.Tensor,
+                     values: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                     vocab_start: int | None = None, vocab_size: int | None = None,
+                     process_group=None, temperature: float = 1.0, softcap: float | None = None,
+                     logit_scale: float = 1.0) -> alignkern.SelfEvalScores:
+    """``alignkern.self_eval_scores`` with a vocabulary-parallel head (see ``linear_logprobs``);
+    ``values`` defaults to ``(+1, -1)`` for K = 2, as there. A collective."""
+    fn = "self_eval_scores"
+
+    def check():
+        _checks.tensor(fn, "options", options, dtypes=_checks.INDEX_DTYPES)
+        k = options.shape[0] if options.dim() == 1 else 0
+        if values is None and k != 2:
+            raise ValueError(f"{fn}: values must be given for K = {k} options (the default "
+                             "(+1, -1) is defined for K = 2 only)")
+        if values is not None:
+            _checks.tensor(fn, "values", values)
+            if values.is_complex() or values.dtype == torch.bool:
+                raise TypeError(f"{fn}: values must be a real tensor, got {values.dtype}")
+            _checks.shape(fn, "values", values, (k,), "one value per option")
+
+    _checked_on_every_rank(fn, process_group, check)
+    if values is None:
+        values = torch.tensor([1.0, -1.0], device=options.device)
+    logprobs = _options(fn, hidden, weight, options, bias, temperature, softcap, logit_scale,
+                        vocab_start, vocab_size, process_group)
+    p = torch.softmax(logprobs, dim=-1)
+    score = (p * values.to(device=p.device, dtype=p.dtype)).sum(-1)
+    return alignkern.SelfEvalScores(score, torch.logsumexp(logprobs, dim=-1).exp())
+
+
+def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      mask: torch.Tensor | None = None, *, reduction: str = "sum",
+                      bias: torch.Tensor | None = None, vocab_start: int | None = None,
+                      vocab_size: int | None = None, process_group=None,
+                      temperature: float = 1.0, softcap: float | None = None,
+                      logit_scale: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
+    """``alignkern.sequence_logprobs`` with a vocabulary-parallel head (see ``linear_logprobs``):
+    ``(B,)`` sum (or mean) of the log-probabilities of the counted targets. A collective."""
+    fn = "sequence_logprobs"
+
+    def check():
+        _checks.choice(fn, "reduction", reduction, ("sum", "mean"))
+        _checks.tensor(fn, "hidden", hidden)
+        _checks.tensor(fn, "targets", targets, dtypes=_checks.INDEX_DTYPES)
+        if hidden.dim() != 3:
+            raise ValueError(f"{fn}: hidden must have shape (B, T, H), got {tuple(hidden.shape)}")
+        _checks.shape(fn, "targets", targets, hidden.shape[:2], "(B, T) of hidden")
+        _checks.integer(fn, "ignore_index", ignore_index)
+        if mask is not None:
+            _checks.mask(fn, "mask", mask, targets.shape, "the shape of targets")
+
+    _checked_on_every_rank(fn, process_group, check)
+    counted = targets != ignore_index
+    if mask is not None:
+        counted = counted & mask.to(torch.bool)
+        targets = targets.masked_fill(~counted, ignore_index)
+    logprobs = _linear(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                       ignore_index, vocab_start, vocab_size, process_group, (reduction,))[0]
+    total = logprobs.sum(-1)
+    if reduction == "mean":
+        return total / counted.sum(-1).clamp(min=1).to(total.dtype)
+    return total
+
+
+def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          mask: torch.Tensor | None = None, *,
+                          ref_logps: torch.Tensor | None = None,
+                          ref_hidden: torch.Tensor | None = None,
+                          ref_weight: torch.Tensor | None = None,
+                          average_log_prob: bool = False, logit_scale: float = 1.0,
+                          vocab_start: int | None = None, vocab_size: int | None = None,
+                          process_group=None, **dpo_options) -> _losses.DPOOutput:
+    """``alignkern.losses.fused_linear_dpo_loss`` with vocabulary-parallel heads: ``weight`` (and
+    ``ref_weight``, sharded the same way, same ``vocab_start``) are this rank's rows of the
+    policy's (and reference's) LM head; ``hidden (2B, T, H)`` chosen rows then rejected rows,
+    ``targets``, ``mask``, ``ref_logps``/``ref_hidden`` are replicated. ``dpo_options`` (``beta``,
+    ``loss_type``, ``label_smoothing``, ``reduction``, ...) go to ``alignkern.losses.dpo_loss``
+    unchanged, with the completion lengths taken from ``mask`` as the single-process function
+    does. The loss and metrics are the same on every rank. A collective."""
+    name = "fused_linear_dpo_loss"
+
+    def check():
+        _checks.tensor(name, "hidden", hidden, floating=True)
+        _checks.optional_tensor(name, "ref_logps", ref_logps, floating=True)
+        _checks.optional_tensor(name, "ref_hidden", ref_hidden, floating=True)
+        _checks.boolean(name, "average_log_prob", average_log_prob)
+        _checks.real(name, "logit_scale", logit_scale, positive=True)
+        if hidden.dim() != 3 or hidden.shape[0] % 2:
+            raise ValueError(f"{name}: hidden must be (2B, T, H), chosen rows then rejected rows, "
+                             f"got shape {tuple(hidden.shape)}")
+        if (ref_logps is None) == (ref_hidden is None):
+            raise ValueError(f"{name}: give exactly one of ref_logps or ref_hidden (with "
+                             "ref_weight)")
+        if ref_logps is not None:
+            _checks.shape(name, "ref_logps", ref_logps, hidden.shape[:1])
+        elif ref_weight is None:
+            raise ValueError(f"{name}: ref_hidden needs ref_weight")
+
+    _checked_on_every_rank(name, process_group, check)
+    kind = "mean" if average_log_prob else "sum"
+    shard = dict(vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group)
+    policy = sequence_logprobs(hidden, weight, targets, mask, reduction=kind,
+                               logit_scale=logit_scale, **shard)
+    if ref_logps is None:
+        with torch.no_grad():
+            ref_logps = sequence_logprobs(ref_hidden, ref_weight, targets, mask, reduction=kind,
+                                          logit_scale=logit_scale, **shard)
+    lengths = _losses.completion_lengths(targets, mask, average_log_prob).to(policy.dtype)
+    half = hidden.shape[0] // 2
+    ref_logps = ref_logps.to(policy.dtype)
+    return _losses.dpo_loss(policy[:half], policy[half:], ref_logps[:half], ref_logps[half:],
+                            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
+                            **dpo_options)
+
+
+__all__ = ["ShardLayout", "fused_linear_dpo_loss", "linear_logprobs", "option_logprobs",
+           "self_eval_scores", "sequence_logprobs", "shard_layout", "token_logprobs"]
