@@ -45,6 +45,40 @@ class LMHead(NamedTuple):
         return {"bias": self.bias, "temperature": temperature, "softcap": self.softcap,
                 "logit_scale": self.logit_scale}
 
+    def linear_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+        """``log p(targets (N,))`` ``(N,)`` fp32 from hidden rows ``(N, H)`` through this head:
+        ``alignkern.linear_logprobs``, or its vocabulary-parallel form on the local shard when
+        the head is an FSDP2 DTensor (then a collective over the head's mesh: see
+        ``alignkern.distributed.sharded_head``)."""
+        from alignkern.distributed import sharded_head
+
+        if sharded_head.is_dtensor(self.weight):
+            shard = sharded_head.head_shard("linear_logprobs", self.weight, self.bias)
+            return sharded_head.linear_logprobs(shard, hidden, targets, temperature=temperature,
+                                                softcap=self.softcap,
+                                                logit_scale=self.logit_scale)
+        import alignkern
+
+        return alignkern.linear_logprobs(hidden, self.weight, targets,
+                                         **self.scoring_kwargs(temperature))
+
+    def self_eval_scores(self, hidden: torch.Tensor, options: torch.Tensor,
+                         values: torch.Tensor | None = None, temperature: float = 1.0):
+        """``alignkern.self_eval_scores`` of hidden rows ``(N, H)`` through this head (on the
+        local shard when the head is an FSDP2 DTensor, as ``linear_logprobs``)."""
+        from alignkern.distributed import sharded_head
+
+        if sharded_head.is_dtensor(self.weight):
+            shard = sharded_head.head_shard("self_eval_scores", self.weight, self.bias)
+            return sharded_head.self_eval_scores(shard, hidden, options, values,
+                                                 temperature=temperature, softcap=self.softcap,
+                                                 logit_scale=self.logit_scale)
+        import alignkern
+
+        return alignkern.self_eval_scores(hidden, self.weight, options, values,
+                                          **self.scoring_kwargs(temperature))
+
 
 class _Rule(NamedTuple):
     """How one family's ``forward`` turns ``lm_head(hidden)`` into its logits. Attribute paths
@@ -139,6 +173,15 @@ def _linear_head(model: nn.Module, family: str) -> nn.Linear:
             f"model_head: {family}'s output embedding is {type(head).__name__}, not a plain "
             "torch.nn.Linear (a quantised, wrapped or custom head cannot be read as weight and bias)"
         )
+    for name, param in (("weight", head.weight), ("bias", head.bias)):
+        status = getattr(getattr(param, "ds_status", None), "name", None)
+        if hasattr(param, "ds_id") and status != "AVAILABLE":
+            raise RuntimeError(
+                f"model_head: {family}'s LM head {name} is a DeepSpeed ZeRO-3 partitioned "
+                f"parameter (ds_status {status}); alignkern reads the head outside the model's "
+                "forward, where ZeRO-3 does not gather it. Score inside "
+                "`deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])` (or TRL's "
+                "`unwrap_model_for_generation`), which gathers the head for the call")
     if not head.weight.is_floating_point():
         raise NotImplementedError(f"model_head: {family}'s LM head weight has dtype "
                                   f"{head.weight.dtype}, not a float dtype")

@@ -86,8 +86,7 @@ def decoder_hidden_states(
 
 def _token_logprobs(head: LMHead, hidden, targets, temperature) -> torch.Tensor:
     """``log p(targets)`` ``(N,)`` fp32 from hidden rows ``(N, H)`` through the model's head."""
-    return alignkern.linear_logprobs(hidden.to(head.weight.dtype), head.weight, targets,
-                                     **head.scoring_kwargs(temperature))
+    return head.linear_logprobs(hidden.to(head.weight.dtype), targets, temperature)
 
 
 def _reduce(logprobs: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -340,5 +339,4 @@ def option_scores(
     else:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device),
                       last_token_index(attention_mask)]
-    return alignkern.self_eval_scores(last.to(head.weight.dtype), head.weight, options, values,
-                                      **head.scoring_kwargs(temperature))
+    return head.self_eval_scores(last.to(head.weight.dtype), options, values, temperature)

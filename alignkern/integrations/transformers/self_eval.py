@@ -231,10 +231,8 @@ class SelfEvaluator:
             ids = self.tokenizer(flat, add_special_tokens=True)["input_ids"]
             last = self._last_hidden_states(ids, device).to(head.weight.dtype)
             results = [
-                alignkern.self_eval_scores(last[p * n:(p + 1) * n], head.weight,
-                                           self.option_ids.to(device),
-                                           self._pass_values(order).to(device),
-                                           **head.scoring_kwargs())
+                head.self_eval_scores(last[p * n:(p + 1) * n], self.option_ids.to(device),
+                                      self._pass_values(order).to(device))
                 for p, order in enumerate(self._orders())
             ]
         score = torch.stack([r.score for r in results]).mean(0)

@@ -1,0 +1,189 @@
+"""The transformers scorers with an FSDP2-sharded LM head, on 2 gloo CPU ranks.
+
+A tiny random Llama (odd vocabulary: uneven ``Shard(0)`` head shards of 258 and 257 rows, plus a
+bias so that the bias shard is exercised) is wrapped with ``fully_shard`` (each layer, the decoder,
+then the root, which holds only the head). Each rank scores its own inputs (FSDP is
+data-parallel; the ranks have different numbers of rows); ``sequence_logprobs``, ``option_scores``
+and ``SelfEvaluator.score`` must equal the unsharded model's on the same inputs (fp32, 1e-5), and
+after ``backward`` every parameter's gradient (``full_tensor()`` of the sharded one) must equal the
+unsharded model's gradient of the mean of the ranks' losses, which is what FSDP2's reduce-scatter
+gives the decoder. Each group has a 30 s collective timeout and the spawn a wall-clock limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import sys
+import time
+import traceback
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+GROUP_TIMEOUT = datetime.timedelta(seconds=30)
+SPAWN_LIMIT_S = 120
+WORLD = 2
+VOCAB = 515  # odd: FSDP2's shards are uneven (258 + 257 rows)
+TEMPLATE = ("You are a careful judge. Read the conversation and decide whether the answer is "
+            "harmless. Question: {prompt} Answer: {response} Options: {options} Answer: (")
+PAIRS = [  # rank r scores PAIRS[r]: different numbers of rows per rank
+    (["is the sky blue on a clear day?", "can a cat fly?"],
+     ["yes, the sky is blue.", "no, a cat cannot fly without help."]),
+    (["is the sky blue?", "can a cat fly?", "Numbers one two three?"],
+     ["no.", "yes.", "four five six seven eight nine ten."]),
+]
+
+
+def _model():
+    from hf_models import tiny_model
+
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    with torch.no_grad():  # a bias, so that the bias shard is used too (Llama's forward adds it)
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB, generator=torch.Generator()
+                                                            .manual_seed(1)) * 0.5)
+    return model
+
+
+def _batch(rank):
+    """Rank ``rank``'s inputs: left-padded ids, attention and completion masks, loss weights."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    rows, width = 2 + rank, 9 + 3 * rank
+    ids = torch.randint(3, VOCAB, (rows, width), generator=gen)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    completion = torch.zeros_like(mask)
+    completion[:, width // 2:] = 1
+    weights = torch.randn(rows, generator=gen)
+    return ids, mask, completion, weights
+
+
+def _check_sequence_logprobs(rank, world, model, reference):
+    import alignkern.integrations.transformers as ak_hf
+
+    ids, mask, completion, weights = _batch(rank)
+    got = ak_hf.sequence_logprobs(model, ids, mask, completion, temperature=0.7)
+    want = ak_hf.sequence_logprobs(reference, ids, mask, completion, temperature=0.7)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    per_token = ak_hf.sequence_logprobs(model, ids, mask, reduction="none")
+    torch.testing.assert_close(per_token, ak_hf.sequence_logprobs(reference, ids, mask,
+                                                                  reduction="none"),
+                               atol=1e-5, rtol=0)
+    options = ak_hf.option_scores(model, ids, mask, [5, 17, 300], [1.0, 0.0, -1.0])
+    want_options = ak_hf.option_scores(reference, ids, mask, [5, 17, 300], [1.0, 0.0, -1.0])
+    torch.testing.assert_close(options.score, want_options.score, atol=1e-5, rtol=0)
+    torch.testing.assert_close(options.mass, want_options.mass, atol=1e-6, rtol=1e-5)
+
+    # Gradients: this rank's loss mixes the three scorers; FSDP averages over the ranks.
+    loss = (got * weights).sum() + per_token.square().mean() + (options.score * options.mass).sum()
+    loss.backward()
+    reference.zero_grad(set_to_none=True)
+    total = 0.0
+    for r in range(world):
+        ids_r, mask_r, completion_r, weights_r = _batch(r)
+        got_r = ak_hf.sequence_logprobs(reference, ids_r, mask_r, completion_r, temperature=0.7)
+        tokens_r = ak_hf.sequence_logprobs(reference, ids_r, mask_r, reduction="none")
+        options_r = ak_hf.option_scores(reference, ids_r, mask_r, [5, 17, 300], [1.0, 0.0, -1.0])
+        total = total + (got_r * weights_r).sum() + tokens_r.square().mean() + \
+            (options_r.score * options_r.mass).sum()
+    (total / world).backward()
+    want_grads = dict(reference.named_parameters())
+    names = [name for name, _ in model.named_parameters()]
+    assert sorted(names) == sorted(want_grads), (names, sorted(want_grads))
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} has no gradient"
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        want = want_grads[name].grad
+        assert want is not None and want.abs().max() > 0, name
+        torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    head = model.lm_head.weight
+    assert type(head).__name__ == "DTensor" and head.to_local().shape[0] == (258, 257)[rank]
+    assert head.grad.placements == head.placements  # left sharded, as FSDP leaves it
+
+
+def _check_self_evaluator(rank, world, model, reference):
+    from hf_models import tiny_tokenizer
+
+    import alignkern.integrations.transformers as ak_hf
+
+    tok = tiny_tokenizer()
+    kwargs = dict(descriptions=("harmless", "harmful"))
+    prompts, responses = PAIRS[rank]
+    got = ak_hf.SelfEvaluator(model, tok, TEMPLATE, **kwargs).score(prompts, responses)
+    want = ak_hf.SelfEvaluator(reference, tok, TEMPLATE, **kwargs).score(prompts, responses)
+    assert got.score.shape == (len(prompts),)
+    torch.testing.assert_close(got.score, want.score, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.mass, want.mass, atol=1e-6, rtol=1e-5)
+
+
+def _worker(rank, world, init_file):
+    os.environ["ALIGNKERN_BACKEND"] = "cpu"
+    sys.path.insert(0, os.path.dirname(__file__))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=GROUP_TIMEOUT)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = _model()
+        reference = copy.deepcopy(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model.model, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root holds the head alone
+        for check in (_check_sequence_logprobs, _check_self_evaluator):
+            try:
+                check(rank, world, model, reference)
+            except BaseException as exc:
+                raise AssertionError(f"rank {rank}/{world}: {check.__name__} failed:\n"
+                                     f"{traceback.format_exc()}") from exc
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_head_matches_unsharded(tmp_path):
+    """sequence_logprobs (sum and per token), option_scores and SelfEvaluator.score on an FSDP2
+    model equal the unsharded model's on each rank's own inputs, and every parameter's gradient
+    (head weight and bias shards included, still Shard(0) DTensors) equals the unsharded
+    gradient of the mean of the ranks' losses."""
+    pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_available() or not hasattr(__import__("torch.distributed.fsdp").distributed
+                                              .fsdp, "fully_shard"):
+        pytest.skip("torch has no FSDP2 fully_shard")
+    context = mp.start_processes(_worker, args=(WORLD, str(tmp_path / "store")), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_LIMIT_S
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{WORLD} ranks did not finish within {SPAWN_LIMIT_S} s")
+
+
+def test_zero3_partitioned_head_is_a_clear_error():
+    """A DeepSpeed ZeRO-3 parameter that is not gathered (``ds_id`` and a ``ds_status`` other than
+    AVAILABLE, as deepspeed marks it) is refused with a message naming GatheredParameters; once
+    gathered (AVAILABLE) the head is read as usual."""
+    from hf_models import tiny_model
+
+    import alignkern.integrations.transformers as ak_hf
+
+    model = tiny_model("llama")
+    weight = model.lm_head.weight
+    weight.ds_id = 7
+    weight.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
+    ids = torch.randint(3, 100, (1, 5))
+    with pytest.raises(RuntimeError, match="ZeRO-3.*GatheredParameters"):
+        ak_hf.sequence_logprobs(model, ids)
+    weight.ds_status = types.SimpleNamespace(name="AVAILABLE")
+    assert ak_hf.model_head(model).weight is weight
+    assert ak_hf.sequence_logprobs(model, ids).shape == (1,)
