@@ -220,6 +220,45 @@ def _check_scoring(rank, world, dtype):
     _close("fused_linear_dpo_loss dweight", w.grad, w_full.grad[start:start + size], dtype)
 
 
+def _check_linear_kl(rank, world, dtype):
+    """linear_kl: values and gradients (hidden, weight shard; the reference side gets none, as in
+    the single-process op) with a mask, temperature and logit_scale, and a reference head with
+    another hidden size."""
+    import alignkern
+    import alignkern.distributed as akd
+
+    sizes = SHARDS[world]
+    start, size = _bounds(rank, sizes)
+    gen = torch.Generator().manual_seed(41 + world)
+    vocab, weight, _ = _head(gen, world, dtype, bias=False)
+    ref_weight = torch.randn(vocab, 11, generator=gen).to(dtype)
+    hidden = torch.randn(3, 6, weight.shape[1], generator=gen).to(dtype)
+    ref_hidden = torch.randn(3, 6, 11, generator=gen).to(dtype)
+    mask = torch.rand(3, 6, generator=gen) > 0.25
+    for masked, settings in ((False, dict(temperature=0.9)),
+                             (True, dict(temperature=1.6, logit_scale=1.2))):
+        m = mask if masked else None
+        h_full, w_full, rh_full, rw_full = (_leaf(t) for t in (hidden, weight, ref_hidden,
+                                                               ref_weight))
+        want = alignkern.losses.linear_kl(h_full, w_full, rh_full, rw_full, m, **settings)
+        g = torch.randn(want.shape, generator=gen).to(want.dtype)
+        (want * g).sum().backward()
+        h, w = _leaf(hidden), _leaf(weight[start:start + size])
+        rh, rw = _leaf(ref_hidden), _leaf(ref_weight[start:start + size])
+        got = akd.linear_kl(h, w, rh, rw, m, vocab_size=vocab, **settings)
+        (got * g).sum().backward()
+        name = f"linear_kl[{dtype}, mask={masked}, {settings}]"
+        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+        assert bool((want.detach() > 0.05).any()), f"{name}: degenerate test (KL ~ 0)"
+        _close(f"{name} kl", got, want, dtype)
+        _close(f"{name} dhidden", h.grad, h_full.grad, dtype)
+        _close(f"{name} dweight", w.grad, w_full.grad[start:start + size], dtype)
+        assert rh.grad is None and rw.grad is None and rh_full.grad is None, \
+            f"{name}: the reference side got a gradient"
+        if masked:
+            assert bool((got[~mask] == 0).all()), f"{name}: masked positions not 0"
+
+
 def _expect_error(rank, name, kinds, words, call):
     """``call()`` must raise one of ``kinds`` whose message contains every one of ``words``."""
     try:
@@ -292,6 +331,12 @@ def _check_bad_setups(rank, world):
     else:
         _expect_error(rank, "one rank's options invalid", RuntimeError, ["rank(s) [0]"],
                       lambda: akd.option_logprobs(hidden, weight, torch.tensor([1, 2])))
+    # linear_kl: ref_weight has one row fewer than weight on the last rank only
+    last = world - 1
+    ref_rows = size - 1 if rank == last else size
+    _expect_error(rank, "linear_kl ref_weight shard", ValueError if rank == last else RuntimeError,
+                  ["linear_kl", "ref_weight" if rank == last else f"rank(s) [{last}]"],
+                  lambda: akd.linear_kl(hidden, weight, hidden, weight[:ref_rows]))
     # the group still works, and shard_layout reports the layout
     layout = akd.shard_layout(size, vocab_size=vocab)
     assert layout == akd.ShardLayout(start, size, vocab, rank, world), layout
@@ -334,17 +379,18 @@ CORRECTNESS = [
     ("_check_linear_logprobs", (torch.float32, 3, True, 5.0)),
     ("_check_linear_logprobs", (torch.float64, None, False, None)),
     ("_check_scoring", (torch.float32,)),
+    ("_check_linear_kl", (torch.float32,)),
 ]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_matches_single_process(world, tmp_path):
-    """token_logprobs, linear_logprobs, option_logprobs, self_eval_scores, sequence_logprobs and
-    fused_linear_dpo_loss on uneven odd shards equal the full-vocabulary op, values and
+    """token_logprobs, linear_logprobs, option_logprobs, self_eval_scores, sequence_logprobs,
+    fused_linear_dpo_loss and linear_kl on uneven odd shards equal the full-vocabulary op, values and
     gradients (hidden, weight and bias shards, logits shard), fp32 within 1e-5, fp64 1e-11; then
     every bad setup raises the same kind of error on every rank."""
-    checks = list(CORRECTNESS) if world == 4 else CORRECTNESS[:4] + [("_check_scoring",
-                                                                      (torch.float64,))]
+    checks = list(CORRECTNESS) if world == 4 else CORRECTNESS[:4] + [
+        ("_check_scoring", (torch.float64,)), ("_check_linear_kl", (torch.float64,))]
     _spawn(world, tmp_path, checks + [("_check_bad_setups", ())])
 
 

@@ -14,6 +14,7 @@ targets, options and masks are the same on every rank, and so are the results. S
 from .vocab_parallel import (
     ShardLayout,
     fused_linear_dpo_loss,
+    linear_kl,
     linear_logprobs,
     option_logprobs,
     self_eval_scores,
@@ -25,6 +26,7 @@ from .vocab_parallel import (
 __all__ = [
     "ShardLayout",
     "fused_linear_dpo_loss",
+    "linear_kl",
     "linear_logprobs",
     "option_logprobs",
     "self_eval_scores",

@@ -25,6 +25,9 @@ What is communicated, per call with N rows and K targets per row
   ``linear_*`` functions one all-reduce (sum) of ``dhidden`` (N·H numbers), so that every rank
   gets the full gradient of the replicated hidden states (Megatron's "copy to tensor-parallel
   region"). ``dweight``/``dbias`` stay local to their shard.
+* ``linear_kl`` (no targets): forward an all-reduce (max) of 2·N numbers and one all-reduce (sum)
+  of 3·N; backward the all-reduce of ``dhidden`` above. One pass over the shard each way, like the
+  single-process op (see ``_ShardedKL``).
 
 Autograd: ``_ReduceFromShards`` (forward all-reduce sum, backward identity) combines per-rank
 partial values into a replicated one; ``_CopyToShards`` (forward identity, backward all-reduce
@@ -51,7 +54,7 @@ import torch.distributed as dist
 
 import alignkern
 
-from .. import _checks
+from .. import _autocast, _backend, _checks
 from .. import losses as _losses
 from ..ops import token_logprobs as _tokens
 
@@ -569,5 +572,98 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                             **dpo_options)
 
 
-__all__ = ["ShardLayout", "fused_linear_dpo_loss", "linear_logprobs", "option_logprobs",
-           "self_eval_scores", "sequence_logprobs", "shard_layout", "token_logprobs"]
+class _ShardedKL(torch.autograd.Function):
+    """Global per-row ``KL(pi || pi_ref)`` from this rank's shard of both heads, in the one pass
+    over the shard that the single-process op makes. The registered ``alignkern::linear_kl`` gives,
+    per shard ``r``: ``KL_r``, ``lse_r`` and ``E_r = sum_{v in r} p^r_v (z_v - y_v)`` (``p^r``: the
+    softmax of the shard's logits), hence ``lse'_r = KL_r - E_r + lse_r``. With ``M``, ``M'`` the
+    maxima over ranks of ``lse_r``, ``lse'_r`` (constants) and one all-reduce (sum) of
+    ``(exp(lse_r - M), exp(lse_r - M) E_r, exp(lse'_r - M'))``:
+    ``lse = M + log S``, ``w_r = exp(lse_r - M) / S``, ``E = sum_r w_r E_r = E_pi[z - y]``,
+    ``lse' = M' + log S'`` and ``KL = E - lse + lse'``.
+
+    Backward: ``dKL/dz_v = p_v (z_v - y_v - E)`` with ``p_v = w_r p^r_v``, which is exactly what
+    ``alignkern::linear_kl_backward`` computes on the shard when handed ``grad * w_r`` and the
+    global ``E`` in place of ``E_r`` (it forms ``grad exp(z - lse_r) (z - y - expect)``). So the
+    backward is one local pass too; ``dweight`` is this shard's part of the full gradient and
+    ``dhidden`` this shard's contribution, summed over ranks by ``_CopyToShards``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend,
+                group):
+        kl_r, lse_r, expect_r = torch.ops.alignkern.linear_kl(
+            hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend)
+        ref_lse_r = kl_r - expect_r + lse_r
+        m = _all_reduce_max(torch.stack([lse_r, ref_lse_r]), group)
+        scaled = torch.exp(lse_r - m[0])
+        total = torch.stack([scaled, scaled * expect_r, torch.exp(ref_lse_r - m[1])])
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        weight_r = scaled / total[0]
+        expect = total[1] / total[0]
+        kl = expect - (m[0] + torch.log(total[0])) + (m[1] + torch.log(total[2]))
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, lse_r, expect, weight_r)
+        ctx.scalars = (temperature, logit_scale, backend)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, ref_hidden, ref_weight, lse_r, expect, weight_r = ctx.saved_tensors
+        temperature, logit_scale, backend = ctx.scalars
+        need_weight = ctx.needs_input_grad[1]
+        grad_hidden, grad_weight = torch.ops.alignkern.linear_kl_backward(
+            grad * weight_r, hidden, weight, ref_hidden, ref_weight, lse_r, expect, temperature,
+            logit_scale, need_weight, backend)
+        return (grad_hidden, grad_weight if need_weight else None, None, None, None, None, None,
+                None)
+
+
+def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+              ref_weight: torch.Tensor, mask: torch.Tensor | None = None, *,
+              temperature: float = 1.0, logit_scale: float = 1.0, vocab_start: int | None = None,
+              vocab_size: int | None = None, process_group=None) -> torch.Tensor:
+    """``alignkern.losses.linear_kl`` (per-token ``KL(pi || pi_ref)``) with vocabulary-parallel
+    heads: ``weight (V_local, H)`` and ``ref_weight (V_local, H_ref)`` are this rank's rows
+    ``[vocab_start, vocab_start + V_local)`` of the policy's and the reference's LM heads (the same
+    shard of both); ``hidden (..., H)``, ``ref_hidden (..., H_ref)`` and ``mask (...)`` are the same
+    on every rank. Returns ``(...)`` float32 (float64 for float64), the same on every rank, zero
+    where ``mask`` is false; differentiable in ``hidden`` (full gradient on every rank) and
+    ``weight`` (this shard's rows), the reference side detached, as in the single-process op.
+
+    Cost: the single-process op's one pass over this rank's shard (both heads) in the forward and
+    one in the backward, no extra pass (see ``_ShardedKL`` for the formula). Communication: the
+    setup all-gather, an all-reduce (max) of 2·N and one all-reduce (sum) of 3·N numbers in the
+    forward, the all-reduce (sum) of ``dhidden`` (N·H) in the backward. A collective."""
+    fn = "linear_kl"
+    from ..ops import linear_kl as _kl
+
+    def make(start, size):
+        temperature_, logit_scale_ = _kl._check_inputs(fn, hidden, weight, ref_hidden, ref_weight,
+                                                       temperature, logit_scale)
+        _kl._check_mask(fn, mask, hidden)
+        return _Setup(weight.shape[0], start, size, math.prod(hidden.shape[:-1]), -1,
+                      hidden.shape[-1], hidden.dtype,
+                      _settings_code(*hidden.shape[:-1], ref_hidden.shape[-1]),
+                      _settings_code(temperature_, logit_scale_, size, mask is not None),
+                      None, None)
+
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    _layout(fn, process_group, device, vocab_start, vocab_size, make)
+    temperature, logit_scale = float(temperature), float(logit_scale)
+    backend = "auto" if torch.compiler.is_compiling() else _backend.resolve_backend(hidden.device)
+    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    device_type = hidden.device.type
+    if device_type in _autocast.DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+        # The op's own autocast policy, applied here so that autograd records the casts and the
+        # backward sees the operands the forward used.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight, ref_hidden, ref_weight = (
+            _autocast._cast(t, device_type, dtype) for t in (hidden, weight, ref_hidden, ref_weight))
+    replicated = _CopyToShards.apply(hidden, process_group)
+    kl = _ShardedKL.apply(replicated, weight, ref_hidden, ref_weight, temperature, logit_scale,
+                          backend, process_group)
+    return kl if mask is None else torch.where(mask.to(torch.bool), kl, 0.0)
+
+
+__all__ = ["ShardLayout", "fused_linear_dpo_loss", "linear_kl", "linear_logprobs",
+           "option_logprobs", "self_eval_scores", "sequence_logprobs", "shard_layout",
+           "token_logprobs"]
