@@ -21,13 +21,7 @@ from alignkern.integrations import transformers as ak_hf  # noqa: E402
 ALL = sorted(FAMILIES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is several times faster than two (no synchronisation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @cache

@@ -18,14 +18,7 @@ from alignkern.loops import (  # noqa: E402
     rain_generate,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["Human: How do I bake bread?\nAssistant:", "Human: Can a cat fly?\nAssistant:"]

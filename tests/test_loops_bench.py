@@ -16,12 +16,7 @@ from alignkern.bench import loops as loops_bench  # noqa: E402
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_run_loops_benchmark_can_be_called_without_arguments():

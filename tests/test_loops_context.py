@@ -24,12 +24,7 @@ HEADER = ("Below are earlier answers to the question with the reward each one re
 GEN = {"max_new_tokens": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ours():

@@ -22,12 +22,7 @@ PROMPTS = ["Question: what is two plus two? Answer:", "Human: Can a cat fly?\nAs
            "Question: is the sky blue?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _contains_o(prompts, responses):

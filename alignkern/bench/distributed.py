@@ -181,28 +181,16 @@ class _GatherLogits(torch.autograd.Function):
         return grad[..., start:start + ctx.width].contiguous(), None
 
 
-class _CopyHidden(torch.autograd.Function):
-    """Identity forward; all-reduce (sum) of the gradient of the replicated hidden states."""
-
-    @staticmethod
-    def forward(ctx, value, group):
-        ctx.group = group
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        return total, None
-
-
 def naive_token_logprobs(logits_shard, targets, group=None):
     full = _GatherLogits.apply(logits_shard, group)
     return torch.log_softmax(full.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def naive_linear_logprobs(hidden, weight_shard, targets, group=None):
-    logits = _CopyHidden.apply(hidden, group) @ weight_shard.T
+    # The same dhidden all-reduce as alignkern's functions: only the forward differs.
+    from alignkern.distributed.vocab_parallel import _CopyToShards
+
+    logits = _CopyToShards.apply(hidden, group) @ weight_shard.T
     return naive_token_logprobs(logits, targets, group)
 
 
