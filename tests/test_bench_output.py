@@ -586,3 +586,22 @@ def test_too_many_panels_split_into_one_figure_per_op_family(tmp_path):
     from matplotlib.image import imread
 
     assert imread(paths[0]).shape[1] == report.FIGURE_WIDTH_PX
+
+
+def test_linear_logprobs_peers_compute_the_same_log_probs():
+    """A peer is only a peer if it computes the same numbers (TRL's fused head among them)."""
+    pytest.importorskip("trl")  # the trl extra, which the README's test command installs
+    from alignkern.bench import linear_logprobs as family
+
+    found = family.providers(CPU)
+    case = family.Case(37, 24, 1001, 3, torch.float32)
+    hidden, weight, targets = case.make_inputs(CPU)
+    want = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(-1, targets)
+    compared = []
+    for name, provider in found.items():
+        if isinstance(provider, str) or name == FLOOR:
+            continue
+        got = provider(hidden, weight, targets)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+        compared.append(name)
+    assert {"alignkern", "torch-eager", "trl-chunked"} <= set(compared)

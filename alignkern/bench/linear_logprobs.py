@@ -7,6 +7,9 @@ Providers (each a function ``(hidden, weight, targets) -> log-probs (N, K)``):
   torch-compile      ``torch.compile`` of the same
   cut-cross-entropy  ``-linear_cross_entropy(..., reduction="none")``, once per target column
   liger              Liger's fused linear cross-entropy with ``reduction="none"``, once per column
+  trl-chunked        TRL's fused LM head kernel (``trl.kernels.ChunkedLogProbFunction``: cuBLAS tiles
+                     and a Triton fold on GPU, torch tiles on CPU), log-probs only, once per column,
+                     with the vocabulary chunk TRL's trainers use
   matmul-floor       the bare ``hidden @ weight.T`` (forward) and its two backward GEMMs: the floor
 """
 
@@ -23,7 +26,7 @@ from .report import FLOOR
 
 KERNEL = "linear_logprobs"
 PROVIDERS = ("alignkern", "alignkern-cuda", "torch-eager", "torch-compile", "cut-cross-entropy",
-             "liger", FLOOR)
+             "liger", "trl-chunked", FLOOR)
 GPU_ONLY = ("alignkern-cuda", "cut-cross-entropy", "liger")
 SWEPT = ("V", "vocabulary size V")
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,6 +70,23 @@ def _liger() -> Provider | str:
     return _per_column(lambda h, w, t: loss(w, h, t))
 
 
+def _trl_chunked() -> Provider | str:
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError as exc:
+        return f"missing: trl is not installed ({exc})"
+
+    def run(hidden, weight, targets):
+        # (hidden, weight, bias, targets, temperature, chunk, softcap, logit_scale, outputs)
+        return torch.stack([ChunkedLogProbFunction.apply(hidden, weight, None, targets[:, j], 1.0,
+                                                         _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+                                                         ())[0]
+                            for j in range(targets.shape[1])], dim=-1)
+
+    return run
+
+
 def _with_backend(name: str) -> Provider:
     def run(hidden, weight, targets):
         with alignkern.use_backend(name):
@@ -86,6 +106,7 @@ def providers(device: torch.device) -> dict[str, Provider | str]:
     gpu_only = "missing: GPU-only (Triton kernels)"
     found["cut-cross-entropy"] = _cut_cross_entropy() if device.type == "cuda" else gpu_only
     found["liger"] = _liger() if device.type == "cuda" else gpu_only
+    found["trl-chunked"] = _trl_chunked()
     found[FLOOR] = matmul_floor
     return found
 
