@@ -208,8 +208,6 @@ def _run_bench(args) -> int:
 def _run_loops(args, device: torch.device) -> int:
     """`alignkern bench --loops`: alignkern.bench.loops's report on stdout, its rows as a CSV (and
     the environment as JSON) in the output folder."""
-    import csv
-
     from alignkern import bench
     from alignkern.bench import loops, report
 
@@ -220,13 +218,7 @@ def _run_loops(args, device: torch.device) -> int:
     rows = loops.run_loops_benchmark(device, quick=args.quick)
     print(loops.format_report(rows))
     folder = Path(args.out) if args.out is not None else bench.default_out_dir(device)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{report.device_slug(device)}-loops.csv"
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    path = loops.write_csv(rows, device, folder)
     env = report.environment(device, scope="loops-quick" if args.quick else "loops",
                              command=["alignkern", *args.argv])
     written = report.write_json(env, device, folder)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .ops.linear_kl import linear_kl
-from .ops.scoring import sequence_logprobs
+from .ops.scoring import counted_targets, sequence_logprobs
 
 __all__ = ["bradley_terry_loss", "dpo_loss", "fused_linear_dpo_loss", "plackett_luce_loss",
            "linear_kl", "score_shaping", "self_correction_metrics",
@@ -393,10 +393,7 @@ def completion_lengths(targets: torch.Tensor, mask: torch.Tensor | None = None,
     lengths); ones with ``average_log_prob`` (the log-likelihoods are then already per token)."""
     if average_log_prob:
         return torch.ones(targets.shape[0], dtype=torch.float32, device=targets.device)
-    counted = targets != ignore_index
-    if mask is not None:
-        counted = counted & mask.to(torch.bool)
-    return counted.sum(-1).to(torch.float32)
+    return counted_targets(targets, mask, ignore_index)[1].sum(-1).to(torch.float32)
 
 
 def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from alignkern.distributed._spawn import run_ranks
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=30)
 SPAWN_LIMIT_S = 150
@@ -362,15 +362,10 @@ def _worker(rank, world, init_file, checks):
 
 
 def _spawn(world, tmp_path, checks):
-    context = mp.start_processes(_worker, args=(world, str(tmp_path / "store"), checks),
-                                 nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_LIMIT_S
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"{world} ranks did not finish within {SPAWN_LIMIT_S} s")
+    try:
+        run_ranks(_worker, (world, str(tmp_path / "store"), checks), world, SPAWN_LIMIT_S)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 CORRECTNESS = [

@@ -16,14 +16,14 @@ import copy
 import datetime
 import os
 import sys
-import time
 import traceback
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from alignkern.distributed._spawn import run_ranks
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=30)
 SPAWN_LIMIT_S = 120
@@ -158,15 +158,10 @@ def test_fsdp2_sharded_head_matches_unsharded(tmp_path):
     if not dist.is_available() or not hasattr(__import__("torch.distributed.fsdp").distributed
                                               .fsdp, "fully_shard"):
         pytest.skip("torch has no FSDP2 fully_shard")
-    context = mp.start_processes(_worker, args=(WORLD, str(tmp_path / "store")), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_LIMIT_S
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"{WORLD} ranks did not finish within {SPAWN_LIMIT_S} s")
+    try:
+        run_ranks(_worker, (WORLD, str(tmp_path / "store")), WORLD, SPAWN_LIMIT_S)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def test_zero3_partitioned_head_is_a_clear_error():

@@ -47,7 +47,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from alignkern.distributed._spawn import run_ranks
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=120)
 OPS = ("linear_logprobs", "token_logprobs")
@@ -303,16 +304,8 @@ def run(world: int, plan: list[tuple[str, int, int, int]], *, warmup: int = 1, s
             raise ValueError(f"V = {v} does not divide by world = {world}")
     with tempfile.TemporaryDirectory(prefix="alignkern-dist-bench-") as tmp:
         result = os.path.join(tmp, "rows.json")
-        context = mp.start_processes(
-            _worker, args=(world, os.path.join(tmp, "store"), result, plan, warmup, steps,
-                           threads), nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + limit_s
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                raise TimeoutError(f"{world} ranks did not finish within {limit_s:.0f} s")
+        run_ranks(_worker, (world, os.path.join(tmp, "store"), result, plan, warmup, steps,
+                            threads), world, limit_s)
         return json.loads(Path(result).read_text())
 
 

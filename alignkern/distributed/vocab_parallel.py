@@ -56,6 +56,7 @@ import alignkern
 
 from .. import _autocast, _backend, _checks
 from .. import losses as _losses
+from ..ops import scoring as _scoring
 from ..ops import token_logprobs as _tokens
 
 SETUP_FIELDS = 16
@@ -498,27 +499,13 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     fn = "sequence_logprobs"
 
     def check():
-        _checks.choice(fn, "reduction", reduction, ("sum", "mean"))
-        _checks.tensor(fn, "hidden", hidden)
-        _checks.tensor(fn, "targets", targets, dtypes=_checks.INDEX_DTYPES)
-        if hidden.dim() != 3:
-            raise ValueError(f"{fn}: hidden must have shape (B, T, H), got {tuple(hidden.shape)}")
-        _checks.shape(fn, "targets", targets, hidden.shape[:2], "(B, T) of hidden")
-        _checks.integer(fn, "ignore_index", ignore_index)
-        if mask is not None:
-            _checks.mask(fn, "mask", mask, targets.shape, "the shape of targets")
+        _scoring.check_sequence_arguments(fn, hidden, targets, mask, reduction, ignore_index)
 
     _checked_on_every_rank(fn, process_group, check)
-    counted = targets != ignore_index
-    if mask is not None:
-        counted = counted & mask.to(torch.bool)
-        targets = targets.masked_fill(~counted, ignore_index)
+    targets, counted = _scoring.counted_targets(targets, mask, ignore_index)
     logprobs = _linear(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
                        ignore_index, vocab_start, vocab_size, process_group, (reduction,))[0]
-    total = logprobs.sum(-1)
-    if reduction == "mean":
-        return total / counted.sum(-1).clamp(min=1).to(total.dtype)
-    return total
+    return _scoring.reduce_sequence(logprobs, counted, reduction)
 
 
 def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

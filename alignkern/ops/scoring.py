@@ -150,6 +150,16 @@ def sequence_logprobs(
         ``(B,)`` float32 (float64 for float64 inputs), differentiable in hidden, weight, bias.
     """
     name = "sequence_logprobs"
+    ignore_index = check_sequence_arguments(name, hidden, targets, mask, reduction, ignore_index)
+    targets, counted = counted_targets(targets, mask, ignore_index)
+    logprobs = _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                     ignore_index)[0]
+    return reduce_sequence(logprobs, counted, reduction)
+
+
+def check_sequence_arguments(name: str, hidden, targets, mask, reduction, ignore_index) -> int:
+    """Check ``sequence_logprobs``'s own arguments (the head's are checked by the op); returns
+    ``ignore_index`` as a Python int."""
     _checks.choice(name, "reduction", reduction, ("sum", "mean"))
     _checks.tensor(name, "hidden", hidden)
     _checks.tensor(name, "targets", targets, dtypes=_checks.INDEX_DTYPES)
@@ -157,14 +167,26 @@ def sequence_logprobs(
         raise ValueError(f"{name}: hidden must have shape (B, T, H), got {tuple(hidden.shape)}")
     _checks.shape(name, "targets", targets, hidden.shape[:2], "(B, T) of hidden")
     ignore_index = _checks.integer(name, "ignore_index", ignore_index)
-    counted = targets != ignore_index
     if mask is not None:
         _checks.mask(name, "mask", mask, targets.shape, "the shape of targets")
+    return ignore_index
+
+
+def counted_targets(targets: torch.Tensor, mask: torch.Tensor | None,
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, counted)``: the ``(B, T)`` targets with the positions outside ``mask`` set to
+    ``ignore_index`` (their ids are then not read), and the bool positions that count."""
+    counted = targets != ignore_index
+    if mask is not None:
         counted = counted & mask.to(torch.bool)
         targets = targets.masked_fill(~counted, ignore_index)
-    logprobs = _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale,
-                     ignore_index)[0]
-    total = logprobs.sum(-1)  # ignored positions are exactly 0
+    return targets, counted
+
+
+def reduce_sequence(logprobs: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``(B,)`` sum, or mean over the counted positions (0 for a sequence with none), of ``(B, T)``
+    log-probabilities whose ignored positions are exactly 0."""
+    total = logprobs.sum(-1)
     if reduction == "mean":
         return total / counted.sum(-1).clamp(min=1).to(total.dtype)
     return total
