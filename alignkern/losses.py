@@ -396,6 +396,25 @@ def completion_lengths(targets: torch.Tensor, mask: torch.Tensor | None = None,
     return counted_targets(targets, mask, ignore_index)[1].sum(-1).to(torch.float32)
 
 
+def check_fused_dpo_arguments(name: str, hidden, ref_logps, ref_hidden, ref_weight,
+                              average_log_prob, logit_scale) -> tuple[bool, float]:
+    """The hidden-state side of ``fused_linear_dpo_loss`` (its vocabulary-parallel twin too):
+    ``hidden (2B, T, H)``, exactly one reference source; returns the checked
+    ``(average_log_prob, logit_scale)``."""
+    average_log_prob = _checks.boolean(name, "average_log_prob", average_log_prob)
+    logit_scale = _checks.real(name, "logit_scale", logit_scale, positive=True)
+    if hidden.dim() != 3 or hidden.shape[0] % 2:
+        raise ValueError(f"{name}: hidden must be (2B, T, H), chosen rows then rejected rows, got "
+                         f"shape {tuple(hidden.shape)}")
+    if (ref_logps is None) == (ref_hidden is None):
+        raise ValueError(f"{name}: give exactly one of ref_logps or ref_hidden (with ref_weight)")
+    if ref_logps is not None:
+        _checks.shape(name, "ref_logps", ref_logps, hidden.shape[:1])
+    elif ref_weight is None:
+        raise ValueError(f"{name}: ref_hidden needs ref_weight")
+    return average_log_prob, logit_scale
+
+
 def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           mask: torch.Tensor | None = None, *,
                           ref_logps: torch.Tensor | None = None,
@@ -428,17 +447,8 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     _checks.same_device(name, hidden=hidden, ref_logps=ref_logps, ref_hidden=ref_hidden)
     options = _dpo_options(name, beta, loss_type, label_smoothing, reduction, smoothing,
                            loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau)
-    average_log_prob = _checks.boolean(name, "average_log_prob", average_log_prob)
-    logit_scale = _checks.real(name, "logit_scale", logit_scale, positive=True)
-    if hidden.dim() != 3 or hidden.shape[0] % 2:
-        raise ValueError(f"{name}: hidden must be (2B, T, H), chosen rows then rejected rows, got "
-                         f"shape {tuple(hidden.shape)}")
-    if (ref_logps is None) == (ref_hidden is None):
-        raise ValueError(f"{name}: give exactly one of ref_logps or ref_hidden (with ref_weight)")
-    if ref_logps is not None:
-        _checks.shape(name, "ref_logps", ref_logps, hidden.shape[:1])
-    elif ref_weight is None:
-        raise ValueError(f"{name}: ref_hidden needs ref_weight")
+    average_log_prob, logit_scale = check_fused_dpo_arguments(
+        name, hidden, ref_logps, ref_hidden, ref_weight, average_log_prob, logit_scale)
     reduction_kind = "mean" if average_log_prob else "sum"
     policy = sequence_logprobs(hidden, weight, targets, mask, reduction=reduction_kind,
                                logit_scale=logit_scale)

@@ -529,18 +529,8 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         _checks.tensor(name, "hidden", hidden, floating=True)
         _checks.optional_tensor(name, "ref_logps", ref_logps, floating=True)
         _checks.optional_tensor(name, "ref_hidden", ref_hidden, floating=True)
-        _checks.boolean(name, "average_log_prob", average_log_prob)
-        _checks.real(name, "logit_scale", logit_scale, positive=True)
-        if hidden.dim() != 3 or hidden.shape[0] % 2:
-            raise ValueError(f"{name}: hidden must be (2B, T, H), chosen rows then rejected rows, "
-                             f"got shape {tuple(hidden.shape)}")
-        if (ref_logps is None) == (ref_hidden is None):
-            raise ValueError(f"{name}: give exactly one of ref_logps or ref_hidden (with "
-                             "ref_weight)")
-        if ref_logps is not None:
-            _checks.shape(name, "ref_logps", ref_logps, hidden.shape[:1])
-        elif ref_weight is None:
-            raise ValueError(f"{name}: ref_hidden needs ref_weight")
+        _losses.check_fused_dpo_arguments(name, hidden, ref_logps, ref_hidden, ref_weight,
+                                          average_log_prob, logit_scale)
 
     _checked_on_every_rank(name, process_group, check)
     kind = "mean" if average_log_prob else "sum"
