@@ -108,6 +108,38 @@ def linear_logprobs(
                           temperature, ignore_index)
 
 
+def logit_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                ignore_index: int = -100) -> dict[str, torch.Tensor]:
+    """The per-row statistics of ``z = logits / temperature`` that TRL logs, from the materialised
+    logits ``(..., V)``: ``entropy`` = -sum_v p_v log p_v, ``log_sum_sq_probs`` = log sum_v p_v^2
+    and ``mean_logits`` = mean_v z_v, each ``(...)`` float32 (float64 for float64), and
+    ``is_top1`` shaped like ``targets``: the target is the first maximum of ``z`` (False for
+    ``ignore_index`` and out-of-range ids)."""
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(out_dtype) / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    single = targets.dim() == logits.dim() - 1
+    ids = (targets.unsqueeze(-1) if single else targets).long()
+    vocab = logits.shape[-1]
+    valid = (ids != ignore_index) & (ids >= 0) & (ids < vocab)
+    first_max = torch.argmax(z, dim=-1, keepdim=True)  # torch.argmax returns the first maximum
+    is_top1 = (ids == first_max) & valid
+    return {
+        "entropy": -(log_p.exp() * log_p).sum(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
+        "mean_logits": z.mean(-1),
+        "is_top1": is_top1.squeeze(-1) if single else is_top1,
+    }
+
+
+def linear_logprobs_stats(hidden, weight, targets, bias=None, temperature=1.0, softcap=None,
+                          ignore_index=-100, logit_scale=1.0):
+    """``(logprobs, lse, stats)``: ``linear_logprobs`` and ``logit_stats`` of the same logits."""
+    logits = linear_logits(hidden, weight, bias, softcap, logit_scale)
+    out, lse = token_logprobs(logits, targets, temperature, ignore_index)
+    return out, lse, logit_stats(logits, targets, temperature, ignore_index)
+
+
 def option_logprobs(hidden, weight, options, **kwargs) -> torch.Tensor:
     """Log-probabilities ``(..., K)`` of the same ``options (K,)`` token ids at every row."""
     targets = options.expand(*hidden.shape[:-1], options.shape[0])

@@ -53,12 +53,21 @@ def _linear_logprobs_cases(backend):
                         backend=backend), dims)
     out, lse = torch.ops.alignkern.linear_logprobs(hidden, weight, targets, bias, *options.values(),
                                                    "reference")
+    stats = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
+                      entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True,
+                      backend=backend), dims)
+    entropy = torch.ops.alignkern.linear_logprobs_stats(
+        hidden, weight, targets, bias, *options.values(), True, False, False, False,
+        "reference")[2]
     backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
                          hidden=hidden, weight=weight, targets=targets, bias=bias, lse=lse,
                          **options, need_hidden_grad=True, need_weight_grad=True,
-                         need_bias_grad=True, backend=backend),
-                    dict(dims, grad_out=("N", "K"), grad_lse=("N",), lse=("N",)))
-    return {"linear_logprobs": forward, "linear_logprobs_backward": backward}
+                         need_bias_grad=True, backend=backend,
+                         grad_entropy=torch.randn_like(entropy), entropy=entropy),
+                    dict(dims, grad_out=("N", "K"), grad_lse=("N",), lse=("N",),
+                         grad_entropy=("N",), entropy=("N",)))
+    return {"linear_logprobs": forward, "linear_logprobs_stats": stats,
+            "linear_logprobs_backward": backward}
 
 
 def _linear_kl_cases(backend):

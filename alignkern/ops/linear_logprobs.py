@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _autocast, _backend, _checks, reference
-from . import _targets
+from . import _logit_stats, _targets
 from . import linear_logprobs_cpu as _cpu
 from . import token_logprobs as _tokens
 
@@ -49,6 +49,17 @@ class LinearLogprobs(NamedTuple):
 
     logprobs: torch.Tensor
     lse: torch.Tensor
+
+
+class LinearLogprobsStats(NamedTuple):
+    """What ``linear_logprobs(..., stats=...)`` returns; the statistics not asked for are None."""
+
+    logprobs: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None
+    mean_logits: torch.Tensor | None
+    is_top1: torch.Tensor | None
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,31 +174,51 @@ def _target_logits(hidden, weight, bias, ids, softcap, logit_scale, acc) -> torc
 # ----------------------------------------------------------------------------- triton backend
 
 
-def _gpu_lse(hidden, weight, bias, temperature, softcap, logit_scale, backend, acc):
-    """Each row's log-sum-exp, by the CUDA kernel or the Triton kernel (whose vocabulary splits
-    are merged here)."""
+def _gpu_forward(hidden, weight, bias, temperature, softcap, logit_scale, backend, acc,
+                 stats=frozenset()) -> _logit_stats.Partials:
+    """Each row's log-sum-exp and the requested statistics' partials, by the CUDA kernel (one
+    part) or the Triton kernel (one part per vocabulary split)."""
     n_rows, device = hidden.shape[0], hidden.device
     if backend == "cuda":
-        lse = _tokens._poisoned((n_rows,), acc, device)
-        with torch.cuda.device(device):
-            _backend.extension().linear_logprobs_lse_cuda(
-                hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0),
-                0 if bias is None else bias.data_ptr(), _backend.DTYPE_CODES[hidden.dtype],
-                n_rows, weight.shape[0], weight.shape[1], lse.data_ptr(), float(temperature),
-                0.0 if softcap is None else float(softcap), float(logit_scale),
-                _backend.cuda_stream(device))
-        return lse
+        return _cuda_forward(hidden, weight, bias, temperature, softcap, logit_scale, acc, stats)
     from ..triton_kernels import linear_logprobs as kernels
 
+    if stats:
+        return _logit_stats.Partials(*kernels.linear_logprobs_fwd_stats(
+            hidden, weight, bias, temperature, softcap, logit_scale, frozenset(stats)))
     lse_parts = kernels.linear_logprobs_fwd(
         hidden, weight, bias, lambda splits: _tokens._poisoned((splits, n_rows), acc, device),
         temperature, softcap, logit_scale,
     )
-    return lse_parts[0] if lse_parts.shape[0] == 1 else torch.logsumexp(lse_parts, dim=0)
+    return _logit_stats.Partials(lse_parts)
+
+
+def _cuda_forward(hidden, weight, bias, temperature, softcap, logit_scale, acc, stats):
+    n_rows, device = hidden.shape[0], hidden.device
+
+    def buffer(name, dtype=acc):
+        if name not in stats:
+            return None
+        return torch.full((1, n_rows), -1 if dtype == torch.int64 else math.nan, dtype=dtype,
+                          device=device)
+
+    parts = _logit_stats.Partials(
+        _tokens._poisoned((1, n_rows), acc, device), buffer("entropy"),
+        buffer("log_sum_sq_probs"), buffer("mean_logits"), buffer("is_top1"),
+        buffer("is_top1", torch.int64))
+    with torch.cuda.device(device):
+        _backend.extension().linear_logprobs_lse_cuda(
+            hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0),
+            0 if bias is None else bias.data_ptr(), _backend.DTYPE_CODES[hidden.dtype],
+            n_rows, weight.shape[0], weight.shape[1], parts.lse.data_ptr(), float(temperature),
+            0.0 if softcap is None else float(softcap), float(logit_scale),
+            _backend.cuda_stream(device),
+            *(0 if x is None else x.data_ptr() for x in parts[1:]))
+    return parts
 
 
 def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap,
-                     logit_scale, need_hidden, need_weight, need_bias, acc):
+                     logit_scale, need_hidden, need_weight, need_bias, acc, entropy_grad=None):
     """Same contract as ``linear_logprobs_cpu.backward``."""
     from ..triton_kernels import linear_logprobs as kernels
 
@@ -204,12 +235,14 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
     for rows in _row_chunks(n_rows, vocab * hidden.element_size(), budget):
         h = hidden[rows]
         dlogits, flat = _targets.gradient_buffer(h.shape[0], vocab, hidden.dtype, hidden.device)
+        entropy_rows = None if entropy_grad is None else entropy_grad[rows]
+        extra = {} if entropy_grad is None else dict(entropy_grad=entropy_rows)
         kernels.linear_logprobs_dlogits(h, weight, bias, coef[rows], lse[rows], dlogits,
-                                        temperature, softcap, logit_scale)
+                                        temperature, softcap, logit_scale, **extra)
         # d z / d logits = logit_scale / T (times the softcap's derivative)
         _targets.write_target_columns(flat, vocab, ids[rows], valid[rows], g[rows], coef[rows],
                                       capped[rows] * inv_t, lse[rows], inv_t * logit_scale,
-                                      None if squash is None else squash[rows])
+                                      None if squash is None else squash[rows], entropy_rows)
         if need_hidden:
             torch.mm(dlogits, weight, out=grad_hidden[rows])
         if need_weight:
@@ -223,13 +256,18 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
 
 
 def _reference_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, temperature, softcap,
-                        logit_scale, ignore_index, need_hidden, need_weight, need_bias):
+                        logit_scale, ignore_index, need_hidden, need_weight, need_bias,
+                        grad_entropy=None):
     acc = _accumulation_dtype(hidden.dtype)
     logits = reference.linear_logits(hidden, weight, bias, softcap, logit_scale)
     dlogits = reference.token_logprobs_backward(
         grad_out.reshape(ids.shape), None if grad_lse is None else grad_lse.reshape(-1), logits,
         ids, lse, temperature, ignore_index,
     )
+    if grad_entropy is not None:  # d entropy / d logits = -p (log p + entropy) / T
+        log_p = torch.log_softmax(logits / temperature, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1, keepdim=True)
+        dlogits = dlogits - grad_entropy[:, None] * log_p.exp() * (log_p + entropy) / temperature
     if softcap is not None:
         dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
     dlogits = dlogits * logit_scale
@@ -249,44 +287,63 @@ def _fold_scale(temperature, softcap, logit_scale):
 
 
 def _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
-                 backend):
+                 backend, stats=frozenset()):
+    """``(logprobs, lse, LogitStats)`` shaped like ``targets`` and ``hidden.shape[:-1]``."""
     if backend == "reference":
-        return reference.linear_logprobs(hidden, weight, targets, bias, temperature, softcap,
-                                         ignore_index, logit_scale)
+        out, lse, ref_stats = reference.linear_logprobs_stats(
+            hidden, weight, targets, bias, temperature, softcap, ignore_index, logit_scale)
+        return out, lse, _logit_stats.LogitStats(*(ref_stats[name] if name in stats else None
+                                                   for name in _logit_stats.STATS))
     temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
     valid, out_of_range = _targets.target_masks(ids, w.shape[0], ignore_index)
     if backend == "cpu":
-        z, lse = _cpu.forward(h, w, ids, valid, bias, temperature, softcap, logit_scale, acc)
+        z, lse, row_stats = _cpu.forward(h, w, ids, valid, bias, temperature, softcap,
+                                         logit_scale, acc, stats)
     else:
-        lse = _gpu_lse(h, w, bias, temperature, softcap, logit_scale, backend, acc)
+        parts = _gpu_forward(h, w, bias, temperature, softcap, logit_scale, backend, acc, stats)
+        lse = _logit_stats.merge_lse(parts)
+        row_stats = (_logit_stats.merge(parts, lse, w.shape[0], ids, valid) if stats
+                     else _logit_stats.LogitStats())
         z = _target_logits(h, w, bias, ids, softcap, logit_scale, acc) * (1.0 / temperature)
     # A log-probability is at most 0; on the GPU path z and the LSE come from different
     # summation orders, so z can exceed the LSE by a rounding error where p is close to 1.
     out = (z - lse[:, None]).clamp_(max=0.0)
     out = out.masked_fill_(~valid, 0.0).masked_fill_(out_of_range, math.nan)
-    return out.reshape(targets.shape), lse.reshape(hidden.shape[:-1])
+    lead = hidden.shape[:-1]
+    row_stats = _logit_stats.LogitStats(*(
+        None if x is None else x.reshape(targets.shape if name == "is_top1" else lead)
+        for name, x in zip(_logit_stats.STATS, row_stats)))
+    return out.reshape(targets.shape), lse.reshape(lead), row_stats
 
 
 def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temperature, softcap,
-                  logit_scale, ignore_index, need_hidden, need_weight, need_bias, backend):
+                  logit_scale, ignore_index, need_hidden, need_weight, need_bias, backend,
+                  grad_entropy=None, entropy=None):
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
     lse = lse.reshape(-1).to(acc).contiguous()
     need_bias = need_bias and bias is not None
+    grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).to(acc).contiguous()
     if backend == "reference":
         grads = _reference_backward(grad_out, grad_lse, h, w, ids, bias, lse, temperature, softcap,
-                                    logit_scale, ignore_index, need_hidden, need_weight, need_bias)
+                                    logit_scale, ignore_index, need_hidden, need_weight, need_bias,
+                                    grad_entropy)
     else:  # cuda's backward is the Triton path until a CUDA backward exists
         temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
         g, coef, valid = _targets.gradient_terms(grad_out, grad_lse, ids, w.shape[0],
                                                  ignore_index, acc)
+        extra = {}
+        if grad_entropy is not None:
+            # d entropy / d z_v = -p_v (z_v - lse + H): the row constant joins coef
+            coef = coef + grad_entropy * (entropy.reshape(-1).to(acc) - lse)
+            extra = dict(entropy_grad=grad_entropy)
         implementation = _cpu.backward if backend == "cpu" else _triton_backward
         grads = implementation(g, coef, h, w, ids, valid, bias, lse, temperature, softcap,
-                               logit_scale, need_hidden, need_weight, need_bias, acc)
+                               logit_scale, need_hidden, need_weight, need_bias, acc, **extra)
     grad_hidden, grad_weight, grad_bias = grads
     return (
         _empty(hidden) if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(hidden.shape),
@@ -319,7 +376,7 @@ def _linear_logprobs_op(
     backend = _check_backend(backend, hidden)
     _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
     return _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale,
-                        ignore_index, backend)
+                        ignore_index, backend)[:2]
 
 
 def _fake_checks(fn, hidden, weight, targets, **others) -> None:
@@ -369,27 +426,31 @@ def _linear_logprobs_backward_op(
     need_weight_grad: bool,
     need_bias_grad: bool,
     backend: str,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = "linear_logprobs_backward"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     _tokens._check_gradients(fn, grad_out, grad_lse, lse, targets, "hidden", hidden)
+    _check_entropy_gradient(fn, grad_entropy, entropy, lse)
     for arg, value in (("need_hidden_grad", need_hidden_grad),
                        ("need_weight_grad", need_weight_grad), ("need_bias_grad", need_bias_grad)):
         _checks.boolean(fn, arg, value)
     backend = _check_backend(backend, hidden, fn)
     return _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temperature,
                          softcap, logit_scale, ignore_index, need_hidden_grad, need_weight_grad,
-                         need_bias_grad, backend)
+                         need_bias_grad, backend, grad_entropy, entropy)
 
 
 @_linear_logprobs_backward_op.register_fake
 def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, bias, lse,
                                    temperature, softcap, logit_scale, ignore_index,
-                                   need_hidden_grad, need_weight_grad, need_bias_grad, backend):
+                                   need_hidden_grad, need_weight_grad, need_bias_grad, backend,
+                                   grad_entropy=None, entropy=None):
     fn = "linear_logprobs_backward"
     _fake_checks(fn, hidden, weight, targets, bias=bias, grad_out=grad_out, grad_lse=grad_lse,
-                 lse=lse)
+                 lse=lse, grad_entropy=grad_entropy, entropy=entropy)
     torch._check(grad_out.shape == targets.shape,
                  lambda: f"{fn}: grad_out must have the shape of targets")
     torch._check(lse.shape == hidden.shape[:-1],
@@ -410,47 +471,173 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     hidden, weight, targets, bias, lse = ctx.saved_tensors
+    return _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, lse)
+
+
+def _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, lse,
+                     grad_entropy=None, entropy=None):
+    """The gradients of the forward op's inputs (both ops' autograd), from the backward op."""
     if grad_out is None:
         grad_out = torch.zeros(targets.shape, dtype=lse.dtype, device=lse.device)
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
     grad_hidden, grad_weight, grad_bias = _linear_logprobs_backward_op(
         grad_out, grad_lse, hidden, weight, targets, bias, lse, *ctx.options, need_hidden,
-        need_weight, need_bias, ctx.backend,
+        need_weight, need_bias, ctx.backend, grad_entropy, entropy,
     )
     return (
         grad_hidden if need_hidden else None,
         grad_weight if need_weight else None,
         None,
         grad_bias if need_bias else None,
-        None, None, None, None, None,
     )
 
 
-_linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_logprobs_op.register_autograd(
+    lambda ctx, *grads: _backward(ctx, *grads) + (None,) * 5, setup_context=_setup_context)
 _autocast.register("linear_logprobs", ("hidden", "weight", "bias"))
 _autocast.register("linear_logprobs_backward")
+
+
+# ----------------------------------------------------------------------------- fused statistics
+
+
+def _check_entropy_gradient(fn, grad_entropy, entropy, lse) -> None:
+    """``grad_entropy`` and ``entropy`` come together, each with the shape of ``lse``."""
+    if (grad_entropy is None) != (entropy is None):
+        raise ValueError(f"{fn}: grad_entropy and entropy must be given together, got "
+                         f"grad_entropy={_described(grad_entropy)} and "
+                         f"entropy={_described(entropy)}")
+    for arg, value in (("grad_entropy", grad_entropy), ("entropy", entropy)):
+        if value is None:
+            continue
+        _checks.tensor(fn, arg, value, dtypes=SUPPORTED_DTYPES)
+        _checks.shape(fn, arg, value, tuple(lse.shape), "the shape of lse")
+        _checks.same_device(fn, lse=lse, **{arg: value})
+
+
+def _described(value) -> str:
+    return "None" if value is None else f"a tensor of shape {tuple(value.shape)}"
+
+
+def _stats_wanted(entropy, log_sum_sq_probs, mean_logits, is_top1) -> frozenset[str]:
+    flags = (entropy, log_sum_sq_probs, mean_logits, is_top1)
+    return frozenset(name for name, on in zip(_logit_stats.STATS, flags) if on)
+
+
+@torch.library.custom_op("alignkern::linear_logprobs_stats", mutates_args=())
+def _linear_logprobs_stats_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    ignore_index: int,
+    entropy: bool,
+    log_sum_sq_probs: bool,
+    mean_logits: bool,
+    is_top1: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``linear_logprobs`` plus the statistics flagged on, from the same pass over the
+    vocabulary; a statistic not asked for comes back with 0 elements."""
+    fn = "linear_logprobs_stats"
+    temperature, softcap, logit_scale, ignore_index = _check_inputs(
+        fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
+    for arg, value in zip(_logit_stats.STATS, (entropy, log_sum_sq_probs, mean_logits, is_top1)):
+        _checks.boolean(fn, arg, value)
+    backend = _check_backend(backend, hidden, fn)
+    _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
+    stats = _stats_wanted(entropy, log_sum_sq_probs, mean_logits, is_top1)
+    out, lse, row_stats = _run_forward(hidden, weight, targets, bias, temperature, softcap,
+                                       logit_scale, ignore_index, backend, stats)
+    return (out, lse) + tuple(_unrequested(name, hidden) if x is None else x
+                              for name, x in zip(_logit_stats.STATS, row_stats))
+
+
+def _unrequested(name: str, hidden: torch.Tensor) -> torch.Tensor:
+    dtype = torch.bool if name == "is_top1" else _accumulation_dtype(hidden.dtype)
+    return hidden.new_empty((0,), dtype=dtype)
+
+
+@_linear_logprobs_stats_op.register_fake
+def _linear_logprobs_stats_fake(hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                                ignore_index, entropy, log_sum_sq_probs, mean_logits, is_top1,
+                                backend):
+    _fake_checks("linear_logprobs_stats", hidden, weight, targets, bias=bias)
+    acc = _accumulation_dtype(hidden.dtype)
+    lead = hidden.shape[:-1]
+
+    def row_stat(on):
+        return hidden.new_empty(lead if on else (0,), dtype=acc)
+
+    return (hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(lead, dtype=acc),
+            row_stat(entropy), row_stat(log_sum_sq_probs), row_stat(mean_logits),
+            hidden.new_empty(targets.shape if is_top1 else (0,), dtype=torch.bool))
+
+
+def _stats_setup_context(ctx, inputs, output):
+    hidden, weight, targets, bias, *options = inputs[:8]
+    wants_entropy = inputs[8]
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1],
+                          output[2] if wants_entropy else None)
+    ctx.options = tuple(options)
+    ctx.backend = inputs[-1]
+    ctx.mark_non_differentiable(*output[3:])
+    # An entropy computed for logging only gets no gradient: None, not zeros, so the backward
+    # skips its term.
+    ctx.set_materialize_grads(False)
+
+
+def _stats_backward(ctx, grad_out, grad_lse, grad_entropy, *_):
+    hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+    if entropy is None or grad_entropy is None:
+        grad_entropy = entropy = None
+    grads = _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, lse,
+                             grad_entropy, entropy)
+    return grads + (None,) * 9
+
+
+_linear_logprobs_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+_autocast.register("linear_logprobs_stats", ("hidden", "weight", "bias"))
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, *,
-          check_ids=True):
+          check_ids=True, stats=None):
     """The public functions' path into the op: validation in ``name``'s words (ids too, unless
-    the caller has checked them itself), then the registered op."""
+    the caller has checked them itself), then the registered op (the statistics op when ``stats``
+    is a set of names, whose flags follow ``_logit_stats.STATS``)."""
+    if stats is None:
+        op, flags = _linear_logprobs_op, ()
+    else:
+        op, flags = _linear_logprobs_stats_op, tuple(n in stats for n in _logit_stats.STATS)
     if torch.compiler.is_compiling():
         # Tensors are checked by the fake kernel now and by the op when the graph runs; the
         # backend is resolved then too.
         scalars = _check_scalars(name, temperature, softcap, logit_scale, ignore_index)
-        return _linear_logprobs_op(hidden, weight, targets, bias, *scalars, "auto")
+        return op(hidden, weight, targets, bias, *scalars, *flags, "auto")
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         name, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     backend = _check_backend("auto", hidden, name)
     if check_ids:
         _tokens._check_target_ids(targets, weight.shape[0], ignore_index, name)
     with _tokens.ids_already_checked():
-        return _linear_logprobs_op(hidden, weight, targets, bias, temperature, softcap,
-                                   logit_scale, ignore_index, backend)
+        return op(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
+                  *flags, backend)
+
+
+def _check_stats(fn: str, stats) -> frozenset[str]:
+    if isinstance(stats, str) or not all(isinstance(name, str) for name in stats):
+        raise TypeError(f"{fn}: stats must be a tuple of names among {_logit_stats.STATS}, got "
+                        f"{stats!r}")
+    unknown = sorted(set(stats) - set(_logit_stats.STATS))
+    if unknown:
+        raise ValueError(f"{fn}: stats must be among {_logit_stats.STATS}, got {unknown}")
+    return frozenset(stats)
 
 
 def linear_logprobs(
@@ -464,7 +651,8 @@ def linear_logprobs(
     logit_scale: float = 1.0,
     ignore_index: int = -100,
     return_lse: bool = False,
-) -> torch.Tensor | LinearLogprobs:
+    stats: tuple[str, ...] | None = None,
+) -> torch.Tensor | LinearLogprobs | LinearLogprobsStats:
     """Log-probabilities of chosen tokens under the LM head, ``log_softmax(logits / T)[targets]``
     with ``logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (or
     ``logit_scale * (hidden @ weight.T + bias)`` without a softcap), computed tile by tile without
@@ -483,11 +671,19 @@ def linear_logprobs(
         ignore_index: the id that marks positions to skip (default -100).
         return_lse: also return ``lse (...)``, the log-sum-exp of the scaled logits
             (differentiable too).
+        stats: statistics of the same distribution ``softmax(z)`` to compute in the same pass
+            over the vocabulary, among ``"entropy"`` (``(...)``, differentiable: its gradient
+            joins the same backward), ``"log_sum_sq_probs"`` (``(...)``, log sum_v p_v^2),
+            ``"mean_logits"`` (``(...)``, the mean of ``z`` over the vocabulary) and
+            ``"is_top1"`` (bool, shaped like ``targets``: the target is the first maximum of
+            ``z``, TRL's tie rule; False for ignored ids). The last three carry no gradient.
 
     Returns:
         ``logprobs`` shaped like ``targets``, float32 (float64 for float64 inputs); with
-        ``return_lse=True`` a ``LinearLogprobs(logprobs, lse)`` named tuple. Differentiable in
-        ``hidden``, ``weight`` and ``bias`` for any upstream gradient.
+        ``return_lse=True`` a ``LinearLogprobs(logprobs, lse)`` named tuple; with ``stats`` a
+        ``LinearLogprobsStats(logprobs, lse, entropy, log_sum_sq_probs, mean_logits, is_top1)``
+        named tuple, None for the statistics not asked for. Differentiable in ``hidden``,
+        ``weight`` and ``bias`` for any upstream gradient.
 
     Raises:
         TypeError: non-float hidden, mismatched dtypes, float targets, a scalar that is not a
@@ -504,6 +700,12 @@ def linear_logprobs(
         >>> alignkern.linear_logprobs(hidden, head, torch.randint(0, 32000, (8, 4))).shape
         torch.Size([8, 4])
     """
+    if stats is not None:
+        stats = _check_stats("linear_logprobs", stats)
+        out, lse, *row_stats = _call("linear_logprobs", hidden, weight, targets, bias,
+                                     temperature, softcap, logit_scale, ignore_index, stats=stats)
+        return LinearLogprobsStats(out, lse, *(x if name in stats else None
+                                               for name, x in zip(_logit_stats.STATS, row_stats)))
     out, lse = _call("linear_logprobs", hidden, weight, targets, bias, temperature, softcap,
                      logit_scale, ignore_index)
     return LinearLogprobs(out, lse) if return_lse else out

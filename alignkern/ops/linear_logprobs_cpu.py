@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import _logit_stats
 from . import token_logprobs as _tokens
 
 TILE_BYTES = 16 * 2**20
@@ -68,12 +69,15 @@ def _targets_by_block(ids: torch.Tensor, valid: torch.Tensor, blocks: list[slice
         yield rows[begin:end], picked[begin:end] - block.start, slots[begin:end]
 
 
-def forward(hidden, weight, ids, valid, bias, temperature, softcap, logit_scale, acc):
-    """``(z_t (N, K), lse (N,))``: the scaled logit at each valid target (0 elsewhere) and each
-    row's log-sum-exp, z_t and the LSE read from the same tiles with the same 1 / T."""
+def forward(hidden, weight, ids, valid, bias, temperature, softcap, logit_scale, acc,
+            stats=frozenset()):
+    """``(z_t (N, K), lse (N,), stats)``: the scaled logit at each valid target (0 elsewhere),
+    each row's log-sum-exp, z_t and the LSE read from the same tiles with the same 1 / T, and the
+    requested statistics (``_logit_stats.LogitStats``) from the same tiles."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     picked = torch.zeros(ids.shape, dtype=acc)
     lse = _tokens._poisoned((n_rows,), acc, hidden.device)
+    merged = []
     inv_t = torch.tensor(1.0 / temperature, dtype=acc)  # rounded as the C++ kernel rounds it
     for rows, blocks in _tiles(n_rows, vocab, acc.itemsize):
         h, chunk_picked = hidden[rows].to(acc), picked[rows]
@@ -81,16 +85,29 @@ def forward(hidden, weight, ids, valid, bias, temperature, softcap, logit_scale,
         by_block = _targets_by_block(ids[rows], valid[rows], blocks)
         for block, (row, column, slot) in zip(blocks, by_block):
             logits = _logits_tile(h, weight, bias, block, softcap, acc, logit_scale)
-            parts.append(tile_lse(logits, temperature))
+            block_lse = tile_lse(logits, temperature)
             chunk_picked[row, slot] = logits[row, column] * inv_t
-        lse[rows] = torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
-    return picked, lse
+            if stats:
+                z = logits if temperature == 1.0 else logits.mul_(inv_t)
+                parts.append(_logit_stats.tile_partials(z, block_lse, stats, block.start))
+            else:
+                parts.append(_logit_stats.Partials(block_lse[None]))
+        parts = _logit_stats.concat(parts)
+        lse[rows] = _logit_stats.merge_lse(parts)
+        if stats:
+            merged.append(_logit_stats.merge(parts, lse[rows], vocab, ids[rows], valid[rows]))
+    if not merged:  # no rows
+        return picked, lse, _logit_stats.no_rows(stats, ids.shape[1], acc, hidden.device)
+    return picked, lse, _logit_stats.LogitStats(*(None if column[0] is None else torch.cat(column)
+                                                  for column in zip(*merged)))
 
 
 def backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap, logit_scale,
-             need_hidden, need_weight, need_bias, acc):
+             need_hidden, need_weight, need_bias, acc, entropy_grad=None):
     """``(dhidden, dweight, dbias)`` (None where not needed) from the per-slot gradients ``g``
-    (0 for slots that are not valid) and each row's ``coef`` = sum of valid g_k - g_lse."""
+    (0 for slots that are not valid) and each row's ``coef`` = sum of valid g_k - g_lse (plus
+    ``g_H (H - lse)`` with an entropy gradient ``entropy_grad`` = g_H, whose term is
+    ``-g_H p_v (z_v - lse + H)``: dense part ``-p_v (coef + g_H z_v)``)."""
     n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=acc) if need_hidden else None
     grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
@@ -109,7 +126,12 @@ def backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softca
             # softmax(z) from the saved LSE, in place: -coef * exp(z - lse)
             if temperature != 1.0:  # a full pass over the tile: skipped at the usual T = 1
                 dlogits.mul_(inv_t)
-            dlogits.sub_(lse[rows, None]).exp_().mul_(-coef[rows, None])
+            if entropy_grad is None:
+                dlogits.sub_(lse[rows, None]).exp_().mul_(-coef[rows, None])
+            else:
+                p = torch.exp(dlogits - lse[rows, None])
+                dlogits.mul_(entropy_grad[rows, None]).add_(coef[rows, None]).mul_(p).neg_()
+                del p
             # repeated ids of a row add up: index_put_ accumulates in order on the CPU
             dlogits.index_put_((row, column), chunk_g[row, slot], accumulate=True)
             if outer != 1.0:
