@@ -605,3 +605,23 @@ def test_linear_logprobs_peers_compute_the_same_log_probs():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
         compared.append(name)
     assert {"alignkern", "torch-eager", "trl-chunked"} <= set(compared)
+
+
+def test_entropy_peers_compute_the_same_log_probs_and_entropy():
+    """The entropy family's peers (TRL's fused head with outputs=("entropy",) among them) agree
+    with float64 on both outputs."""
+    pytest.importorskip("trl")
+    from alignkern.bench import linear_logprobs_entropy as family
+
+    case = family.Case(37, 24, 1001, 1, torch.float32)
+    hidden, weight, targets = case.make_inputs(CPU)
+    log_p = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    want = (log_p.gather(-1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1))
+    compared = []
+    for name, provider in family.providers(CPU).items():
+        if isinstance(provider, str) or name == FLOOR:
+            continue
+        for got, expected in zip(provider(hidden, weight, targets), want, strict=True):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+        compared.append(name)
+    assert {"alignkern", "torch-eager", "trl-chunked"} <= set(compared)

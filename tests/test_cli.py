@@ -56,7 +56,8 @@ def test_bench_quick_writes_csv_and_table(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     providers = {r["provider"] for r in rows}
     assert {"alignkern", "torch-eager", "read-ceiling", "matmul-floor"} <= providers
-    assert {r["kernel"] for r in rows} == {"token_logprobs", "linear_logprobs", "reward_attention",
+    assert {r["kernel"] for r in rows} == {"token_logprobs", "linear_logprobs",
+                                           "linear_logprobs_entropy", "reward_attention",
                                            "fused_linear_dpo_loss", "linear_kl",
                                            "plackett_luce_loss"}
     assert {r["unit"] for r in rows if r["kernel"] == "linear_logprobs"} >= {"ms", "TFLOP/s", "MiB"}

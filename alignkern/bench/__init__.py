@@ -32,6 +32,7 @@ import torch
 from . import fused_linear_dpo as fused_linear_dpo_cases
 from . import linear_kl as linear_kl_cases
 from . import linear_logprobs as linear_logprobs_cases
+from . import linear_logprobs_entropy as linear_logprobs_entropy_cases
 from . import measure, report
 from . import plackett_luce as plackett_luce_cases
 from . import reward_attention as reward_attention_cases
@@ -39,6 +40,7 @@ from . import token_logprobs as token_logprobs_cases
 from .report import BOUNDS, Result
 
 FAMILIES = {"token_logprobs": token_logprobs_cases, "linear_logprobs": linear_logprobs_cases,
+            "linear_logprobs_entropy": linear_logprobs_entropy_cases,
             "reward_attention": reward_attention_cases,
             "fused_linear_dpo_loss": fused_linear_dpo_cases, "linear_kl": linear_kl_cases,
             "plackett_luce_loss": plackett_luce_cases}
