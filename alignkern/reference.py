@@ -114,7 +114,7 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     logits ``(..., V)``: ``entropy`` = -sum_v p_v log p_v, ``log_sum_sq_probs`` = log sum_v p_v^2
     and ``mean_logits`` = mean_v z_v, each ``(...)`` float32 (float64 for float64), and
     ``is_top1`` shaped like ``targets``: the target is the first maximum of ``z`` (False for
-    ``ignore_index`` and out-of-range ids)."""
+    ``ignore_index`` and out-of-range ids), and ``max_logits`` = max_v z_v ``(...)``."""
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(out_dtype) / temperature
     log_p = torch.log_softmax(z, dim=-1)
@@ -129,6 +129,7 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
         "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
         "mean_logits": z.mean(-1),
         "is_top1": is_top1.squeeze(-1) if single else is_top1,
+        "max_logits": z.amax(-1),
     }
 
 

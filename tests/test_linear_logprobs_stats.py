@@ -20,8 +20,8 @@ import alignkern
 from alignkern import reference
 
 BACKENDS = available_backends()
-ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-ROW_STATS = ("entropy", "log_sum_sq_probs", "mean_logits")
+ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "max_logits")
+ROW_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "max_logits")
 
 
 def run(backend, *args, **kw):
@@ -96,7 +96,7 @@ def test_softcap_temperature_logit_scale(backend, softcap, temperature, logit_sc
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stats", [("entropy",), ("log_sum_sq_probs",), ("mean_logits",),
-                                   ("is_top1",), ("entropy", "is_top1"), ()])
+                                   ("is_top1",), ("max_logits",), ("entropy", "is_top1"), ()])
 def test_each_statistic_alone(backend, stats):
     h, w, _, targets = make_inputs((9,), 300, 2, torch.float32)
     result = run(backend, h, w, targets, stats=stats)
@@ -218,7 +218,7 @@ def test_statistics_without_gradient_take_none(backend):
     h, w, _, targets = make_inputs((6,), 200, 1, torch.float32)
     leaf = h.clone().requires_grad_(True)
     result = run(backend, leaf, w, targets, stats=ALL)
-    for name in ("log_sum_sq_probs", "mean_logits", "is_top1"):
+    for name in ("log_sum_sq_probs", "mean_logits", "is_top1", "max_logits"):
         assert not getattr(result, name).requires_grad
     assert result.entropy.requires_grad
     (with_stats,) = torch.autograd.grad(result.logprobs.sum(), leaf)
@@ -248,13 +248,13 @@ def test_gradcheck_float64(backend):
 def test_opcheck(backend):
     h, w, b, targets = make_inputs((4, 3), 50, 2, torch.float32, bias=True)
     leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
-    for flags in [(True, True, True, True), (True, False, False, False),
-                  (False, True, False, True)]:
+    for flags in [(True, True, True, True, True), (True, False, False, False, False),
+                  (False, True, False, True, False), (False, False, False, False, True)]:
         torch.library.opcheck(torch.ops.alignkern.linear_logprobs_stats.default,
                               (*leaves[:2], targets, leaves[2], 1.3, 2.0, 0.4, IGNORE, *flags,
                                backend))
     out, lse, entropy, *_ = torch.ops.alignkern.linear_logprobs_stats(
-        h, w, targets, b, 1.3, None, 2.5, IGNORE, True, False, False, False, backend)
+        h, w, targets, b, 1.3, None, 2.5, IGNORE, True, False, False, False, False, backend)
     torch.library.opcheck(
         torch.ops.alignkern.linear_logprobs_backward.default,
         (torch.randn_like(out), None, h, w, targets, b, lse, 1.3, None, 2.5, IGNORE, True, True,

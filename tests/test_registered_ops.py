@@ -55,9 +55,9 @@ def _linear_logprobs_cases(backend):
                                                    "reference")
     stats = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
                       entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True,
-                      backend=backend), dims)
+                      max_logits=True, backend=backend), dims)
     entropy = torch.ops.alignkern.linear_logprobs_stats(
-        hidden, weight, targets, bias, *options.values(), True, False, False, False,
+        hidden, weight, targets, bias, *options.values(), True, False, False, False, False,
         "reference")[2]
     backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
                          hidden=hidden, weight=weight, targets=targets, bias=bias, lse=lse,

@@ -7,7 +7,8 @@ same pass that gives the part's log-sum-exp ``lse_j``, to:
 - ``mean_z_j`` = sum_v q_v z_v with ``q = softmax(z)`` within the part      (for the entropy)
 - ``log_sum_sq_j`` = log sum_v q_v^2                                        (log sum p^2)
 - ``sum_z_j`` = sum_v z_v                                                   (mean logit)
-- ``max_z_j`` and ``argmax_j``, the vocabulary id of the part's first maximum (is_top1)
+- ``max_z_j`` and ``argmax_j``, the vocabulary id of the part's first maximum (is_top1,
+  max_logits)
 
 ``merge`` combines S parts, ``(S, N)`` each, into the row's statistics with ``w_j = exp(lse_j -
 lse)``: ``entropy = lse - sum_j w_j mean_z_j``, ``log sum p^2 = logsumexp_j(2 (lse_j - lse) +
@@ -21,7 +22,14 @@ from typing import NamedTuple
 
 import torch
 
-STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "max_logits")
+# The statistics each kernel-level request stands for: the kernels know the first four.
+KERNEL_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def kernel_stats(stats: frozenset[str]) -> frozenset[str]:
+    """What to ask the kernels for: ``max_logits`` comes with ``is_top1``'s partials."""
+    return frozenset(stats - {"max_logits"} | ({"is_top1"} if "max_logits" in stats else set()))
 
 
 class Partials(NamedTuple):
@@ -36,13 +44,14 @@ class Partials(NamedTuple):
 
 
 class LogitStats(NamedTuple):
-    """The merged statistics: ``entropy``, ``log_sum_sq_probs``, ``mean_logits`` ``(N,)`` and
-    ``is_top1 (N, K)`` bool; None where not requested."""
+    """The merged statistics: ``entropy``, ``log_sum_sq_probs``, ``mean_logits`` ``(N,)``,
+    ``is_top1 (N, K)`` bool and ``max_logits (N,)``; None where not requested."""
 
     entropy: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
+    max_logits: torch.Tensor | None = None
 
 
 def tile_partials(z: torch.Tensor, lse: torch.Tensor, stats: frozenset[str],
@@ -61,7 +70,7 @@ def tile_partials(z: torch.Tensor, lse: torch.Tensor, stats: frozenset[str],
             log_sum_sq = torch.linalg.vecdot(q, q).log_() - 2 * total.log()
     sum_z = z.sum(-1) if "mean_logits" in stats else None
     max_z = argmax = None
-    if "is_top1" in stats:
+    if stats & {"is_top1", "max_logits"}:
         max_z, argmax = z.max(-1)  # the first maximum of each row (torch.max's rule)
         argmax = argmax + first_id
     fields = (lse, mean_z, log_sum_sq, sum_z, max_z, argmax)
@@ -83,7 +92,7 @@ def merge(parts: Partials, lse: torch.Tensor, vocab: int, ids: torch.Tensor,
     """The rows' statistics from their parts (see the module docstring); ``lse (N,)`` is
     ``merge_lse(parts)``, ``ids (N, K)`` the targets and ``valid`` their mask."""
     weight = torch.exp(parts.lse - lse)
-    entropy = log_sum_sq = mean = is_top1 = None
+    entropy = log_sum_sq = mean = is_top1 = best = None
     if parts.mean_z is not None:
         entropy = lse - (weight * parts.mean_z).sum(0)
     if parts.log_sum_sq is not None:
@@ -95,7 +104,7 @@ def merge(parts: Partials, lse: torch.Tensor, vocab: int, ids: torch.Tensor,
         first_part = (parts.max_z == best).to(torch.uint8).argmax(0)  # the first part attaining it
         first_id = parts.argmax.gather(0, first_part[None])[0]
         is_top1 = (ids == first_id[:, None]) & valid
-    return LogitStats(entropy, log_sum_sq, mean, is_top1)
+    return LogitStats(entropy, log_sum_sq, mean, is_top1, best)
 
 
 def no_rows(stats: frozenset[str], k: int, dtype: torch.dtype, device) -> LogitStats:
@@ -104,4 +113,5 @@ def no_rows(stats: frozenset[str], k: int, dtype: torch.dtype, device) -> LogitS
         return torch.empty(shape, dtype=dtype_, device=device) if name in stats else None
 
     return LogitStats(empty("entropy", (0,)), empty("log_sum_sq_probs", (0,)),
-                      empty("mean_logits", (0,)), empty("is_top1", (0, k), torch.bool))
+                      empty("mean_logits", (0,)), empty("is_top1", (0, k), torch.bool),
+                      empty("max_logits", (0,)))

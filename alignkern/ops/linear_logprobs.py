@@ -60,6 +60,7 @@ class LinearLogprobsStats(NamedTuple):
     log_sum_sq_probs: torch.Tensor | None
     mean_logits: torch.Tensor | None
     is_top1: torch.Tensor | None
+    max_logits: torch.Tensor | None = None
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -179,6 +180,7 @@ def _gpu_forward(hidden, weight, bias, temperature, softcap, logit_scale, backen
     """Each row's log-sum-exp and the requested statistics' partials, by the CUDA kernel (one
     part) or the Triton kernel (one part per vocabulary split)."""
     n_rows, device = hidden.shape[0], hidden.device
+    stats = _logit_stats.kernel_stats(stats)
     if backend == "cuda":
         return _cuda_forward(hidden, weight, bias, temperature, softcap, logit_scale, acc, stats)
     from ..triton_kernels import linear_logprobs as kernels
@@ -314,7 +316,8 @@ def _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scal
     out = out.masked_fill_(~valid, 0.0).masked_fill_(out_of_range, math.nan)
     lead = hidden.shape[:-1]
     row_stats = _logit_stats.LogitStats(*(
-        None if x is None else x.reshape(targets.shape if name == "is_top1" else lead)
+        None if x is None or name not in stats
+        else x.reshape(targets.shape if name == "is_top1" else lead)
         for name, x in zip(_logit_stats.STATS, row_stats)))
     return out.reshape(targets.shape), lse.reshape(lead), row_stats
 
@@ -519,8 +522,7 @@ def _described(value) -> str:
     return "None" if value is None else f"a tensor of shape {tuple(value.shape)}"
 
 
-def _stats_wanted(entropy, log_sum_sq_probs, mean_logits, is_top1) -> frozenset[str]:
-    flags = (entropy, log_sum_sq_probs, mean_logits, is_top1)
+def _stats_wanted(*flags) -> frozenset[str]:
     return frozenset(name for name, on in zip(_logit_stats.STATS, flags) if on)
 
 
@@ -538,18 +540,21 @@ def _linear_logprobs_stats_op(
     log_sum_sq_probs: bool,
     mean_logits: bool,
     is_top1: bool,
+    max_logits: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     """``linear_logprobs`` plus the statistics flagged on, from the same pass over the
     vocabulary; a statistic not asked for comes back with 0 elements."""
     fn = "linear_logprobs_stats"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
-    for arg, value in zip(_logit_stats.STATS, (entropy, log_sum_sq_probs, mean_logits, is_top1)):
+    flags = (entropy, log_sum_sq_probs, mean_logits, is_top1, max_logits)
+    for arg, value in zip(_logit_stats.STATS, flags):
         _checks.boolean(fn, arg, value)
     backend = _check_backend(backend, hidden, fn)
     _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
-    stats = _stats_wanted(entropy, log_sum_sq_probs, mean_logits, is_top1)
+    stats = _stats_wanted(*flags)
     out, lse, row_stats = _run_forward(hidden, weight, targets, bias, temperature, softcap,
                                        logit_scale, ignore_index, backend, stats)
     return (out, lse) + tuple(_unrequested(name, hidden) if x is None else x
@@ -564,7 +569,7 @@ def _unrequested(name: str, hidden: torch.Tensor) -> torch.Tensor:
 @_linear_logprobs_stats_op.register_fake
 def _linear_logprobs_stats_fake(hidden, weight, targets, bias, temperature, softcap, logit_scale,
                                 ignore_index, entropy, log_sum_sq_probs, mean_logits, is_top1,
-                                backend):
+                                max_logits, backend):
     _fake_checks("linear_logprobs_stats", hidden, weight, targets, bias=bias)
     acc = _accumulation_dtype(hidden.dtype)
     lead = hidden.shape[:-1]
@@ -574,7 +579,8 @@ def _linear_logprobs_stats_fake(hidden, weight, targets, bias, temperature, soft
 
     return (hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(lead, dtype=acc),
             row_stat(entropy), row_stat(log_sum_sq_probs), row_stat(mean_logits),
-            hidden.new_empty(targets.shape if is_top1 else (0,), dtype=torch.bool))
+            hidden.new_empty(targets.shape if is_top1 else (0,), dtype=torch.bool),
+            row_stat(max_logits))
 
 
 def _stats_setup_context(ctx, inputs, output):
@@ -596,7 +602,7 @@ def _stats_backward(ctx, grad_out, grad_lse, grad_entropy, *_):
         grad_entropy = entropy = None
     grads = _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, lse,
                              grad_entropy, entropy)
-    return grads + (None,) * 9
+    return grads + (None,) * 10
 
 
 _linear_logprobs_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -674,15 +680,16 @@ def linear_logprobs(
         stats: statistics of the same distribution ``softmax(z)`` to compute in the same pass
             over the vocabulary, among ``"entropy"`` (``(...)``, differentiable: its gradient
             joins the same backward), ``"log_sum_sq_probs"`` (``(...)``, log sum_v p_v^2),
-            ``"mean_logits"`` (``(...)``, the mean of ``z`` over the vocabulary) and
+            ``"mean_logits"`` (``(...)``, the mean of ``z`` over the vocabulary),
             ``"is_top1"`` (bool, shaped like ``targets``: the target is the first maximum of
-            ``z``, TRL's tie rule; False for ignored ids). The last three carry no gradient.
+            ``z``, TRL's tie rule; False for ignored ids) and ``"max_logits"`` (``(...)``, the
+            maximum of ``z``). All but the entropy carry no gradient.
 
     Returns:
         ``logprobs`` shaped like ``targets``, float32 (float64 for float64 inputs); with
         ``return_lse=True`` a ``LinearLogprobs(logprobs, lse)`` named tuple; with ``stats`` a
-        ``LinearLogprobsStats(logprobs, lse, entropy, log_sum_sq_probs, mean_logits, is_top1)``
-        named tuple, None for the statistics not asked for. Differentiable in ``hidden``,
+        ``LinearLogprobsStats(logprobs, lse, entropy, log_sum_sq_probs, mean_logits, is_top1,
+        max_logits)`` named tuple, None for the statistics not asked for. Differentiable in ``hidden``,
         ``weight`` and ``bias`` for any upstream gradient.
 
     Raises:
