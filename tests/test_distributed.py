@@ -147,6 +147,57 @@ def _check_linear_logprobs(rank, world, dtype, k, bias, softcap):
         _close(f"{name} dbias", b_shard.grad, b_full.grad[start:start + size], dtype)
 
 
+def _check_linear_logprobs_stats(rank, world, dtype, k, softcap):
+    """The fused statistics over the shards equal the single-process op's, the entropy's gradient
+    (with the log-probabilities', random upstream) included; targets include each row's first
+    maximum, and a copy of it in another shard (a tie the first shard must win)."""
+    import alignkern
+    import alignkern.distributed as akd
+
+    sizes = SHARDS[world]
+    start, size = _bounds(rank, sizes)
+    gen = torch.Generator().manual_seed(31 + world)
+    vocab, weight, b = _head(gen, world, dtype)
+    weight[vocab - 1], b[vocab - 1] = weight[2], b[2]  # ids 2 and V - 1 tie, in different shards
+    lead = (3, 5)
+    hidden = torch.randn(*lead, weight.shape[1], generator=gen).to(dtype)
+    hidden[0, :3] = weight[2] * 4  # rows where id 2 (and so V - 1) is the maximum
+    targets = _targets(gen, lead, vocab, sizes, k)
+    first_max = alignkern.reference.linear_logits(hidden, weight, b, softcap, 0.8).argmax(-1)
+    slot = targets[..., 0] if k else targets
+    slot[1:] = first_max[1:]
+    if k:
+        targets[0, :, 1] = vocab - 1
+    g_out = torch.randn(targets.shape, generator=gen, dtype=torch.float64)
+    g_entropy = torch.randn(lead, generator=gen, dtype=torch.float64)
+    stats = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "max_logits")
+    settings = dict(temperature=1.3, softcap=softcap, logit_scale=0.8, stats=stats)
+
+    def loss(result):
+        return ((result.logprobs * g_out.to(result.logprobs.dtype)).sum()
+                + (result.entropy * g_entropy.to(result.entropy.dtype)).sum())
+
+    h_full, w_full, b_full = _leaf(hidden), _leaf(weight), _leaf(b)
+    want = alignkern.linear_logprobs(h_full, w_full, targets, bias=b_full, **settings)
+    loss(want).backward()
+    h, w, b_shard = _leaf(hidden), _leaf(weight[start:start + size]), _leaf(b[start:start + size])
+    got = akd.linear_logprobs(h, w, targets, bias=b_shard, **settings)
+    loss(got).backward()
+    name = f"linear_logprobs stats[{dtype}, k={k}, softcap={softcap}]"
+    for field in ("logprobs", "lse", "entropy", "log_sum_sq_probs", "mean_logits", "max_logits"):
+        _close(f"{name} {field}", getattr(got, field), getattr(want, field), dtype)
+    assert torch.equal(got.is_top1, want.is_top1), f"{name} is_top1"
+    assert want.is_top1.any() and not want.is_top1.all(), f"{name}: a weak is_top1 check"
+    _close(f"{name} dhidden", h.grad, h_full.grad, dtype)
+    _close(f"{name} dweight", w.grad, w_full.grad[start:start + size], dtype)
+    _close(f"{name} dbias", b_shard.grad, b_full.grad[start:start + size], dtype)
+    only_max = akd.linear_logprobs(hidden, weight[start:start + size], targets,
+                                   bias=b[start:start + size], stats=("max_logits",))
+    _close(f"{name} max_logits alone", only_max.max_logits,
+           alignkern.linear_logprobs(hidden, weight, targets, bias=b,
+                                     stats=("max_logits",)).max_logits, dtype)
+
+
 def _check_scoring(rank, world, dtype):
     """option_logprobs, self_eval_scores, sequence_logprobs and fused_linear_dpo_loss."""
     import alignkern
@@ -373,6 +424,8 @@ CORRECTNESS = [
     ("_check_token_logprobs", (torch.float64, None, True)),
     ("_check_linear_logprobs", (torch.float32, 3, True, 5.0)),
     ("_check_linear_logprobs", (torch.float64, None, False, None)),
+    ("_check_linear_logprobs_stats", (torch.float32, 3, 5.0)),
+    ("_check_linear_logprobs_stats", (torch.float64, None, None)),
     ("_check_scoring", (torch.float32,)),
     ("_check_linear_kl", (torch.float32,)),
 ]
@@ -384,7 +437,7 @@ def test_vocab_parallel_matches_single_process(world, tmp_path):
     fused_linear_dpo_loss and linear_kl on uneven odd shards equal the full-vocabulary op, values and
     gradients (hidden, weight and bias shards, logits shard), fp32 within 1e-5, fp64 1e-11; then
     every bad setup raises the same kind of error on every rank."""
-    checks = list(CORRECTNESS) if world == 4 else CORRECTNESS[:4] + [
+    checks = list(CORRECTNESS) if world == 4 else CORRECTNESS[:6] + [
         ("_check_scoring", (torch.float64,)), ("_check_linear_kl", (torch.float64,))]
     _spawn(world, tmp_path, checks + [("_check_bad_setups", ())])
 

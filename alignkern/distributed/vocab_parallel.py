@@ -415,7 +415,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     bias: torch.Tensor | None = None, vocab_start: int | None = None,
                     vocab_size: int | None = None, process_group=None, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0,
-                    ignore_index: int = -100, return_lse: bool = False):
+                    ignore_index: int = -100, return_lse: bool = False,
+                    stats: tuple[str, ...] | None = None):
     """``alignkern.linear_logprobs`` with the LM head split by vocabulary across ``process_group``.
 
     ``hidden (..., H)`` and ``targets`` (global ids) are the same on every rank; ``weight
@@ -424,11 +425,106 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rank. Gradients: ``weight``/``bias`` get their shard of the full gradient (local);
     ``hidden`` gets the full gradient on every rank (one all-reduce of N·H numbers). A collective:
     call it on every rank of the group.
+
+    ``stats`` (the single-process op's statistics: entropy, log_sum_sq_probs, mean_logits,
+    is_top1, max_logits) returns a ``LinearLogprobsStats`` of the full distribution, from each
+    shard's statistics of the same local pass: one more all-reduce (max) of N·(1 + K) numbers and
+    one (sum) of at most N·(5 + K); the entropy is differentiable (its gradient reaches the
+    shards like the log-probabilities').
     """
+    if stats is not None:
+        return _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                             ignore_index, vocab_start, vocab_size, process_group, stats)
     logprobs, lse = _linear("linear_logprobs", hidden, weight, targets, bias, temperature, softcap,
                             logit_scale, ignore_index, vocab_start, vocab_size, process_group,
                             (bool(return_lse),))
     return alignkern.LinearLogprobs(logprobs, lse) if return_lse else logprobs
+
+
+def _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
+                  vocab_start, vocab_size, group, stats):
+    """``linear_logprobs(..., stats=...)`` over the shards. With the row's global LSE as the
+    reference ``M`` (a constant) and each shard's ``a_r = exp(lse_r - M)``: ``A = sum_r a_r``,
+    entropy ``= sum_r a_r (H_r - lse_r) / A + M + log A``, ``log sum p^2 = log sum_r
+    exp(2 (lse_r - M) + lss_r) - 2 log A``, mean ``= sum_r V_r mean_r / V``. The target is the
+    first maximum where its shard says so locally (its ``z_t`` is then that shard's maximum), no
+    shard before it reaches ``z_t`` and none after it exceeds it."""
+    from ..ops import linear_logprobs as _linear_op
+
+    fn = "linear_logprobs"
+    checked = {}
+    _checked_on_every_rank(fn, group, lambda: checked.update(
+        stats=_linear_op._check_stats(fn, stats)))
+    stats = checked["stats"]
+    make = _linear_setup(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
+                         ignore_index, ("stats", *sorted(stats)))
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    layout = _layout(fn, group, device, vocab_start, vocab_size, make)
+    local_ids, owned, ignored = _localise(targets, layout, ignore_index)
+    has_k = targets.dim() == hidden.dim()
+    wanted = set(stats) | ({"is_top1", "max_logits"} if "is_top1" in stats else set())
+    with _tokens.ids_already_checked():
+        local = alignkern.linear_logprobs(_CopyToShards.apply(hidden, group), weight, local_ids,
+                                          bias=bias, temperature=temperature, softcap=softcap,
+                                          logit_scale=logit_scale, ignore_index=_LOCAL_IGNORE,
+                                          stats=tuple(sorted(wanted)))
+    logprobs, lse = _combine(local.logprobs, local.lse, owned, ignored, has_k, group)
+    top = _first_maximum(local, targets, owned, has_k, layout, group) if wanted & {
+        "is_top1", "max_logits"} else (None, None, None)
+    reference_point = lse.detach()
+    a = torch.exp(local.lse - reference_point)
+    columns = {"a": a}
+    if "entropy" in stats:
+        columns["entropy"] = a * (local.entropy - local.lse)
+    if "log_sum_sq_probs" in stats:
+        columns["sq"] = torch.exp(2 * (local.lse - reference_point) + local.log_sum_sq_probs)
+    if "mean_logits" in stats:
+        columns["mean"] = local.mean_logits * layout.vocab_local
+        columns["vocab"] = torch.full_like(a, layout.vocab_local)
+    if top[2] is not None:
+        columns["beaten"] = top[2] if has_k else top[2][..., None]
+    total = _reduce_columns(columns, group)
+    log_a = torch.log(total["a"])
+    return alignkern.LinearLogprobsStats(
+        logprobs, lse,
+        total["entropy"] / total["a"] + reference_point + log_a if "entropy" in stats else None,
+        (torch.log(total["sq"]) - 2 * log_a).detach() if "log_sum_sq_probs" in stats else None,
+        (total["mean"] / total["vocab"]).detach() if "mean_logits" in stats else None,
+        _is_top1(top[1], total.get("beaten"), has_k) if "is_top1" in stats else None,
+        top[0] if "max_logits" in stats else None)
+
+
+def _first_maximum(local, targets, owned, has_k, layout, group):
+    """``(max_logits, z_t, beaten)``: the row's maximum over all shards, the exact ``z_t`` of
+    each target that is its own shard's first maximum (-inf for the others), and whether this
+    shard beats it (reaches it from before the target's id, or exceeds it from after)."""
+    row_max = local.max_logits.detach()
+    if local.is_top1 is None:  # max_logits alone
+        return _all_reduce_max(row_max, group), None, None
+    shard_max = row_max[..., None] if has_k else row_max
+    candidate = torch.where(local.is_top1 & owned, shard_max, -math.inf)
+    packed = torch.cat([row_max[..., None], candidate if has_k else candidate[..., None]], -1)
+    packed = _all_reduce_max(packed, group)
+    z_t = packed[..., 1:] if has_k else packed[..., 1]
+    before = layout.vocab_start + layout.vocab_local <= targets.to(torch.int64)
+    beaten = torch.where(before, shard_max >= z_t, shard_max > z_t) & ~owned
+    return packed[..., 0], z_t, beaten.to(row_max.dtype)
+
+
+def _is_top1(z_t, beaten, has_k):
+    beaten = beaten if has_k else beaten[..., 0]
+    return (z_t > -math.inf) & (beaten == 0)
+
+
+def _reduce_columns(columns: dict, group) -> dict:
+    """One all-reduce (sum, identity backward) of every named ``(..., c)`` or ``(...)`` column."""
+    parts = [value if value.dim() > columns["a"].dim() else value[..., None]
+             for value in columns.values()]
+    widths = [part.shape[-1] for part in parts]
+    total = _ReduceFromShards.apply(torch.cat(parts, dim=-1), group)
+    out = dict(zip(columns, total.split(widths, dim=-1)))
+    return {name: value if value.shape[-1] != 1 or name == "beaten" else value[..., 0]
+            for name, value in out.items()}
 
 
 def _options(fn, hidden, weight, options, bias, temperature, softcap, logit_scale, vocab_start,
