@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib.util
 import os
 import sys
 import traceback
@@ -121,6 +122,63 @@ def _check_self_evaluator(rank, world, model, reference):
     torch.testing.assert_close(got.mass, want.mass, atol=1e-6, rtol=1e-5)
 
 
+def _check_trl_fused_head(rank, world, model, reference):
+    """TRL's fused LM head on the FSDP2 model, run by alignkern (``use_alignkern(model)``), equals
+    TRL's own kernel on the unsharded model: log-probs, entropy, is_top1 and every gradient. (TRL
+    gathers a DTensor head itself before its kernel call, so alignkern gets the full head.)"""
+    from trl.trainer.utils import add_fused_lm_head
+
+    import alignkern.integrations.trl as ak_trl
+
+    # Fresh copies: the scorers above ran the backbone first, which FSDP then took for the root.
+    reference = copy.deepcopy(reference)
+    model = _sharded(copy.deepcopy(reference), world)
+    calls = []
+    original = ak_trl.fused_head
+    ak_trl.fused_head = lambda *args: calls.append(1) or original(*args)
+    outputs = ("log_probs", "entropy", "is_top1")
+    for m in (model, reference):
+        m.zero_grad(set_to_none=True)
+        add_fused_lm_head(m, temperature=0.7, outputs=outputs)
+    ak_trl.use_alignkern(model)  # the sharded model only: the reference runs TRL's kernel
+
+    def run(m, r):
+        ids, mask, completion, weights = _batch(r)
+        labels = ids.masked_fill(completion == 0, -100)
+        out = m(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        return out, out.loss + 0.1 * (out.entropy * weights[:, None]).sum()
+
+    got, loss = run(model, rank)
+    want, _ = run(reference, rank)
+    assert calls, "alignkern did not run TRL's fused head"
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.entropy, want.entropy, atol=1e-5, rtol=0)
+    assert torch.equal(got.is_top1, want.is_top1)
+    loss.backward()
+    calls.clear()
+    (sum(run(reference, r)[1] for r in range(world)) / world).backward()
+    assert not calls, "the unsharded reference should run TRL's own kernel"
+    want_grads = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        torch.testing.assert_close(grad, want_grads[name].grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    ak_trl.fused_head = original
+
+
+def _sharded(model, world):
+    """``model`` with FSDP2 on each layer, the decoder, then the root (which holds the head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.model, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _worker(rank, world, init_file):
     os.environ["ALIGNKERN_BACKEND"] = "cpu"
     sys.path.insert(0, os.path.dirname(__file__))
@@ -128,17 +186,13 @@ def _worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=GROUP_TIMEOUT)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         model = _model()
         reference = copy.deepcopy(model)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model.model, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the root holds the head alone
-        for check in (_check_sequence_logprobs, _check_self_evaluator):
+        model = _sharded(model, world)
+        checks = [_check_sequence_logprobs, _check_self_evaluator]
+        if importlib.util.find_spec("trl") is not None:  # the trl extra
+            checks.append(_check_trl_fused_head)  # last: it patches the models' forward
+        for check in checks:
             try:
                 check(rank, world, model, reference)
             except BaseException as exc:
