@@ -171,6 +171,11 @@ def _add_bench(sub) -> None:
                         help="instead of the op families, time alignkern's loops (self-evaluation "
                              "scoring, one RAIN iteration, best-of-N scoring) against the naive "
                              "ways on a tiny random Llama; with --quick a smaller model")
+    parser.add_argument("--trl", action="store_true",
+                        help="instead of the op families, time one DPO training step of TRL's "
+                             "DPOTrainer with its fused LM head on alignkern (use_alignkern) "
+                             "against stock TRL: wall time and peak memory, on a random Llama "
+                             "with V = 32000; with --quick a smaller model")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (it is off anyway when stderr is not a terminal)")
@@ -187,6 +192,11 @@ def _run_bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda needs a CUDA GPU; none is present")
+    if args.trl:
+        if args.loops or args.ops or args.providers or args.full:
+            return fail("--trl runs the TRL step benchmark alone: drop --loops, --ops, "
+                        "--providers and --full")
+        return _run_trl(args, device)
     if args.loops:
         if args.ops or args.providers or args.full:
             return fail("--loops runs the loop benchmark alone: drop --ops, --providers and --full")
@@ -220,6 +230,27 @@ def _run_loops(args, device: torch.device) -> int:
     folder = Path(args.out) if args.out is not None else bench.default_out_dir(device)
     path = loops.write_csv(rows, device, folder)
     env = report.environment(device, scope="loops-quick" if args.quick else "loops",
+                             command=["alignkern", *args.argv])
+    written = report.write_json(env, device, folder)
+    print(f"\nResults in {folder.resolve()}{os.sep} ({path.name}, {os.path.basename(written)})")
+    return 0
+
+
+def _run_trl(args, device: torch.device) -> int:
+    """`alignkern bench --trl`: alignkern.bench.trl_step's report on stdout, its rows as a CSV
+    (and the environment as JSON) in the output folder."""
+    from alignkern import bench
+    from alignkern.bench import report, trl_step
+
+    if args.save_results:
+        print("alignkern bench: error: --save-results is for the op families, not --trl",
+              file=sys.stderr)
+        return 2
+    rows = trl_step.run_trl_benchmark(device, quick=args.quick)
+    print(trl_step.format_report(rows))
+    folder = Path(args.out) if args.out is not None else bench.default_out_dir(device)
+    path = trl_step.write_csv(rows, device, folder)
+    env = report.environment(device, scope="trl-quick" if args.quick else "trl",
                              command=["alignkern", *args.argv])
     written = report.write_json(env, device, folder)
     print(f"\nResults in {folder.resolve()}{os.sep} ({path.name}, {os.path.basename(written)})")

@@ -159,8 +159,15 @@ def _models_of(target) -> list[torch.nn.Module]:
 
 def _has_fused_forward(module: torch.nn.Module) -> bool:
     """Whether ``module.forward`` is the instance forward TRL's ``add_fused_lm_head`` set (its
-    ``functools.wraps`` keeps the model's name, not its code)."""
-    forward = vars(module).get("forward")
+    ``functools.wraps`` keeps the model's name, not its code), or wraps it: under mixed precision
+    accelerate replaces the forward by an autocasting one and keeps TRL's as
+    ``_original_forward``."""
+    if _is_scoped(module):
+        return False
+    return any(_is_trl_fused(vars(module).get(name)) for name in ("forward", "_original_forward"))
+
+
+def _is_trl_fused(forward) -> bool:
     code = getattr(getattr(forward, "__func__", forward), "__code__", None)
     return code is not None and code.co_name == "_fused_forward"
 
