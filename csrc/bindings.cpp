@@ -36,8 +36,14 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd_cuda", &alignkern::token_logprobs_bwd_cuda,
         py::call_guard<py::gil_scoped_release>());
-  m.def("linear_logprobs_lse_cuda", &alignkern::linear_logprobs_lse_cuda,
-        py::call_guard<py::gil_scoped_release>());
+  // The five statistic buffers are optional (0: not requested).
+  m.def("linear_logprobs_lse_cuda", &alignkern::linear_logprobs_lse_cuda, py::arg("hidden"),
+        py::arg("hidden_row_stride"), py::arg("weight"), py::arg("weight_row_stride"),
+        py::arg("bias"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"),
+        py::arg("hidden_size"), py::arg("lse"), py::arg("temperature"), py::arg("softcap"),
+        py::arg("logit_scale"), py::arg("stream"), py::arg("mean_z") = 0,
+        py::arg("log_sum_sq") = 0, py::arg("sum_z") = 0, py::arg("max_z") = 0,
+        py::arg("argmax") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("reward_attention_fwd_cuda", &alignkern::reward_attention_fwd_cuda,
         py::call_guard<py::gil_scoped_release>());
 #endif

@@ -5,6 +5,12 @@
 // 0 for none. lse (n_rows,) is contiguous float32. The logits are
 // softcap * tanh(logit_scale * (hidden . weight + bias) / softcap) / temperature; a softcap <= 0
 // means "no softcap" (logit_scale * (hidden . weight + bias) / temperature).
+//
+// Fused statistics: mean_z, log_sum_sq, sum_z, max_z (float32) and argmax (int64), each the address
+// of a contiguous (n_rows,) buffer or 0 for "not requested", are written from the same pass as lse,
+// over the whole vocabulary: with p = softmax(z), mean_z = sum p z (entropy = lse - mean_z),
+// log_sum_sq = log sum p^2, sum_z = sum z, max_z = max z, argmax = the first id attaining max_z.
+// With all five 0 the kernel computes the LSE alone.
 #pragma once
 #include <cstdint>
 
@@ -27,7 +33,8 @@ void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintp
                               int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
                               int64_t vocab, int64_t hidden_size, uintptr_t lse,
                               double temperature, double softcap, double logit_scale,
-                              uintptr_t stream);
+                              uintptr_t stream, uintptr_t mean_z, uintptr_t log_sum_sq,
+                              uintptr_t sum_z, uintptr_t max_z, uintptr_t argmax);
 #endif
 
 }  // namespace alignkern

@@ -22,7 +22,9 @@ an unchanged kernel is never compiled twice.
 Tiers. ``core`` (tests/test_gpu_compile.py, a few minutes cold on 2 cores): every configuration
 of every tuning space in the heaviest variant (every optional input given) of every dtype, with
 aligned and with odd sizes, but for the attention kernels, whose compiles take 5-25 s each and
-which ``_in_core`` restricts. ``all``: the whole product,
+which ``_in_core`` restricts, and linear_logprobs' fused-statistics variants (odd sizes, no
+float16 there). ``all``: the whole product (linear_logprobs' forward with every combination of
+its statistics too),
 every dtype x flag combination x shape class x configuration (hours on 2 cores; cached).
 Run as a script it unsets TRITON_INTERPRET (the interpreter replaces the kernels);
 imported (tests/test_gpu_compile.py) it only lists cases and reads results.
@@ -163,8 +165,12 @@ def _linear_fwd(case: Case):
     bias = _meta(vocab, dtype=hidden.dtype) if flags["bias"] else None
     softcap = 30.0 if flags["softcap"] else None
     acc = _acc(hidden.dtype)
+    stats = flags.get("stats", "none")
+    stats = {"all": frozenset(linear_kernels.STATS), "none": frozenset()}.get(
+        stats, frozenset(stats.split("+"))
+    )
     plan, _ = linear_kernels._fwd_plan(
-        hidden, weight, bias, lambda s: _meta(s, n, dtype=acc), 0.7, softcap, 0.5
+        hidden, weight, bias, lambda s: _meta(s, n, dtype=acc), 0.7, softcap, 0.5, stats
     )
     yield plan
 
@@ -185,6 +191,7 @@ def _linear_dlogits(case: Case):
         0.7,
         softcap,
         0.5,
+        _meta(n, dtype=acc) if flags.get("entropy_grad") else None,
     )
 
 
@@ -307,15 +314,30 @@ def _flag_product(**choices):
         yield tuple(zip(names, values))
 
 
+# Every non-empty proper subset of linear_logprobs' fused statistics (the --all tier compiles each;
+# ptxas allocates registers differently for each combination).
+_STATS_SUBSETS = tuple(
+    "+".join(c)
+    for r in range(1, len(linear_kernels.STATS))
+    for c in itertools.combinations(linear_kernels.STATS, r)
+)
+
+
 def cases() -> list[Case]:
     """Every (launcher, dtype, optional inputs, shape class) the ops can produce."""
     out = []
     for dtype, shape in itertools.product(DTYPES, ("aligned", "odd")):
         for family in ("token_fwd", "token_bwd", "kl_fwd", "kl_dlogits"):
             out.append(Case(family, dtype, (), shape))
-        for family in ("linear_fwd", "linear_dlogits"):
-            for flags in _flag_product(bias=(True, False), softcap=(True, False)):
-                out.append(Case(family, dtype, flags, shape))
+        # stats: every fused statistic of linear_logprobs_fwd_stats, none (the plain LSE), or
+        # (bias and softcap given) each other combination, as names joined by "+".
+        for flags in _flag_product(bias=(True, False), softcap=(True, False), stats=("all", "none")):
+            out.append(Case("linear_fwd", dtype, flags, shape))
+        for stats in _STATS_SUBSETS:
+            flags = (("bias", True), ("softcap", True), ("stats", stats))
+            out.append(Case("linear_fwd", dtype, flags, shape))
+        for flags in _flag_product(bias=(True, False), softcap=(True, False), entropy_grad=(True, False)):
+            out.append(Case("linear_dlogits", dtype, flags, shape))
         # D = 16, 32, 64, 128, 256 are the BLOCK_D variants; odd shapes pad 80 and 200.
         dims = (16, 32, 64, 128, 256) if shape == "aligned" else (80, 200)
         for flags in _flag_product(
@@ -358,7 +380,9 @@ def _in_core(case: Case, plan, config: int, arch: int) -> bool:
     - token_logprobs, linear_logprobs, linear_kl (about a second a compile): every configuration
       of every space, every dtype, every optional input given, aligned and odd sizes (masked
       edges and unaligned rows need more registers for the addresses; float16 and bfloat16
-      allocate registers differently);
+      allocate registers differently); linear_logprobs also with its fused statistics (forward:
+      every statistic; dlogits: the entropy gradient), bias and softcap given, odd sizes, every
+      dtype but float16 (whose register counts match bfloat16's for these);
     - reward_attention (5-25 s a compile): every configuration in the heaviest bfloat16 variant
       (every optional input given, aligned) at the benchmark head dimensions 64 and 128; the
       default configuration of the lightest bfloat16 variant with odd sizes (D = 80, padded to
@@ -370,6 +394,18 @@ def _in_core(case: Case, plan, config: int, arch: int) -> bool:
     flags = dict(case.flags)
     head_dim = flags.get("D")
     attention = case.family.startswith("attention")
+    if case.family in ("linear_fwd", "linear_dlogits"):
+        # The fused-statistics variants with odd sizes only (they need more registers than
+        # aligned ones in every configuration); --all adds the aligned ones.
+        stats = flags.get("stats", "none")
+        if stats not in ("all", "none"):
+            return False
+        # float16 allocates registers as bfloat16 does here (the same counts in every
+        # configuration), so these variants skip it in the core tier.
+        fused = stats == "all" or flags.get("entropy_grad")
+        if fused and (case.shape != "odd" or case.dtype == "fp16"):
+            return False
+        return flags["bias"] and flags["softcap"]
     if not attention:
         return _all_inputs(case)
     if case.dtype == "bf16" and case.heavy:
@@ -474,6 +510,21 @@ _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
+def _triton_ptxas_flags() -> list[str]:
+    """The register-allocation flag Triton's own ptxas call adds (Triton 3.5+ passes
+    --regAllocOptLevel=2, which changes the register count and the spills)."""
+    import inspect
+
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        source = inspect.getsource(nvidia.CUDABackend.make_cubin)
+    except (OSError, TypeError, AttributeError):
+        return []
+    found = re.search(r"--regAllocOptLevel=\d+", source)
+    return [found.group(0)] if found else []
+
+
 def _ptxas_log(kernel, arch: int, plan) -> str:
     """ptxas -v on the kernel's PTX, with the flags Triton passes (for when Triton's own log was
     not printed: its on-disk cache answered)."""
@@ -491,6 +542,7 @@ def _ptxas_log(kernel, arch: int, plan) -> str:
                 "-lineinfo",
                 *fmad,
                 "-v",
+                *_triton_ptxas_flags(),
                 f"--gpu-name={gpu}",
                 str(src),
                 "-o",

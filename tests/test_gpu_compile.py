@@ -157,6 +157,28 @@ def test_launchers_launch_the_plans_the_compile_test_builds(monkeypatch):
             linear_kernels._fwd_plan(h, w, None, lambda s: parts, 0.7, 30.0, 0.5)[0],
         )
     )
+    stats = frozenset(linear_kernels.STATS)
+    pairs.append(
+        (
+            _launched(
+                monkeypatch,
+                lambda: linear_kernels.linear_logprobs_fwd_stats(h, w, None, 0.7, 30.0, 0.5, stats),
+            ),
+            linear_kernels._fwd_plan(h, w, None, lambda s: parts, 0.7, 30.0, 0.5, stats)[0],
+        )
+    )
+    dlogits = _meta(n, vocab, dtype=torch.bfloat16)
+    pairs.append(
+        (
+            _launched(
+                monkeypatch,
+                lambda: linear_kernels.linear_logprobs_dlogits(
+                    h, w, None, lse, lse, dlogits, 0.7, 30.0, 0.5, entropy_grad=lse
+                ),
+            ),
+            linear_kernels._dlogits_plan(h, w, None, lse, lse, dlogits, 0.7, 30.0, 0.5, lse),
+        )
+    )
     pairs.append(
         (
             _launched(monkeypatch, lambda: kl_kernels.linear_kl_fwd(h, w, h, w, lse, lse, lse, 0.7)),

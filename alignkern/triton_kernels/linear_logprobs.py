@@ -8,11 +8,19 @@ launcher merges the splits' LSEs; the logits at the target ids come from one dot
 (ops/linear_logprobs.py), so the kernel's cost does not grow with the number of targets. Nothing
 of size (N, V) is written.
 
+Fused statistics (``linear_logprobs_fwd_stats``): the same kernel with constexpr flags also keeps,
+per row and split, relative to the same running reference point as the LSE's sum s (and rescaled
+with it by alpha, alpha^2), xs = sum exp(z - ref) z and sq = sum exp(2 (z - ref)), the plain sum
+of z and the first column attaining the running max; it writes mean_z = xs / s (entropy =
+lse - mean_z), log_sum_sq = log sq - 2 log s, sum_z, max_z and argmax per split, and the caller
+merges the splits. With no flag set the kernel compiles to the plain LSE kernel.
+
 Backward: for one chunk of rows, a grid of (row tile, vocabulary tile) programs recomputes each
 logits tile from the saved LSE and writes the dense part of ``dlogits`` for the chunk only; the
 caller writes the target columns (ops/_targets.py) and turns the chunk into ``dhidden`` and
 ``dweight`` with two GEMMs (cuBLAS on GPU). There are no atomics, so the gradients are
-deterministic; the extra memory is one chunk of ``dlogits``.
+deterministic; the extra memory is one chunk of ``dlogits``. With an entropy gradient
+(HAS_ENTROPY_GRAD) the dense part gains the term proportional to z.
 
 Both kernels compile with ``enable_fp_fusion=False``, so z = logits * inv_t is rounded once and
 the same way in the maximum and in the sum.
@@ -23,6 +31,8 @@ wrong answers otherwise); on a GPU they go to the tensor cores as they are. floa
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -76,12 +86,20 @@ def _scaled_logits_tile(
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr, lse_part_ptr,
+    mean_z_ptr, log_sum_sq_ptr, sum_z_ptr, max_z_ptr, argmax_ptr,
     n_rows, vocab, hidden_size, split_size, inv_t, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, HAS_LOG_SUM_SQ: tl.constexpr, HAS_MEAN_LOGITS: tl.constexpr,
+    HAS_TOP1: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Program (i, j): rows [i*BLOCK_N, ...) over the vocabulary split [j*split_size, ...).
-    Writes the split's log-sum-exp to lse_part[j, row]."""
+    Writes the split's log-sum-exp to lse_part[j, row] and, for each statistic flag set, the
+    split's partial statistic to its (S, N) buffer at [j, row] (q = softmax of z within the split):
+    HAS_ENTROPY mean_z = sum q z; HAS_LOG_SUM_SQ log_sum_sq = log sum q^2; HAS_MEAN_LOGITS
+    sum_z = sum z; HAS_TOP1 max_z = max z and argmax = the global id of its first occurrence. The
+    pointers of statistics not requested are never touched; with no flag set the kernel is the
+    plain LSE kernel."""
     acc_dtype = lse_part_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -90,6 +108,15 @@ def _linear_logprobs_fwd_kernel(
     v_end = tl.minimum(v_begin + split_size, vocab)
     m = tl.full([BLOCK_N], float("-inf"), acc_dtype)  # running max of z
     s = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m))
+    if HAS_ENTROPY:
+        xs = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m)) * z
+    if HAS_LOG_SUM_SQ:
+        sq = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(2 (z - reference(m)))
+    if HAS_MEAN_LOGITS:
+        zsum = tl.zeros([BLOCK_N], acc_dtype)  # sum of z over the split's columns
+    if HAS_TOP1:
+        # The first column attaining m; the split's first column while every z seen is -inf.
+        best = tl.zeros([BLOCK_N], tl.int32) + v_begin
     for v_start in range(v_begin, v_end, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
@@ -98,27 +125,55 @@ def _linear_logprobs_fwd_kernel(
             rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, logit_scale, acc_dtype,
             HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        m_new = tl.maximum(m, tl.max(z, 1))
+        tile_max = tl.max(z, 1)
+        m_new = tl.maximum(m, tile_max)
         ref_new = _reference_point(m_new)
         # s == 0: nothing counted yet, and rescaling could compute 0 * inf.
         rescale = (m_new != m) & (s != 0)
         alpha = tl.where(rescale, tl.exp(_reference_point(m) - ref_new), 1.0)
-        s = s * alpha + tl.sum(tl.exp(z - ref_new[:, None]), 1)
+        e = tl.exp(z - ref_new[:, None])
+        s = s * alpha + tl.sum(e, 1)
+        if HAS_ENTROPY:
+            # e == 0 where z == -inf (outside the vocabulary): 0, not 0 * -inf.
+            xs = xs * alpha + tl.sum(e * tl.where(e == 0.0, 0.0, z), 1)
+        if HAS_LOG_SUM_SQ:
+            sq = sq * (alpha * alpha) + tl.sum(e * e, 1)
+        if HAS_MEAN_LOGITS:
+            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), 1)
+        if HAS_TOP1:
+            # The smallest column equal to the tile's max (columns past the split are -inf and come
+            # after every valid one); it replaces the running one only for a strictly greater max,
+            # so the first maximum wins. Clamped so that a NaN row still gives an id in the split.
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], v_end - 1), 1)
+            best = tl.where(tile_max > m, tile_arg, best)
         m = m_new
     tl.store(lse_part_ptr + tl.program_id(1).to(tl.int64) * n_rows + rows64,
              _reference_point(m) + tl.log(s), mask=row_ok)
+    out = tl.program_id(1).to(tl.int64) * n_rows + rows64
+    if HAS_ENTROPY:
+        tl.store(mean_z_ptr + out, xs / s, mask=row_ok)
+    if HAS_LOG_SUM_SQ:
+        tl.store(log_sum_sq_ptr + out, tl.log(sq) - 2.0 * tl.log(s), mask=row_ok)
+    if HAS_MEAN_LOGITS:
+        tl.store(sum_z_ptr + out, zsum, mask=row_ok)
+    if HAS_TOP1:
+        tl.store(max_z_ptr + out, m, mask=row_ok)
+        tl.store(argmax_ptr + out, best.to(tl.int64), mask=row_ok)
 
 
 @triton.jit
 def _linear_logprobs_dlogits_kernel(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-    coef_ptr, lse_ptr, dlogits_ptr, n_rows, vocab, hidden_size, inv_t, softcap, logit_scale,
+    coef_ptr, lse_ptr, dlogits_ptr, entropy_grad_ptr, n_rows, vocab, hidden_size, inv_t, softcap,
+    logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """The dense part of dlogits: -coef * softmax(z)_v * inv_t * logit_scale, times the softcap's
-    derivative; ``coef`` = sum of valid g_k - g_lse. The caller writes the target columns
-    afterwards."""
+    derivative; ``coef`` = sum of valid g_k - g_lse. With HAS_ENTROPY_GRAD the factor is
+    -(coef + entropy_grad * z_v) instead (the caller folds the rest of the entropy's gradient,
+    entropy_grad * (entropy - lse), into coef). The caller writes the target columns afterwards."""
     acc_dtype = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -132,7 +187,13 @@ def _linear_logprobs_dlogits_kernel(
     )
     lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
-    grad = -coef[:, None] * tl.exp(z - lse[:, None]) * (inv_t * logit_scale)
+    if HAS_ENTROPY_GRAD:
+        entropy_grad = tl.load(entropy_grad_ptr + rows64, mask=row_ok, other=0.0)
+        # (Columns outside the vocabulary, z = -inf, are not stored; 0 keeps them finite.)
+        factor = coef[:, None] + entropy_grad[:, None] * tl.where(col_ok[None, :], z, 0.0)
+        grad = -factor * tl.exp(z - lse[:, None]) * (inv_t * logit_scale)
+    else:
+        grad = -coef[:, None] * tl.exp(z - lse[:, None]) * (inv_t * logit_scale)
     if HAS_SOFTCAP:
         tanh = capped / softcap
         grad = grad * (1.0 - tanh * tanh)
@@ -164,21 +225,36 @@ _SPACE_FP64 = (
 # float16/bfloat16 64 x 128 x 64 (float16 on sm_80), 128 x 128 x 64, 64 x 256 x 64, 128 x 256 x 32,
 # and 64 x 128 x 32 with 4 warps; float32 64 x 64 x 32 and 32 x 64 x 32 with odd sizes on sm_80,
 # 64 x 64 x 16 on sm_90; float64 32 x 64 x 16 with odd sizes on sm_90.
+# The forward with fused statistics carries up to four more per-row accumulators (on the FMA path
+# each thread holds 8 rows of the tile: 32-64 more registers). With odd sizes these spill: float32
+# 64 x 128 x 16 and 128 x 64 x 16 with 2 stages on sm_80; float64 64 x 64 x 32 (sm_80, sm_90),
+# 64 x 64 x 16 with 2 stages (sm_90, some statistics), 32 x 64 x 16 and 32 x 64 x 32 (some
+# statistics). Hence spaces of their own for these dtypes; the tensor-core space compiles without
+# spills as it is.
+_SPACE_FP32_STATS = (
+    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),
+    _tuning.config(8, 1, BLOCK_N=64, BLOCK_V=128, BLOCK_H=16),
+)
+_SPACE_FP64_STATS = (_tuning.config(8, 1, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),)
 KEY = ("vocab", "hidden_size")
 
 
-def tile_space(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> tuple:
+def tile_space(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype,
+               stats: bool = False) -> tuple:
     """The configurations the logits-tile kernels (these and linear_kl's) may run with. GPU: the
-    tuning space of the dtype; under the interpreter one configuration fitted to the sizes (larger
-    vocabulary tiles mean fewer, slow, interpreted loop iterations)."""
+    tuning space of the dtype (``stats``: of the forward with fused statistics); under the
+    interpreter one configuration fitted to the sizes (larger vocabulary tiles mean fewer, slow,
+    interpreted loop iterations)."""
     if _interpreting():
         block_v = min(1024, max(16, triton.next_power_of_2(vocab)))
         block_h = min(128, max(16, triton.next_power_of_2(hidden_size)))
         block_n = min(32, max(16, triton.next_power_of_2(n_rows)))
         return (_tuning.config(4, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h),)
     if dtype == torch.float64:
-        return _SPACE_FP64
-    return _SPACE_FP32 if dtype == torch.float32 else _SPACE_TENSOR_CORE
+        return _SPACE_FP64_STATS if stats else _SPACE_FP64
+    if dtype == torch.float32:
+        return _SPACE_FP32_STATS if stats else _SPACE_FP32
+    return _SPACE_TENSOR_CORE
 
 
 def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
@@ -199,15 +275,42 @@ _SPLIT_BLOCK_V = 256
 def _vocab_splits(n_rows: int, vocab: int, device: torch.device) -> int:
     """Split the vocabulary across programs when there are too few row tiles to fill the GPU
     (N = 1024 is 16 tiles of 64 rows for 132 SMs); the partial LSEs are merged afterwards."""
-    if _interpreting() or device.type != "cuda":
+    if _interpreting() or device.type != "cuda" or n_rows == 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     wanted = triton.cdiv(2 * sms, triton.cdiv(n_rows, _SPLIT_BLOCK_N))
     return max(1, min(wanted, triton.cdiv(vocab, 4 * _SPLIT_BLOCK_V)))
 
 
-def _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale):
-    """(plan or None, lse_parts): the forward launch and its (S, N) output."""
+class SplitStats(NamedTuple):
+    """Per vocabulary split j and row n, each (S, N); fields not requested are None."""
+
+    lse: torch.Tensor  # log sum_{v in split} exp(z_v) (acc dtype)
+    mean_z: torch.Tensor | None  # sum_v q_v z_v, q = softmax of z within the split ("entropy")
+    log_sum_sq: torch.Tensor | None  # log sum_v q_v^2 (q as above) ("log_sum_sq_probs")
+    sum_z: torch.Tensor | None  # sum_v z_v over the split's columns ("mean_logits")
+    max_z: torch.Tensor | None  # max_v z_v ("is_top1")
+    argmax: torch.Tensor | None  # int64: global id of the first v attaining max_z ("is_top1")
+
+
+STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _stat_flags(stats) -> dict:
+    unknown = sorted(set(stats) - set(STATS))
+    if unknown:
+        raise ValueError(f"linear_logprobs: unknown statistics {unknown}; expected a subset of "
+                         f"{STATS}")
+    return dict(HAS_ENTROPY="entropy" in stats, HAS_LOG_SUM_SQ="log_sum_sq_probs" in stats,
+                HAS_MEAN_LOGITS="mean_logits" in stats, HAS_TOP1="is_top1" in stats)
+
+
+def _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale,
+              stats=frozenset()):
+    """(plan or None, SplitStats): the forward launch and its (S, N) outputs; ``lse_parts_out(S)``
+    allocates the LSE buffer, the statistics in ``stats`` get NaN-filled (argmax: -1) buffers of
+    the same dtype (int64 for argmax) on the same device."""
+    flags = _stat_flags(stats)
     n_rows = hidden.shape[0]
     vocab, hidden_size = weight.shape
     splits = _vocab_splits(n_rows, vocab, hidden.device)
@@ -215,21 +318,34 @@ def _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_s
     split_size = triton.cdiv(triton.cdiv(vocab, splits), _SPLIT_BLOCK_V) * _SPLIT_BLOCK_V
     splits = triton.cdiv(vocab, split_size)
     lse_parts = lse_parts_out(splits)
+
+    def poisoned(flag, dtype=lse_parts.dtype, fill=float("nan")):
+        if not flags[flag]:
+            return None
+        return torch.full(lse_parts.shape, fill, dtype=dtype, device=lse_parts.device)
+
+    out = SplitStats(lse_parts, poisoned("HAS_ENTROPY"), poisoned("HAS_LOG_SUM_SQ"),
+                     poisoned("HAS_MEAN_LOGITS"), poisoned("HAS_TOP1"),
+                     poisoned("HAS_TOP1", torch.int64, -1))
     if n_rows == 0:
-        return None, lse_parts
+        return None, out
+    # Statistics not requested get the LSE buffer as a stand-in pointer (never touched).
+    stat_ptrs = tuple(lse_parts if t is None else t for t in out[1:])
     plan = _tuning.Launch(
         _linear_logprobs_fwd_kernel,
         lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
         (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-         lse_parts, n_rows, vocab, hidden_size, split_size, 1.0 / temperature, softcap or 1.0,
-         logit_scale),
-        _flags(hidden, bias, softcap), tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY,
+         lse_parts, *stat_ptrs, n_rows, vocab, hidden_size, split_size, 1.0 / temperature,
+         softcap or 1.0, logit_scale),
+        {**_flags(hidden, bias, softcap), **flags},
+        tile_space(n_rows, vocab, hidden_size, hidden.dtype, stats=any(flags.values())), KEY,
         dict(enable_fp_fusion=False),
     )
-    return plan, lse_parts
+    return plan, out
 
 
-def _dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap, logit_scale):
+def _dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap, logit_scale,
+                  entropy_grad=None):
     n_rows = hidden.shape[0]
     vocab, hidden_size = weight.shape
     if n_rows == 0:
@@ -238,10 +354,10 @@ def _dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap
         _linear_logprobs_dlogits_kernel,
         lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
         (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-         coef, lse, dlogits, n_rows, vocab, hidden_size, 1.0 / temperature, softcap or 1.0,
-         logit_scale),
-        _flags(hidden, bias, softcap), tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY,
-        dict(enable_fp_fusion=False),
+         coef, lse, dlogits, coef if entropy_grad is None else entropy_grad, n_rows, vocab,
+         hidden_size, 1.0 / temperature, softcap or 1.0, logit_scale),
+        {**_flags(hidden, bias, softcap), "HAS_ENTROPY_GRAD": entropy_grad is not None},
+        tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY, dict(enable_fp_fusion=False),
     )
 
 
@@ -249,15 +365,32 @@ def linear_logprobs_fwd(hidden, weight, bias, lse_parts_out, temperature, softca
     """Return ``lse_parts (S, N)``: the log-sum-exp of each of S vocabulary splits of every row.
     ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous last dimension;
     ``lse_parts_out(S)`` allocates the (S, N) buffer."""
-    plan, lse_parts = _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap,
-                                logit_scale)
+    plan, out = _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale)
     _tuning.launch(plan)
-    return lse_parts
+    return out.lse
+
+
+def linear_logprobs_fwd_stats(hidden, weight, bias, temperature, softcap, logit_scale,
+                              stats: frozenset[str]) -> SplitStats:
+    """The forward of ``linear_logprobs_fwd`` with per-split statistics from the same pass: a
+    :class:`SplitStats` of (S, N) buffers, the LSE in the accumulation dtype (float32; float64
+    for float64 inputs) and each statistic named in ``stats`` (a subset of :data:`STATS`); the
+    others are None. Merging the splits is the caller's."""
+    n_rows = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    plan, out = _fwd_plan(
+        hidden, weight, bias,
+        lambda splits: torch.full((splits, n_rows), float("nan"), dtype=acc, device=hidden.device),
+        temperature, softcap, logit_scale, frozenset(stats),
+    )
+    _tuning.launch(plan)
+    return out
 
 
 def linear_logprobs_dlogits(hidden, weight, bias, coef, lse, dlogits, temperature, softcap,
-                            logit_scale) -> None:
+                            logit_scale, entropy_grad=None) -> None:
     """Fill ``dlogits (n, V)`` for one chunk of ``n`` rows with the dense part of the gradient
-    (see the kernel for the formula)."""
+    (see the kernel for the formula); ``entropy_grad (n,)`` (accumulation dtype) adds the
+    entropy's z-proportional term."""
     _tuning.launch(_dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap,
-                                 logit_scale))
+                                 logit_scale, entropy_grad))

@@ -14,6 +14,15 @@
 //      contracted into a multiply-add, so z rounds the same way in the maximum and the sum), and
 //      fold their half of the columns into an online log-sum-exp (max m, sum s).
 // After the last tile the two halves of each row merge their (m, s) and lse is written.
+//
+// Fused statistics (the kStats instantiations, launched when any statistic pointer is given): in
+// the same epilogue each thread also keeps, relative to the same reference point as s, the sums
+// xs = sum exp(z - ref) z and sq = sum exp(2 (z - ref)) (rescaled by alpha and alpha^2 with s),
+// the plain sum of z, and the first column attaining the running max (a strictly greater z
+// replaces it; columns are visited in increasing order); the halves merge with cuda_detail::
+// stats_merge (an equal max goes to the smaller column) and each requested statistic is written:
+// mean_z = xs / s, log_sum_sq = log sq - 2 log s, sum_z, max_z = m, argmax. Without statistics the
+// kernel is the plain LSE kernel (the statistic code is compiled out).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -197,11 +206,26 @@ __device__ __forceinline__ float finish_logit(float dot, const T* bias, int64_t 
   return __fmul_rn(x, inv_t);
 }
 
-// Folds columns half, half + 2, ... (< n_cols) of one row of the logits tile into acc.
-template <typename T>
-__device__ __forceinline__ void fold_row(OnlineLse& acc, const float* c_row, int half, int n_cols,
-                                         const T* bias, int64_t v0, float softcap,
-                                         float logit_scale, float inv_t) {
+// The statistic outputs, (n_rows,) each; nullptr where not requested.
+struct StatsOut {
+  float* mean_z;
+  float* log_sum_sq;
+  float* sum_z;
+  float* max_z;
+  int64_t* argmax;
+
+  bool any() const {
+    return mean_z != nullptr || log_sum_sq != nullptr || sum_z != nullptr || max_z != nullptr ||
+           argmax != nullptr;
+  }
+};
+
+// Folds columns half, half + 2, ... (< n_cols) of one row of the logits tile into acc (and, with
+// kStats, into st).
+template <bool kStats, typename T>
+__device__ __forceinline__ void fold_row(OnlineLse& acc, OnlineStats& st, const float* c_row,
+                                         int half, int n_cols, const T* bias, int64_t v0,
+                                         float softcap, float logit_scale, float inv_t) {
   float z[kBN / 2];
   float tile_max = -INFINITY;
 #pragma unroll
@@ -211,23 +235,58 @@ __device__ __forceinline__ void fold_row(OnlineLse& acc, const float* c_row, int
                       : -INFINITY;
     tile_max = fmaxf(tile_max, z[i]);  // fmaxf skips NaN; the sum below catches it
   }
+  if constexpr (kStats) {
+    // The first of this thread's columns above the running max (increasing column order).
+    float best_z = acc.m;
+#pragma unroll
+    for (int i = 0; i < kBN / 2; ++i) {
+      if (z[i] > best_z) {
+        best_z = z[i];
+        st.best = static_cast<int>(v0) + half + 2 * i;
+      }
+    }
+  }
   const float m_new = fmaxf(acc.m, tile_max);
   const float ref = lse_reference(m_new);
-  if (m_new != acc.m && acc.s != 0.0f) acc.s *= __expf(lse_reference(acc.m) - ref);
+  if (m_new != acc.m && acc.s != 0.0f) {
+    const float alpha = __expf(lse_reference(acc.m) - ref);
+    acc.s *= alpha;
+    if constexpr (kStats) {
+      st.xs *= alpha;
+      st.sq *= alpha * alpha;
+    }
+  }
   float sum = 0.0f;
+  if constexpr (kStats) {
+    float xs = 0.0f;
+    float sq = 0.0f;
+    float zsum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kBN / 2; ++i) sum += __expf(z[i] - ref);
+    for (int i = 0; i < kBN / 2; ++i) {
+      const float e = __expf(z[i] - ref);
+      sum += e;
+      xs += e == 0.0f ? 0.0f : e * z[i];  // z = -inf past the vocabulary: 0, not 0 * -inf
+      sq += e * e;
+      zsum += half + 2 * i < n_cols ? z[i] : 0.0f;
+    }
+    st.xs += xs;
+    st.sq += sq;
+    st.zsum += zsum;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBN / 2; ++i) sum += __expf(z[i] - ref);
+  }
   acc.s += sum;
   acc.m = m_new;
 }
 
-template <typename T, int VEC, int KBK>
+template <typename T, int VEC, int KBK, bool kStats>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     linear_logprobs_lse_kernel(const T* __restrict__ hidden, int64_t hidden_stride,
                                const T* __restrict__ weight, int64_t weight_stride,
                                const T* __restrict__ bias, int64_t n_rows, int64_t vocab,
                                int64_t hidden_size, float* __restrict__ lse, float inv_t,
-                               float softcap, float logit_scale) {
+                               float softcap, float logit_scale, StatsOut stats) {
   static_assert(kSmemBytes<T, KBK> <= 48 * 1024, "static shared memory is limited to 48 KB");
   __shared__ __align__(128) T a_tile[kBM * kPitch<T, KBK>];
   __shared__ __align__(128) T b_tile[kBN * kPitch<T, KBK>];
@@ -244,6 +303,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t row = row0 + local_row;
 
   OnlineLse acc{-INFINITY, 0.0f};
+  // The first column of this thread's share until a z above -inf is seen.
+  OnlineStats st{0.0f, 0.0f, 0.0f, half};
   typename TileProduct<T, KBK>::type tile;
   for (int64_t v0 = 0; v0 < vocab; v0 += kBN) {
     const int n_cols = static_cast<int>(vocab - v0 < kBN ? vocab - v0 : kBN);
@@ -262,17 +323,35 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     // c_tile is next written after the next tile's first k-loop barrier, which every thread
     // reaches only once done with this epilogue, so no barrier is needed after it.
     if (row_valid) {
-      fold_row(acc, c_tile + local_row * kCPitch, half, n_cols, bias, v0, softcap, logit_scale,
-               inv_t);
+      fold_row<kStats>(acc, st, c_tile + local_row * kCPitch, half, n_cols, bias, v0, softcap,
+                       logit_scale, inv_t);
     }
   }
 
   // The two threads of a row are neighbouring lanes; every lane takes part in the shuffle.
   const OnlineLse other{__shfl_xor_sync(0xffffffffu, acc.m, 1),
                         __shfl_xor_sync(0xffffffffu, acc.s, 1)};
-  if (!row_valid || half != 0) return;
-  const OnlineLse total = lse_merge(acc, other);
-  lse[row] = lse_reference(total.m) + logf(total.s);
+  if constexpr (kStats) {
+    const OnlineStats other_st{__shfl_xor_sync(0xffffffffu, st.xs, 1),
+                               __shfl_xor_sync(0xffffffffu, st.sq, 1),
+                               __shfl_xor_sync(0xffffffffu, st.zsum, 1),
+                               __shfl_xor_sync(0xffffffffu, st.best, 1)};
+    if (!row_valid || half != 0) return;
+    OnlineLse total;
+    OnlineStats st_total;
+    stats_merge(acc, st, other, other_st, total, st_total);
+    const float log_s = logf(total.s);
+    lse[row] = lse_reference(total.m) + log_s;
+    if (stats.mean_z != nullptr) stats.mean_z[row] = st_total.xs / total.s;
+    if (stats.log_sum_sq != nullptr) stats.log_sum_sq[row] = logf(st_total.sq) - 2.0f * log_s;
+    if (stats.sum_z != nullptr) stats.sum_z[row] = st_total.zsum;
+    if (stats.max_z != nullptr) stats.max_z[row] = total.m;
+    if (stats.argmax != nullptr) stats.argmax[row] = static_cast<int64_t>(st_total.best);
+  } else {
+    if (!row_valid || half != 0) return;
+    const OnlineLse total = lse_merge(acc, other);
+    lse[row] = lse_reference(total.m) + logf(total.s);
+  }
 }
 
 inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
@@ -280,7 +359,8 @@ inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
 template <typename T, int KBK>
 void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64_t weight_stride,
                 uintptr_t bias, int64_t n_rows, int64_t vocab, int64_t hidden_size, uintptr_t lse,
-                float inv_t, float softcap, float logit_scale, cudaStream_t stream) {
+                float inv_t, float softcap, float logit_scale, cudaStream_t stream,
+                StatsOut stats) {
   if (n_rows == 0) return;
   const int64_t n_blocks = (n_rows + kBM - 1) / kBM;
   check_arg(n_blocks <= 2147483647, "linear_logprobs: too many rows for one CUDA grid");
@@ -295,12 +375,20 @@ void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64
     kernel<<<static_cast<unsigned>(n_blocks), kThreads, 0, stream>>>(
         as_ptr<const T>(hidden), hidden_stride, as_ptr<const T>(weight), weight_stride,
         bias == 0 ? nullptr : as_ptr<const T>(bias), n_rows, vocab, hidden_size,
-        as_ptr<float>(lse), inv_t, softcap, logit_scale);
+        as_ptr<float>(lse), inv_t, softcap, logit_scale, stats);
   };
-  if (vectorised) {
-    run(linear_logprobs_lse_kernel<T, vec, KBK>);
+  if (stats.any()) {
+    if (vectorised) {
+      run(linear_logprobs_lse_kernel<T, vec, KBK, true>);
+    } else {
+      // KBK = 64 with scalar staging and the statistics spills on sm_80 (ptxas 13); 32 gives the
+      // same result (the same k order), so the unaligned fallback with statistics always takes it.
+      run(linear_logprobs_lse_kernel<T, 1, 32, true>);
+    }
+  } else if (vectorised) {
+    run(linear_logprobs_lse_kernel<T, vec, KBK, false>);
   } else {
-    run(linear_logprobs_lse_kernel<T, 1, KBK>);
+    run(linear_logprobs_lse_kernel<T, 1, KBK, false>);
   }
   ALIGNKERN_CUDA_CHECK(cudaGetLastError());
 }
@@ -311,7 +399,8 @@ void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintp
                               int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
                               int64_t vocab, int64_t hidden_size, uintptr_t lse,
                               double temperature, double softcap, double logit_scale,
-                              uintptr_t stream) {
+                              uintptr_t stream, uintptr_t mean_z, uintptr_t log_sum_sq,
+                              uintptr_t sum_z, uintptr_t max_z, uintptr_t argmax) {
   check_linear_logprobs_args(n_rows, vocab, hidden_size, temperature);
   check_arg(logit_scale > 0 && std::isfinite(logit_scale),
             "linear_logprobs: logit_scale must be positive and finite");
@@ -322,10 +411,18 @@ void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintp
   const float cap = softcap > 0 ? static_cast<float>(softcap) : 0.0f;
   const int kbk = tuning_choice("linear_kbk", kDefaultKbk, kKbkChoices,
                                 static_cast<int>(sizeof(kKbkChoices) / sizeof(int)));
+  check_arg(argmax == 0 || vocab <= 2147483647,
+            "linear_logprobs: the cuda argmax takes a vocabulary of at most 2^31 - 1 ids");
+  const StatsOut stats{mean_z == 0 ? nullptr : as_ptr<float>(mean_z),
+                       log_sum_sq == 0 ? nullptr : as_ptr<float>(log_sum_sq),
+                       sum_z == 0 ? nullptr : as_ptr<float>(sum_z),
+                       max_z == 0 ? nullptr : as_ptr<float>(max_z),
+                       argmax == 0 ? nullptr : as_ptr<int64_t>(argmax)};
   auto launch = [&](auto tag, auto kbk_tag) {
     launch_lse<decltype(tag), decltype(kbk_tag)::value>(
         hidden, hidden_row_stride, weight, weight_row_stride, bias, n_rows, vocab, hidden_size, lse,
-        inv_t, cap, static_cast<float>(logit_scale), reinterpret_cast<cudaStream_t>(stream));
+        inv_t, cap, static_cast<float>(logit_scale), reinterpret_cast<cudaStream_t>(stream),
+        stats);
   };
   using Kbk32 = std::integral_constant<int, 32>;
   using Kbk64 = std::integral_constant<int, 64>;

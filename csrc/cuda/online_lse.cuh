@@ -30,5 +30,36 @@ __device__ __forceinline__ OnlineLse lse_merge(OnlineLse a, OnlineLse b) {
   return {m, sa + sb};
 }
 
+// Running statistics kept beside an OnlineLse (m, s) by linear_logprobs' fused statistics, all
+// relative to the same reference point lse_reference(m):
+//   xs = sum exp(z - ref) * z      (mean of z under softmax: xs / s)
+//   sq = sum exp(2 (z - ref))      (log sum p^2 = log sq - 2 log s)
+//   zsum = sum z over the columns  (the mean logit: zsum / vocab)
+//   best = the first column attaining m
+// A rescale of s by alpha rescales xs by alpha and sq by alpha^2.
+struct OnlineStats {
+  float xs;
+  float sq;
+  float zsum;
+  int best;  // (the caller checks that every column id fits)
+};
+
+// Merges two (lse, stats) accumulators over disjoint column sets, each best the first column of
+// its own set attaining its max: the larger max wins, an equal one goes to the smaller column.
+// The LSE part is computed exactly as lse_merge does.
+__device__ __forceinline__ void stats_merge(OnlineLse a, OnlineStats sa, OnlineLse b,
+                                            OnlineStats sb, OnlineLse& lse, OnlineStats& st) {
+  const float m = fmaxf(a.m, b.m);
+  const float ref = lse_reference(m);
+  // s == 0: nothing summed (xs == sq == 0 too); the factor could be inf.
+  const float ca = a.s == 0.0f ? 0.0f : __expf(lse_reference(a.m) - ref);
+  const float cb = b.s == 0.0f ? 0.0f : __expf(lse_reference(b.m) - ref);
+  lse = {m, a.s * ca + b.s * cb};
+  st.xs = sa.xs * ca + sb.xs * cb;
+  st.sq = sa.sq * (ca * ca) + sb.sq * (cb * cb);
+  st.zsum = sa.zsum + sb.zsum;
+  st.best = a.m > b.m ? sa.best : b.m > a.m ? sb.best : (sa.best < sb.best ? sa.best : sb.best);
+}
+
 }  // namespace cuda_detail
 }  // namespace alignkern

@@ -7,7 +7,8 @@
 //   token_threads  threads per block of the token_logprobs row kernels: 256 (default), 512, 1024
 //   linear_kbk     hidden elements per shared-memory stage of linear_logprobs' float16/bfloat16
 //                  tile product: 32 (default), 64 (float32 always stages 32: 64 would exceed the
-//                  48 KB of static shared memory)
+//                  48 KB of static shared memory; the fused statistics' unaligned fallback also
+//                  stages 32, since 64 spilled there on sm_80)
 #pragma once
 
 #include <cstdlib>
