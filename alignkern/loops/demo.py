@@ -7,6 +7,10 @@ the naive way of doing the same work.
     python -m alignkern.loops.demo rain
     python -m alignkern.loops.demo --model ./my-llama best-of-n
 
+``alignkern demo ica [--quick] [--out DIR]`` runs another demo: in-context alignment's synthetic
+experiment (Wang et al. 2024) with reward_attention in the model (alignkern.examples.ica; its
+options: ``alignkern demo ica --help``).
+
 Costs are counted in one run (hooks on the decoder and the LM head, and on alignkern's fused
 ops) and timed in another, without hooks. The tiny model writes gibberish: the loops, their
 scores and their costs are the point.
@@ -66,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ica"]:
+        from ..examples import ica
+
+        return ica.main(argv[1:])
     parser = argparse.ArgumentParser(prog="alignkern demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

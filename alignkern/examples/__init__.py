@@ -1,0 +1,5 @@
+"""Worked examples that use alignkern's ops end to end (run them with ``alignkern demo``).
+
+``ica``: in-context alignment's synthetic experiment (Wang et al. 2024), reproduced with
+``reward_attention`` in the model.
+"""
