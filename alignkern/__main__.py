@@ -270,6 +270,10 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
+    if args.rest[:1] == ["ica"]:  # needs only the ops, not transformers (which loops import)
+        from alignkern.examples import ica
+
+        return ica.main(args.rest[1:])
     from alignkern.loops import demo
 
     return demo.main(args.rest)
