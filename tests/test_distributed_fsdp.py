@@ -218,21 +218,55 @@ def test_fsdp2_sharded_head_matches_unsharded(tmp_path):
         pytest.fail(str(exc))
 
 
-def test_zero3_partitioned_head_is_a_clear_error():
-    """A DeepSpeed ZeRO-3 parameter that is not gathered (``ds_id`` and a ``ds_status`` other than
-    AVAILABLE, as deepspeed marks it) is refused with a message naming GatheredParameters; once
-    gathered (AVAILABLE) the head is read as usual."""
+def test_zero3_partitioned_head_is_gathered_on_use(monkeypatch):
+    """A DeepSpeed ZeRO-3 head holds no data outside its module's forward (``ds_id`` set,
+    ``ds_status`` not AVAILABLE). The scorers gather it for the call with deepspeed's
+    ``GatheredParameters`` (simulated here: deepspeed is not installed) and keep a gathered copy
+    for the backward, so scores and every gradient equal the plain model's; outside the call the
+    head is partitioned again."""
+    import contextlib
+
     from hf_models import tiny_model
 
     import alignkern.integrations.transformers as ak_hf
 
-    model = tiny_model("llama")
+    plain = tiny_model("llama")
+    model = copy.deepcopy(plain)
     weight = model.lm_head.weight
+    full = weight.data
     weight.ds_id = 7
     weight.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
-    ids = torch.randint(3, 100, (1, 5))
-    with pytest.raises(RuntimeError, match="ZeRO-3.*GatheredParameters"):
-        ak_hf.sequence_logprobs(model, ids)
-    weight.ds_status = types.SimpleNamespace(name="AVAILABLE")
-    assert ak_hf.model_head(model).weight is weight
-    assert ak_hf.sequence_logprobs(model, ids).shape == (1,)
+    weight.data = torch.empty(0)
+    gathers = []
+
+    @contextlib.contextmanager
+    def gathered_parameters(params):
+        assert params == [weight]
+        gathers.append(1)
+        weight.data, weight.ds_status.name = full, "AVAILABLE"
+        try:
+            yield
+        finally:
+            weight.data, weight.ds_status.name = torch.empty(0), "NOT_AVAILABLE"
+
+    def regather_for_reduction(grad):  # DeepSpeed's gradient hooks see the gathered parameter
+        weight.data = full
+        return grad
+
+    weight.register_hook(regather_for_reduction)
+    deepspeed = types.SimpleNamespace(zero=types.SimpleNamespace(
+        GatheredParameters=gathered_parameters))
+    monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+    got = ak_hf.sequence_logprobs(model, ids, temperature=0.8)
+    assert gathers and weight.numel() == 0  # gathered for the call, partitioned after it
+    want = ak_hf.sequence_logprobs(plain, ids, temperature=0.8)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    (got * torch.tensor([1.0, -2.0])).sum().backward()
+    (want * torch.tensor([1.0, -2.0])).sum().backward()
+    for (name, param), ref in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(param.grad, ref.grad, atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    options = ak_hf.option_scores(model, ids, None, [5, 17], [1.0, -1.0])
+    torch.testing.assert_close(options.score,
+                               ak_hf.option_scores(plain, ids, None, [5, 17], [1.0, -1.0]).score)

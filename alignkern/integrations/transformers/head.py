@@ -17,6 +17,7 @@ raises ``NotImplementedError`` naming the class, instead of guessing a scale.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import NamedTuple
 
@@ -60,8 +61,9 @@ class LMHead(NamedTuple):
                                                 logit_scale=self.logit_scale)
         import alignkern
 
-        return alignkern.linear_logprobs(hidden, self.weight, targets,
-                                         **self.scoring_kwargs(temperature))
+        with _gathered(self) as head:
+            return alignkern.linear_logprobs(hidden, head.weight, targets,
+                                             **head.scoring_kwargs(temperature))
 
     def self_eval_scores(self, hidden: torch.Tensor, options: torch.Tensor,
                          values: torch.Tensor | None = None, temperature: float = 1.0):
@@ -76,8 +78,34 @@ class LMHead(NamedTuple):
                                                  logit_scale=self.logit_scale)
         import alignkern
 
-        return alignkern.self_eval_scores(hidden, self.weight, options, values,
-                                          **self.scoring_kwargs(temperature))
+        with _gathered(self) as head:
+            return alignkern.self_eval_scores(hidden, head.weight, options, values,
+                                              **head.scoring_kwargs(temperature))
+
+
+def is_zero3_partitioned(param: torch.Tensor | None) -> bool:
+    """A DeepSpeed ZeRO-3 parameter that is not gathered now (``ds_id`` set, ``ds_status`` not
+    AVAILABLE): it holds no data outside its module's forward."""
+    status = getattr(getattr(param, "ds_status", None), "name", None)
+    return param is not None and hasattr(param, "ds_id") and status != "AVAILABLE"
+
+
+@contextlib.contextmanager
+def _gathered(head: LMHead):
+    """``head``, or, when ZeRO-3 has partitioned it, ``head`` gathered for the call (deepspeed's
+    ``GatheredParameters``) with copies of the gathered weight and bias that the backward keeps
+    (the parameters are partitioned again when the call returns; the copies' gradients reach
+    them as any module's do). Costs one head of memory until the backward."""
+    if not any(is_zero3_partitioned(p) for p in (head.weight, head.bias)):
+        yield head
+        return
+    import deepspeed
+
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    with deepspeed.zero.GatheredParameters(params):
+        kept = [None if p is None else p.clone() if p.requires_grad and torch.is_grad_enabled()
+                else p.detach().clone() for p in (head.weight, head.bias)]
+        yield head._replace(weight=kept[0], bias=kept[1])
 
 
 class _Rule(NamedTuple):
@@ -173,15 +201,6 @@ def _linear_head(model: nn.Module, family: str) -> nn.Linear:
             f"model_head: {family}'s output embedding is {type(head).__name__}, not a plain "
             "torch.nn.Linear (a quantised, wrapped or custom head cannot be read as weight and bias)"
         )
-    for name, param in (("weight", head.weight), ("bias", head.bias)):
-        status = getattr(getattr(param, "ds_status", None), "name", None)
-        if hasattr(param, "ds_id") and status != "AVAILABLE":
-            raise RuntimeError(
-                f"model_head: {family}'s LM head {name} is a DeepSpeed ZeRO-3 partitioned "
-                f"parameter (ds_status {status}); alignkern reads the head outside the model's "
-                "forward, where ZeRO-3 does not gather it. Score inside "
-                "`deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])` (or TRL's "
-                "`unwrap_model_for_generation`), which gathers the head for the call")
     if not head.weight.is_floating_point():
         raise NotImplementedError(f"model_head: {family}'s LM head weight has dtype "
                                   f"{head.weight.dtype}, not a float dtype")
