@@ -87,8 +87,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         return [Case(n, 4096, v, 1, torch.bfloat16) for n in rows for v in (128256, 151936)]
     if quick:
         return [Case(64, 128, 32000, 1, torch.float32)]
-    return [Case(512, 256, v, 1, dtype) for dtype in (torch.float32, torch.bfloat16)
-            for v in (32000, 128256)]
+    # float32 only: this VM has no bf16 FMA units, and the peers' bf16 backward GEMMs take minutes
+    return [Case(512, 256, v, 1, torch.float32) for v in (32000, 128256)]
 
 
 def default_cases(device: torch.device) -> list[Case]:
