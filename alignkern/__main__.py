@@ -216,41 +216,36 @@ def _run_bench(args) -> int:
 
 
 def _run_loops(args, device: torch.device) -> int:
-    """`alignkern bench --loops`: alignkern.bench.loops's report on stdout, its rows as a CSV (and
-    the environment as JSON) in the output folder."""
-    from alignkern import bench
-    from alignkern.bench import loops, report
+    """`alignkern bench --loops`: alignkern.bench.loops."""
+    from alignkern.bench import loops
 
-    if args.save_results:
-        print("alignkern bench: error: --save-results is for the op families, not --loops",
-              file=sys.stderr)
-        return 2
-    rows = loops.run_loops_benchmark(device, quick=args.quick)
-    print(loops.format_report(rows))
-    folder = Path(args.out) if args.out is not None else bench.default_out_dir(device)
-    path = loops.write_csv(rows, device, folder)
-    env = report.environment(device, scope="loops-quick" if args.quick else "loops",
-                             command=["alignkern", *args.argv])
-    written = report.write_json(env, device, folder)
-    print(f"\nResults in {folder.resolve()}{os.sep} ({path.name}, {os.path.basename(written)})")
-    return 0
+    return _run_alone(args, device, "loops", loops.run_loops_benchmark, loops.format_report,
+                      loops.write_csv)
 
 
 def _run_trl(args, device: torch.device) -> int:
-    """`alignkern bench --trl`: alignkern.bench.trl_step's report on stdout, its rows as a CSV
-    (and the environment as JSON) in the output folder."""
+    """`alignkern bench --trl`: alignkern.bench.trl_step."""
+    from alignkern.bench import trl_step
+
+    return _run_alone(args, device, "trl", trl_step.run_trl_benchmark, trl_step.format_report,
+                      trl_step.write_csv)
+
+
+def _run_alone(args, device: torch.device, flag: str, run, format_report, write_csv) -> int:
+    """A benchmark that runs instead of the op families (``--<flag>``): its report on stdout, its
+    rows as a CSV (and the environment as JSON) in the output folder."""
     from alignkern import bench
-    from alignkern.bench import report, trl_step
+    from alignkern.bench import report
 
     if args.save_results:
-        print("alignkern bench: error: --save-results is for the op families, not --trl",
+        print(f"alignkern bench: error: --save-results is for the op families, not --{flag}",
               file=sys.stderr)
         return 2
-    rows = trl_step.run_trl_benchmark(device, quick=args.quick)
-    print(trl_step.format_report(rows))
+    rows = run(device, quick=args.quick)
+    print(format_report(rows))
     folder = Path(args.out) if args.out is not None else bench.default_out_dir(device)
-    path = trl_step.write_csv(rows, device, folder)
-    env = report.environment(device, scope="trl-quick" if args.quick else "trl",
+    path = write_csv(rows, device, folder)
+    env = report.environment(device, scope=f"{flag}-quick" if args.quick else flag,
                              command=["alignkern", *args.argv])
     written = report.write_json(env, device, folder)
     print(f"\nResults in {folder.resolve()}{os.sep} ({path.name}, {os.path.basename(written)})")

@@ -291,14 +291,16 @@ def run_loops_benchmark(device: str | torch.device | None = None, *, quick: bool
     return rows
 
 
-def write_csv(rows: list[dict], device: str | torch.device, out_dir: str | os.PathLike) -> Path:
-    """Write ``rows`` to ``out_dir/<device>-loops.csv`` (the folder is created); returns the
-    path."""
+def write_csv(rows: list[dict], device: str | torch.device, out_dir: str | os.PathLike,
+              name: str = "loops") -> Path:
+    """Write ``rows`` (dicts, their keys in first-seen order as columns) to
+    ``out_dir/<device>-<name>.csv`` (the folder is created); returns the path. ``bench --trl``
+    writes its rows with it too."""
     from .report import device_slug
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{device_slug(torch.device(device))}-loops.csv"
+    path = folder / f"{device_slug(torch.device(device))}-{name}.csv"
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import gc
 import os
 import statistics
@@ -274,17 +273,9 @@ def _rows(steps: list[dict], warmup: int, config: str, device: torch.device) -> 
 
 def write_csv(rows: list[dict], device: str | torch.device, out_dir: str | os.PathLike) -> Path:
     """Write ``rows`` to ``out_dir/<device>-trl.csv`` (the folder is created); returns the path."""
-    from .report import device_slug
+    from .loops import write_csv as write_rows
 
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{device_slug(torch.device(device))}-trl.csv"
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_rows(rows, device, out_dir, name="trl")
 
 
 def format_report(rows: list[dict]) -> str:
