@@ -469,62 +469,61 @@ def _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_sca
                                           logit_scale=logit_scale, ignore_index=_LOCAL_IGNORE,
                                           stats=tuple(sorted(wanted)))
     logprobs, lse = _combine(local.logprobs, local.lse, owned, ignored, has_k, group)
-    top = _first_maximum(local, targets, owned, has_k, layout, group) if wanted & {
-        "is_top1", "max_logits"} else (None, None, None)
+    row_max = z_t = beaten = None
+    if "is_top1" in wanted:
+        # with a K dimension throughout: (..., K) slots
+        as_slots = (lambda x: x) if has_k else (lambda x: x[..., None])
+        row_max, z_t, beaten = _first_maximum(local.max_logits, as_slots(local.is_top1),
+                                              as_slots(targets), as_slots(owned), layout, group)
+    elif "max_logits" in wanted:
+        row_max = _all_reduce_max(local.max_logits.detach(), group)
     reference_point = lse.detach()
     a = torch.exp(local.lse - reference_point)
-    columns = {"a": a}
+    rows = {"a": a}
     if "entropy" in stats:
-        columns["entropy"] = a * (local.entropy - local.lse)
+        rows["entropy"] = a * (local.entropy - local.lse)
     if "log_sum_sq_probs" in stats:
-        columns["sq"] = torch.exp(2 * (local.lse - reference_point) + local.log_sum_sq_probs)
+        rows["sq"] = torch.exp(2 * (local.lse - reference_point) + local.log_sum_sq_probs)
     if "mean_logits" in stats:
-        columns["mean"] = local.mean_logits * layout.vocab_local
-        columns["vocab"] = torch.full_like(a, layout.vocab_local)
-    if top[2] is not None:
-        columns["beaten"] = top[2] if has_k else top[2][..., None]
-    total = _reduce_columns(columns, group)
+        rows["mean"] = local.mean_logits * layout.vocab_local
+        rows["vocab"] = torch.full_like(a, layout.vocab_local)
+    total, beaten = _reduce_sums(rows, beaten, group)
     log_a = torch.log(total["a"])
+    is_top1 = None
+    if "is_top1" in stats:
+        is_top1 = (z_t > -math.inf) & (beaten == 0)
+        is_top1 = is_top1 if has_k else is_top1[..., 0]
     return alignkern.LinearLogprobsStats(
         logprobs, lse,
         total["entropy"] / total["a"] + reference_point + log_a if "entropy" in stats else None,
         (torch.log(total["sq"]) - 2 * log_a).detach() if "log_sum_sq_probs" in stats else None,
         (total["mean"] / total["vocab"]).detach() if "mean_logits" in stats else None,
-        _is_top1(top[1], total.get("beaten"), has_k) if "is_top1" in stats else None,
-        top[0] if "max_logits" in stats else None)
+        is_top1, row_max if "max_logits" in stats else None)
 
 
-def _first_maximum(local, targets, owned, has_k, layout, group):
-    """``(max_logits, z_t, beaten)``: the row's maximum over all shards, the exact ``z_t`` of
-    each target that is its own shard's first maximum (-inf for the others), and whether this
-    shard beats it (reaches it from before the target's id, or exceeds it from after)."""
-    row_max = local.max_logits.detach()
-    if local.is_top1 is None:  # max_logits alone
-        return _all_reduce_max(row_max, group), None, None
-    shard_max = row_max[..., None] if has_k else row_max
-    candidate = torch.where(local.is_top1 & owned, shard_max, -math.inf)
-    packed = torch.cat([row_max[..., None], candidate if has_k else candidate[..., None]], -1)
-    packed = _all_reduce_max(packed, group)
-    z_t = packed[..., 1:] if has_k else packed[..., 1]
+def _first_maximum(local_max, is_local_top1, targets, owned, layout, group):
+    """``(max_logits (...), z_t (..., K), beaten (..., K))`` from this shard's maximum ``(...)``
+    and, for ``targets`` ``(..., K)``, whether each is the shard's first maximum and ``owned`` by
+    it: the row's maximum over all shards, the exact ``z_t`` of each target that is its own
+    shard's first maximum (-inf for the others), and whether this shard beats it (reaches it from
+    before the target's id, or exceeds it from after) as 0 or 1, to be summed."""
+    shard_max = local_max.detach()[..., None]
+    candidate = torch.where(is_local_top1 & owned, shard_max, -math.inf)
+    packed = _all_reduce_max(torch.cat([shard_max, candidate], -1), group)
+    z_t = packed[..., 1:]
     before = layout.vocab_start + layout.vocab_local <= targets.to(torch.int64)
     beaten = torch.where(before, shard_max >= z_t, shard_max > z_t) & ~owned
-    return packed[..., 0], z_t, beaten.to(row_max.dtype)
+    return packed[..., 0], z_t, beaten.to(shard_max.dtype)
 
 
-def _is_top1(z_t, beaten, has_k):
-    beaten = beaten if has_k else beaten[..., 0]
-    return (z_t > -math.inf) & (beaten == 0)
-
-
-def _reduce_columns(columns: dict, group) -> dict:
-    """One all-reduce (sum, identity backward) of every named ``(..., c)`` or ``(...)`` column."""
-    parts = [value if value.dim() > columns["a"].dim() else value[..., None]
-             for value in columns.values()]
-    widths = [part.shape[-1] for part in parts]
-    total = _ReduceFromShards.apply(torch.cat(parts, dim=-1), group)
-    out = dict(zip(columns, total.split(widths, dim=-1)))
-    return {name: value if value.shape[-1] != 1 or name == "beaten" else value[..., 0]
-            for name, value in out.items()}
+def _reduce_sums(rows: dict, slots: torch.Tensor | None, group):
+    """One all-reduce (sum, identity backward) of named per-row values ``(...)`` and, if given,
+    per-slot values ``(..., K)``; returns them summed, in the same form."""
+    parts = [value[..., None] for value in rows.values()]
+    total = _ReduceFromShards.apply(torch.cat(parts + ([] if slots is None else [slots]), -1),
+                                    group)
+    summed = dict(zip(rows, total[..., :len(rows)].unbind(-1)))
+    return summed, None if slots is None else total[..., len(rows):]
 
 
 def _options(fn, hidden, weight, options, bias, temperature, softcap, logit_scale, vocab_start,
