@@ -111,10 +111,24 @@ def _leaf(t):
     return None if t is None else t.clone().requires_grad_()
 
 
-def _check_linear_logprobs(rank, world, dtype, k, bias, softcap):
+def _full_and_sharded(loss, hidden, weight, b, targets, start, size, **settings):
+    """``(want, got, full leaves, shard leaves)``: the single-process op on the full head and the
+    vocabulary-parallel op on this rank's rows ``[start, start + size)``, each backpropagated
+    through ``loss``; the leaves are (hidden, weight, bias or None) with their ``.grad``."""
     import alignkern
     import alignkern.distributed as akd
 
+    full = (_leaf(hidden), _leaf(weight), _leaf(b))
+    want = alignkern.linear_logprobs(full[0], full[1], targets, bias=full[2], **settings)
+    loss(want).backward()
+    shard = (_leaf(hidden), _leaf(weight[start:start + size]),
+             None if b is None else _leaf(b[start:start + size]))
+    got = akd.linear_logprobs(shard[0], shard[1], targets, bias=shard[2], **settings)
+    loss(got).backward()
+    return want, got, full, shard
+
+
+def _check_linear_logprobs(rank, world, dtype, k, bias, softcap):
     sizes = SHARDS[world]
     start, size = _bounds(rank, sizes)
     gen = torch.Generator().manual_seed(23 + world)
@@ -130,14 +144,8 @@ def _check_linear_logprobs(rank, world, dtype, k, bias, softcap):
         return ((result.logprobs * g_out.to(result.logprobs.dtype)).sum()
                 + (result.lse * g_lse.to(result.lse.dtype)).sum())
 
-    h_full, w_full, b_full = _leaf(hidden), _leaf(weight), _leaf(b)
-    want = alignkern.linear_logprobs(h_full, w_full, targets, bias=b_full, **settings)
-    loss(want).backward()
-
-    h, w = _leaf(hidden), _leaf(weight[start:start + size])
-    b_shard = None if b is None else _leaf(b[start:start + size])
-    got = akd.linear_logprobs(h, w, targets, bias=b_shard, **settings)
-    loss(got).backward()
+    want, got, (h_full, w_full, b_full), (h, w, b_shard) = _full_and_sharded(
+        loss, hidden, weight, b, targets, start, size, **settings)
     name = f"linear_logprobs[{dtype}, k={k}, bias={bias}, softcap={softcap}]"
     _close(f"{name} logprobs", got.logprobs, want.logprobs, dtype)
     _close(f"{name} lse", got.lse, want.lse, dtype)
@@ -177,12 +185,8 @@ def _check_linear_logprobs_stats(rank, world, dtype, k, softcap):
         return ((result.logprobs * g_out.to(result.logprobs.dtype)).sum()
                 + (result.entropy * g_entropy.to(result.entropy.dtype)).sum())
 
-    h_full, w_full, b_full = _leaf(hidden), _leaf(weight), _leaf(b)
-    want = alignkern.linear_logprobs(h_full, w_full, targets, bias=b_full, **settings)
-    loss(want).backward()
-    h, w, b_shard = _leaf(hidden), _leaf(weight[start:start + size]), _leaf(b[start:start + size])
-    got = akd.linear_logprobs(h, w, targets, bias=b_shard, **settings)
-    loss(got).backward()
+    want, got, (h_full, w_full, b_full), (h, w, b_shard) = _full_and_sharded(
+        loss, hidden, weight, b, targets, start, size, **settings)
     name = f"linear_logprobs stats[{dtype}, k={k}, softcap={softcap}]"
     for field in ("logprobs", "lse", "entropy", "log_sum_sq_probs", "mean_logits", "max_logits"):
         _close(f"{name} {field}", getattr(got, field), getattr(want, field), dtype)
