@@ -9,6 +9,15 @@ from __future__ import annotations
 import torch
 
 
+def _scaled_logits_and_ids(logits, targets, temperature):
+    """``(z, ids, single)``: ``logits / temperature`` in float32 (float64 for float64 logits),
+    the targets as ``(..., K)`` int64, and whether they came without the K dimension."""
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    single = targets.dim() == logits.dim() - 1
+    ids = (targets.unsqueeze(-1) if single else targets).long()
+    return logits.to(out_dtype) / temperature, ids, single
+
+
 def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -25,11 +34,8 @@ def token_logprobs(
         (0 where ``t == ignore_index``, NaN where ``t`` is outside ``[0, V)``), and ``lse`` of shape
         ``(...)``. Both are float32, or float64 for float64 logits.
     """
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(out_dtype) / temperature
+    z, ids, single = _scaled_logits_and_ids(logits, targets, temperature)
     lse = torch.logsumexp(z, dim=-1)
-    single = targets.dim() == logits.dim() - 1
-    ids = (targets.unsqueeze(-1) if single else targets).long()
     vocab = logits.shape[-1]
     ignored = ids == ignore_index
     out_of_range = ~ignored & ((ids < 0) | (ids >= vocab))
@@ -115,11 +121,8 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     and ``mean_logits`` = mean_v z_v, each ``(...)`` float32 (float64 for float64), and
     ``is_top1`` shaped like ``targets``: the target is the first maximum of ``z`` (False for
     ``ignore_index`` and out-of-range ids), and ``max_logits`` = max_v z_v ``(...)``."""
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(out_dtype) / temperature
+    z, ids, single = _scaled_logits_and_ids(logits, targets, temperature)
     log_p = torch.log_softmax(z, dim=-1)
-    single = targets.dim() == logits.dim() - 1
-    ids = (targets.unsqueeze(-1) if single else targets).long()
     vocab = logits.shape[-1]
     valid = (ids != ignore_index) & (ids >= 0) & (ids < vocab)
     first_max = torch.argmax(z, dim=-1, keepdim=True)  # torch.argmax returns the first maximum

@@ -23,8 +23,6 @@ from typing import NamedTuple
 import torch
 
 STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "max_logits")
-# The statistics each kernel-level request stands for: the kernels know the first four.
-KERNEL_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def kernel_stats(stats: frozenset[str]) -> frozenset[str]:

@@ -187,7 +187,7 @@ def _gpu_forward(hidden, weight, bias, temperature, softcap, logit_scale, backen
 
     if stats:
         return _logit_stats.Partials(*kernels.linear_logprobs_fwd_stats(
-            hidden, weight, bias, temperature, softcap, logit_scale, frozenset(stats)))
+            hidden, weight, bias, temperature, softcap, logit_scale, stats))
     lse_parts = kernels.linear_logprobs_fwd(
         hidden, weight, bias, lambda splits: _tokens._poisoned((splits, n_rows), acc, device),
         temperature, softcap, logit_scale,
@@ -238,9 +238,8 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
         h = hidden[rows]
         dlogits, flat = _targets.gradient_buffer(h.shape[0], vocab, hidden.dtype, hidden.device)
         entropy_rows = None if entropy_grad is None else entropy_grad[rows]
-        extra = {} if entropy_grad is None else dict(entropy_grad=entropy_rows)
         kernels.linear_logprobs_dlogits(h, weight, bias, coef[rows], lse[rows], dlogits,
-                                        temperature, softcap, logit_scale, **extra)
+                                        temperature, softcap, logit_scale, entropy_rows)
         # d z / d logits = logit_scale / T (times the softcap's derivative)
         _targets.write_target_columns(flat, vocab, ids[rows], valid[rows], g[rows], coef[rows],
                                       capped[rows] * inv_t, lse[rows], inv_t * logit_scale,
@@ -268,8 +267,9 @@ def _reference_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, temp
     )
     if grad_entropy is not None:  # d entropy / d logits = -p (log p + entropy) / T
         log_p = torch.log_softmax(logits / temperature, dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(-1, keepdim=True)
-        dlogits = dlogits - grad_entropy[:, None] * log_p.exp() * (log_p + entropy) / temperature
+        p = log_p.exp()
+        entropy = -(p * log_p).sum(-1, keepdim=True)
+        dlogits = dlogits - grad_entropy[:, None] * p * (log_p + entropy) / temperature
     if softcap is not None:
         dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
     dlogits = dlogits * logit_scale
@@ -291,6 +291,10 @@ def _fold_scale(temperature, softcap, logit_scale):
 def _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
                  backend, stats=frozenset()):
     """``(logprobs, lse, LogitStats)`` shaped like ``targets`` and ``hidden.shape[:-1]``."""
+    if backend == "reference" and not stats:
+        out, lse = reference.linear_logprobs(hidden, weight, targets, bias, temperature, softcap,
+                                             ignore_index, logit_scale)
+        return out, lse, _logit_stats.LogitStats()
     if backend == "reference":
         out, lse, ref_stats = reference.linear_logprobs_stats(
             hidden, weight, targets, bias, temperature, softcap, ignore_index, logit_scale)
@@ -339,14 +343,13 @@ def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temper
         temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
         g, coef, valid = _targets.gradient_terms(grad_out, grad_lse, ids, w.shape[0],
                                                  ignore_index, acc)
-        extra = {}
         if grad_entropy is not None:
             # d entropy / d z_v = -p_v (z_v - lse + H): the row constant joins coef
             coef = coef + grad_entropy * (entropy.reshape(-1).to(acc) - lse)
-            extra = dict(entropy_grad=grad_entropy)
         implementation = _cpu.backward if backend == "cpu" else _triton_backward
         grads = implementation(g, coef, h, w, ids, valid, bias, lse, temperature, softcap,
-                               logit_scale, need_hidden, need_weight, need_bias, acc, **extra)
+                               logit_scale, need_hidden, need_weight, need_bias, acc,
+                               grad_entropy)
     grad_hidden, grad_weight, grad_bias = grads
     return (
         _empty(hidden) if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(hidden.shape),
