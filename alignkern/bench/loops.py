@@ -282,10 +282,17 @@ def run_loops_benchmark(device: str | torch.device | None = None, *, quick: bool
     rows += bench_rain_iteration(model, tokenizer, device, 3 if quick else 6)
     rows += bench_best_of_n_scoring(model, device, n_values, 64 if quick else 128,
                                     32 if quick else 64, repeats)
+    return report_rows(rows, device, out_dir, print_report, format_report)
+
+
+def report_rows(rows: list[dict], device, out_dir, print_report: bool, format_report,
+                name: str = "loops") -> list[dict]:
+    """The end of a run of this or another benchmark that runs alone (``bench --trl``): print
+    ``format_report(rows)`` if asked, write the rows to ``out_dir`` if given; returns ``rows``."""
     if print_report:
         print(format_report(rows))
     if out_dir is not None:
-        path = write_csv(rows, device, out_dir)
+        path = write_csv(rows, device, out_dir, name)
         if print_report:
             print(f"\nrows written to {path}")
     return rows
@@ -364,17 +371,23 @@ def _fmt(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignkern.bench.loops",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller model, N = 8 only")
+    return standalone_main(argv, "alignkern.bench.loops", __doc__, "a smaller model, N = 8 only",
+                           "loops", run_loops_benchmark)
+
+
+def standalone_main(argv, module: str, doc: str, quick_help: str, name: str, run) -> int:
+    """``python -m <module>`` for a benchmark that runs alone: ``run(device, quick=, out_dir=,
+    print_report=True)`` with --quick, --device, --threads and --out."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", metavar="DIR", default=None,
-                        help="also write the rows to DIR/<device>-loops.csv")
+                        help=f"also write the rows to DIR/<device>-{name}.csv")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    run_loops_benchmark(args.device, quick=args.quick, out_dir=args.out, print_report=True)
+    run(args.device, quick=args.quick, out_dir=args.out, print_report=True)
     return 0
 
 

@@ -35,7 +35,6 @@ How it is measured:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import os
@@ -234,14 +233,10 @@ def run_trl_benchmark(device: str | torch.device | None = None, *, quick: bool =
               f"{'bf16 autocast' if args.bf16 else 'fp32'}, {size['pairs']} pairs x 2 x "
               f"{tokens} tokens ({size['prompt_len']} prompt), AdamW, "
               f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
-    rows = _rows(meter.steps, size["warmup"], config, device)
-    if print_report:
-        print(format_report(rows))
-    if out_dir is not None:
-        path = write_csv(rows, device, out_dir)
-        if print_report:
-            print(f"\nrows written to {path}")
-    return rows
+    from .loops import report_rows
+
+    return report_rows(_rows(meter.steps, size["warmup"], config, device), device, out_dir,
+                       print_report, format_report, "trl")
 
 
 def _rows(steps: list[dict], warmup: int, config: str, device: torch.device) -> list[dict]:
@@ -307,18 +302,10 @@ def format_report(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignkern.bench.trl_step",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small model, one timed step each")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="also write the rows to DIR/<device>-trl.csv")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    run_trl_benchmark(args.device, quick=args.quick, out_dir=args.out, print_report=True)
-    return 0
+    from .loops import standalone_main
+
+    return standalone_main(argv, "alignkern.bench.trl_step", __doc__,
+                           "a small model, one timed step each", "trl", run_trl_benchmark)
 
 
 if __name__ == "__main__":
