@@ -18,30 +18,41 @@ def _scaled_logits_and_ids(logits, targets, temperature):
     return logits.to(out_dtype) / temperature, ids, single
 
 
+def shifted_logsumexp(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_max, log_sum)`` of ``z (..., V)``: the maximum over the last dimension (0 where it is
+    infinite or NaN) and ``log sum exp(z - row_max)``, so that ``logsumexp(z) = row_max +
+    log_sum`` with ``log_sum`` kept to full precision however large ``|row_max|`` is."""
+    row_max = z.amax(-1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    return row_max, torch.logsumexp(z - row_max[..., None], dim=-1)
+
+
 def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
     ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of chosen tokens and the log-sum-exp of each row.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of chosen tokens and each row's log-sum-exp in two parts.
 
     Args:
         logits: ``(..., V)`` floating point.
         targets: ``(...)`` or ``(..., K)`` integer token ids; ``ignore_index`` marks ids to skip.
     Returns:
-        ``out`` shaped like ``targets`` with ``z[t] - logsumexp(z)``, ``z = logits / temperature``
-        (0 where ``t == ignore_index``, NaN where ``t`` is outside ``[0, V)``), and ``lse`` of shape
-        ``(...)``. Both are float32, or float64 for float64 logits.
+        ``out`` shaped like ``targets`` with ``log_softmax(z)[t]``, ``z = logits / temperature``
+        (0 where ``t == ignore_index``, NaN where ``t`` is outside ``[0, V)``), and ``row_max``,
+        ``log_sum`` of shape ``(...)`` (``shifted_logsumexp``; ``logsumexp(z) = row_max +
+        log_sum``). All float32, or float64 for float64 logits.
     """
     z, ids, single = _scaled_logits_and_ids(logits, targets, temperature)
-    lse = torch.logsumexp(z, dim=-1)
+    row_max, log_sum = shifted_logsumexp(z)
     vocab = logits.shape[-1]
     ignored = ids == ignore_index
     out_of_range = ~ignored & ((ids < 0) | (ids >= vocab))
-    picked = torch.gather(z, -1, ids.clamp(0, vocab - 1)) - lse.unsqueeze(-1)
-    picked = picked.masked_fill(ignored, 0.0).masked_fill(out_of_range, float("nan"))
-    return (picked.squeeze(-1) if single else picked), lse
+    shifted = torch.gather(z, -1, ids.clamp(0, vocab - 1)) - row_max[..., None]
+    picked = (shifted - log_sum[..., None]).masked_fill(ignored, 0.0)
+    picked = picked.masked_fill(out_of_range, float("nan"))
+    return (picked.squeeze(-1) if single else picked), row_max, log_sum
 
 
 def token_logprobs_backward(
@@ -49,14 +60,15 @@ def token_logprobs_backward(
     grad_lse: torch.Tensor | None,
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Gradient of ``token_logprobs`` (DESIGN.md's closed form) in the logits' dtype.
 
-    ``dlogits_v = (sum_k g_k [t_k = v] - (sum_{k valid} g_k - g_lse) softmax(z)_v) / temperature``;
-    a row with an out-of-range id gets NaN.
+    ``dlogits_v = (sum_k g_k [t_k = v] - (sum_{k valid} g_k - g_lse) softmax(z)_v) / temperature``
+    with ``softmax(z) = exp((z - row_max) - log_sum)``; a row with an out-of-range id gets NaN.
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     single = targets.dim() == logits.dim() - 1
@@ -69,7 +81,8 @@ def token_logprobs_backward(
     coef = g_valid.sum(-1, keepdim=True)
     if grad_lse is not None:
         coef = coef - grad_lse.to(acc).unsqueeze(-1)
-    softmax = torch.exp(logits.to(acc) / temperature - lse.to(acc).unsqueeze(-1))
+    shifted = logits.to(acc) / temperature - row_max.to(acc).unsqueeze(-1)
+    softmax = torch.exp(shifted - log_sum.to(acc).unsqueeze(-1))
     picked = torch.zeros_like(softmax).scatter_add_(
         -1, ids.clamp(0, vocab - 1), g.masked_fill(ignored | out_of_range, 0.0)
     )
@@ -106,10 +119,10 @@ def linear_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     logit_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``token_logprobs`` of ``linear_logits(hidden, weight, bias, softcap, logit_scale)``:
-    log-probabilities of ``targets`` (``(...)`` or ``(..., K)``) and the LSE ``(...)``, float32
-    (float64 for float64)."""
+    log-probabilities of ``targets`` (``(...)`` or ``(..., K)``) and the log-sum-exp's two parts
+    ``row_max``, ``log_sum`` ``(...)``, float32 (float64 for float64)."""
     return token_logprobs(linear_logits(hidden, weight, bias, softcap, logit_scale), targets,
                           temperature, ignore_index)
 
@@ -138,10 +151,11 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
 
 def linear_logprobs_stats(hidden, weight, targets, bias=None, temperature=1.0, softcap=None,
                           ignore_index=-100, logit_scale=1.0):
-    """``(logprobs, lse, stats)``: ``linear_logprobs`` and ``logit_stats`` of the same logits."""
+    """``(logprobs, row_max, log_sum, stats)``: ``linear_logprobs`` and ``logit_stats`` of the
+    same logits."""
     logits = linear_logits(hidden, weight, bias, softcap, logit_scale)
-    out, lse = token_logprobs(logits, targets, temperature, ignore_index)
-    return out, lse, logit_stats(logits, targets, temperature, ignore_index)
+    out, row_max, log_sum = token_logprobs(logits, targets, temperature, ignore_index)
+    return out, row_max, log_sum, logit_stats(logits, targets, temperature, ignore_index)
 
 
 def option_logprobs(hidden, weight, options, **kwargs) -> torch.Tensor:

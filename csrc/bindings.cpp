@@ -40,8 +40,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_logprobs_lse_cuda", &alignkern::linear_logprobs_lse_cuda, py::arg("hidden"),
         py::arg("hidden_row_stride"), py::arg("weight"), py::arg("weight_row_stride"),
         py::arg("bias"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"),
-        py::arg("hidden_size"), py::arg("lse"), py::arg("temperature"), py::arg("softcap"),
-        py::arg("logit_scale"), py::arg("stream"), py::arg("mean_z") = 0,
+        py::arg("hidden_size"), py::arg("shift"), py::arg("log_sum"), py::arg("temperature"),
+        py::arg("softcap"), py::arg("logit_scale"), py::arg("stream"), py::arg("mean_dz") = 0,
         py::arg("log_sum_sq") = 0, py::arg("sum_z") = 0, py::arg("max_z") = 0,
         py::arg("argmax") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("reward_attention_fwd_cuda", &alignkern::reward_attention_fwd_cuda,

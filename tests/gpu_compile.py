@@ -129,6 +129,7 @@ def _token_fwd(case: Case):
         _meta(n, k, dtype=torch.int64),
         _meta(n, k, dtype=acc),
         _meta(n, dtype=acc),
+        _meta(n, dtype=acc),
         0.7,
         -100,
     )
@@ -141,6 +142,7 @@ def _token_bwd(case: Case):
         logits,
         offsets,
         vocab,
+        _meta(n, dtype=acc),
         _meta(n, dtype=acc),
         _meta(n, vocab, dtype=logits.dtype),
         0.7,
@@ -164,14 +166,11 @@ def _linear_fwd(case: Case):
     flags = dict(case.flags)
     bias = _meta(vocab, dtype=hidden.dtype) if flags["bias"] else None
     softcap = 30.0 if flags["softcap"] else None
-    acc = _acc(hidden.dtype)
     stats = flags.get("stats", "none")
     stats = {"all": frozenset(linear_kernels.STATS), "none": frozenset()}.get(
         stats, frozenset(stats.split("+"))
     )
-    plan, _ = linear_kernels._fwd_plan(
-        hidden, weight, bias, lambda s: _meta(s, n, dtype=acc), 0.7, softcap, 0.5, stats
-    )
+    plan, _ = linear_kernels._fwd_plan(hidden, weight, bias, 0.7, softcap, 0.5, stats)
     yield plan
 
 
@@ -185,6 +184,7 @@ def _linear_dlogits(case: Case):
         hidden,
         weight,
         bias,
+        _meta(n, dtype=acc),
         _meta(n, dtype=acc),
         _meta(n, dtype=acc),
         _meta(n, vocab, dtype=hidden.dtype),
@@ -206,14 +206,7 @@ def _kl_inputs(case: Case):
 def _kl_fwd(case: Case):
     hidden, weight, ref_hidden, ref_weight, n, _, acc = _kl_inputs(case)
     yield kl_kernels._fwd_plan(
-        hidden,
-        weight,
-        ref_hidden,
-        ref_weight,
-        _meta(n, dtype=acc),
-        _meta(n, dtype=acc),
-        _meta(n, dtype=acc),
-        0.7,
+        hidden, weight, ref_hidden, ref_weight, *(_meta(n, dtype=acc) for _ in range(6)), 0.7
     )
 
 
@@ -224,6 +217,7 @@ def _kl_dlogits(case: Case):
         weight,
         ref_hidden,
         ref_weight,
+        _meta(n, dtype=acc),
         _meta(n, dtype=acc),
         _meta(n, dtype=acc),
         _meta(n, dtype=acc),

@@ -222,7 +222,7 @@ def test_fused_linear_dpo_loss_equals_trl(dtype):
         leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
 
         def per_token(leaves=leaves):
-            tokens, _ = reference.token_logprobs(leaves[0] @ leaves[1].T, targets)
+            tokens = reference.token_logprobs(leaves[0] @ leaves[1].T, targets)[0]
             return torch.where(mask, tokens, 0.0)
 
         trainer = _trl_trainer(per_token, lambda: ref_tokens, **options)

@@ -1,9 +1,10 @@
 """linear_logprobs(..., stats=...): the entropy, log sum p^2, mean logit and is_top1 fused into the
-same pass, on every backend, against alignkern.reference in float64; the entropy's gradient with
+same pass, on every backend, against float64 plain torch (tests/oracles.py); the entropy's gradient with
 random upstream gradients, together with the log-probabilities' and each alone."""
 
 from __future__ import annotations
 
+import oracles
 import pytest
 import torch
 from conftest import available_backends
@@ -17,7 +18,6 @@ from test_linear_logprobs import (
 )
 
 import alignkern
-from alignkern import reference
 
 BACKENDS = available_backends()
 ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "max_logits")
@@ -30,9 +30,8 @@ def run(backend, *args, **kw):
 
 
 def reference_stats(h, w, targets, b=None, **kw):
-    """float64 (logprobs, lse, stats dict) from the materialised logits."""
-    return reference.linear_logprobs_stats(h.double(), w.double(), targets,
-                                           None if b is None else b.double(), **kw)
+    """float64 (logprobs, lse, stats dict) from the materialised logits (plain torch)."""
+    return oracles.linear_logprobs_stats(h, w, targets, b, **kw)
 
 
 def check_stats(result, expected, stats, dtype, lead):
@@ -57,8 +56,7 @@ def check_stats(result, expected, stats, dtype, lead):
 def targets_with_top1(h, w, b, targets, share=0.5, **kw):
     """``targets`` with about ``share`` of the rows' first slot set to the row's first maximum
     (so is_top1 is True somewhere; random ids almost never are)."""
-    logits = reference.linear_logits(h.double(), w.double(), None if b is None else b.double(),
-                                     kw.get("softcap"), kw.get("logit_scale", 1.0))
+    logits = oracles.linear_logits(h, w, b, kw.get("softcap"), kw.get("logit_scale", 1.0))
     first_max = logits.argmax(-1)
     targets = targets.clone()
     pick = torch.rand(first_max.shape, device=first_max.device) < share
@@ -176,12 +174,12 @@ def test_many_tiles_and_vocabulary_splits(backend, monkeypatch):
 
 
 def reference_grads(h, w, b, targets, grad_out=None, grad_entropy=None, grad_lse=None, **kw):
-    """float64 autograd through the reference: (dh, dw, db or None) of
+    """float64 autograd through the materialised logits: (dh, dw, db or None) of
     sum(grad_out * logprobs) + sum(grad_entropy * entropy) + sum(grad_lse * lse)."""
     leaves = [x.detach().double().requires_grad_(True) for x in (h, w)]
     if b is not None:
         leaves.append(b.detach().double().requires_grad_(True))
-    out, lse, stats = reference.linear_logprobs_stats(
+    out, lse, stats = oracles.linear_logprobs_stats(
         leaves[0], leaves[1], targets, leaves[2] if b is not None else None, **kw)
     loss = 0.0
     for value, grad in ((out, grad_out), (stats["entropy"], grad_entropy), (lse, grad_lse)):
@@ -253,12 +251,12 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.alignkern.linear_logprobs_stats.default,
                               (*leaves[:2], targets, leaves[2], 1.3, 2.0, 0.4, IGNORE, *flags,
                                backend))
-    out, lse, entropy, *_ = torch.ops.alignkern.linear_logprobs_stats(
+    out, row_max, log_sum, entropy, *_ = torch.ops.alignkern.linear_logprobs_stats(
         h, w, targets, b, 1.3, None, 2.5, IGNORE, True, False, False, False, False, backend)
     torch.library.opcheck(
         torch.ops.alignkern.linear_logprobs_backward.default,
-        (torch.randn_like(out), None, h, w, targets, b, lse, 1.3, None, 2.5, IGNORE, True, True,
-         True, backend, torch.randn_like(entropy), entropy),
+        (torch.randn_like(out), None, h, w, targets, b, row_max, log_sum, 1.3, None, 2.5, IGNORE,
+         True, True, True, backend, torch.randn_like(entropy), entropy),
     )
 
 
@@ -297,10 +295,10 @@ def test_bad_stats_are_refused():
 
 def test_backward_op_refuses_an_entropy_gradient_without_the_entropy():
     h, w, _, targets = make_inputs((3,), 20, None, torch.float32)
-    out, lse = torch.ops.alignkern.linear_logprobs(h, w, targets, None, 1.0, None, 1.0, IGNORE,
-                                                   "reference")
+    out, row_max, log_sum = torch.ops.alignkern.linear_logprobs(h, w, targets, None, 1.0, None,
+                                                                1.0, IGNORE, "reference")
     with pytest.raises(ValueError, match=r"^linear_logprobs_backward: grad_entropy and entropy "
                                          r"must be given together"):
         torch.ops.alignkern.linear_logprobs_backward(
-            out, None, h, w, targets, None, lse, 1.0, None, 1.0, IGNORE, True, True, False,
-            "reference", torch.randn_like(lse), None)
+            out, None, h, w, targets, None, row_max, log_sum, 1.0, None, 1.0, IGNORE, True, True,
+            False, "reference", torch.randn_like(log_sum), None)

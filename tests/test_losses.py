@@ -6,6 +6,7 @@ import itertools
 import math
 import warnings
 
+import oracles
 import pytest
 import torch
 from conftest import DEVICE, available_backends
@@ -644,9 +645,11 @@ def _kl_inputs(lead=(3, 7), hidden=40, ref_hidden=33, vocab=1029, dtype=torch.fl
     return h, w, rh, rw
 
 
-def _kl_reference_grads(h, w, rh, rw, grad, **kw):
+def _kl_reference_grads(h, w, rh, rw, grad, temperature=1.0, logit_scale=1.0):
+    """float64 KL through plain torch.log_softmax (tests/oracles.py), and its gradients."""
     hd, wd = (x.detach().double().requires_grad_(True) for x in (h, w))
-    kl = reference.linear_kl(hd, wd, rh.double(), rw.double(), **kw)
+    kl = oracles.kl(oracles.linear_logits(hd, wd, logit_scale=logit_scale),
+                    oracles.linear_logits(rh, rw, logit_scale=logit_scale), temperature)
     return kl, torch.autograd.grad(kl, (hd, wd), grad.double())
 
 
@@ -728,11 +731,12 @@ def test_linear_kl_opcheck_and_compile(backend, logit_scale):
     torch.library.opcheck(torch.ops.alignkern.linear_kl.default,
                           (h.clone().requires_grad_(True), w.clone().requires_grad_(True), rh, rw,
                            0.9, logit_scale, backend))
-    kl, lse, expect = torch.ops.alignkern.linear_kl(h, w, rh, rw, 0.9, logit_scale, backend)
+    kl, row_max, log_sum, expect, *_ = torch.ops.alignkern.linear_kl(h, w, rh, rw, 0.9,
+                                                                     logit_scale, backend)
     for need in (True, False):
         torch.library.opcheck(torch.ops.alignkern.linear_kl_backward.default,
-                              (torch.randn_like(kl), h, w, rh, rw, lse, expect, 0.9, logit_scale,
-                               need, backend))
+                              (torch.randn_like(kl), h, w, rh, rw, row_max, log_sum, expect, 0.9,
+                               logit_scale, need, backend))
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager")

@@ -35,12 +35,13 @@ def _token_logprobs_cases(backend):
     forward = Case(dict(logits=logits, targets=targets, temperature=1.3, ignore_index=-100,
                         backend=backend),
                    dict(logits=("N", "V"), targets=("N", "K")))
-    out, lse = torch.ops.alignkern.token_logprobs(logits, targets, 1.3, -100, "reference")
-    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
-                         logits=logits, targets=targets, lse=lse, temperature=1.3,
-                         ignore_index=-100, backend=backend),
+    out, row_max, log_sum = torch.ops.alignkern.token_logprobs(logits, targets, 1.3, -100,
+                                                               "reference")
+    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(log_sum),
+                         logits=logits, targets=targets, row_max=row_max, log_sum=log_sum,
+                         temperature=1.3, ignore_index=-100, backend=backend),
                     dict(grad_out=("N", "K"), grad_lse=("N",), logits=("N", "V"),
-                         targets=("N", "K"), lse=("N",)))
+                         targets=("N", "K"), row_max=("N",), log_sum=("N",)))
     return {"token_logprobs": forward, "token_logprobs_backward": backward}
 
 
@@ -51,21 +52,21 @@ def _linear_logprobs_cases(backend):
     dims = dict(hidden=("N", "H"), weight=("V", "H"), targets=("N", "K"), bias=("V",))
     forward = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
                         backend=backend), dims)
-    out, lse = torch.ops.alignkern.linear_logprobs(hidden, weight, targets, bias, *options.values(),
-                                                   "reference")
+    out, row_max, log_sum = torch.ops.alignkern.linear_logprobs(hidden, weight, targets, bias,
+                                                                *options.values(), "reference")
     stats = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
                       entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True,
                       max_logits=True, backend=backend), dims)
     entropy = torch.ops.alignkern.linear_logprobs_stats(
         hidden, weight, targets, bias, *options.values(), True, False, False, False, False,
-        "reference")[2]
-    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
-                         hidden=hidden, weight=weight, targets=targets, bias=bias, lse=lse,
-                         **options, need_hidden_grad=True, need_weight_grad=True,
-                         need_bias_grad=True, backend=backend,
+        "reference")[3]
+    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(log_sum),
+                         hidden=hidden, weight=weight, targets=targets, bias=bias,
+                         row_max=row_max, log_sum=log_sum, **options, need_hidden_grad=True,
+                         need_weight_grad=True, need_bias_grad=True, backend=backend,
                          grad_entropy=torch.randn_like(entropy), entropy=entropy),
-                    dict(dims, grad_out=("N", "K"), grad_lse=("N",), lse=("N",),
-                         grad_entropy=("N",), entropy=("N",)))
+                    dict(dims, grad_out=("N", "K"), grad_lse=("N",), row_max=("N",),
+                         log_sum=("N",), grad_entropy=("N",), entropy=("N",)))
     return {"linear_logprobs": forward, "linear_logprobs_stats": stats,
             "linear_logprobs_backward": backward}
 
@@ -76,11 +77,12 @@ def _linear_kl_cases(backend):
     dims = dict(hidden=("N", "H"), weight=("V", "H"), ref_hidden=("N", "Hr"),
                 ref_weight=("V", "Hr"))
     forward = Case(dict(**sides, temperature=1.2, logit_scale=0.5, backend=backend), dims)
-    _, lse, expect = torch.ops.alignkern.linear_kl(*sides.values(), 1.2, 0.5, "reference")
-    backward = Case(dict(grad_kl=torch.randn(N), **sides, lse=lse, expect=expect,
-                         temperature=1.2, logit_scale=0.5, need_weight_grad=True,
+    _, row_max, log_sum, expect, *_ = torch.ops.alignkern.linear_kl(*sides.values(), 1.2, 0.5,
+                                                                    "reference")
+    backward = Case(dict(grad_kl=torch.randn(N), **sides, row_max=row_max, log_sum=log_sum,
+                         expect=expect, temperature=1.2, logit_scale=0.5, need_weight_grad=True,
                          backend=backend),
-                    dict(dims, grad_kl=("N",), lse=("N",), expect=("N",)))
+                    dict(dims, grad_kl=("N",), row_max=("N",), log_sum=("N",), expect=("N",)))
     return {"linear_kl": forward, "linear_kl_backward": backward}
 
 

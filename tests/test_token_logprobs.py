@@ -1,9 +1,10 @@
-"""token_logprobs on every backend against alignkern.reference evaluated in float64."""
+"""token_logprobs on every backend against float64 torch.log_softmax (tests/oracles.py)."""
 
 from __future__ import annotations
 
 import math
 
+import oracles
 import pytest
 import torch
 from conftest import DEVICE, HAS_GPU, available_backends
@@ -11,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alignkern
-from alignkern import reference
 from alignkern.bench import measure
 
 BACKENDS = available_backends()
@@ -30,7 +30,7 @@ def make_inputs(lead, vocab, k, dtype, *, device=DEVICE, ignore_share=0.2, scale
 
 
 def reference_fp64(logits, targets, **kw):
-    return reference.token_logprobs(logits.double(), targets, **kw)
+    return oracles.token_logprobs(logits, targets, **kw)
 
 
 def run(backend, logits, targets, **kw):
@@ -170,6 +170,10 @@ def test_nan_and_inf_propagate_like_reference(backend):
     targets = torch.tensor([[17, 2], [3, 4], [0, 1], [100, 5], [6, 7]], device=DEVICE)
     out, lse = run(backend, logits, targets, return_lse=True)
     ref_out, ref_lse = reference_fp64(logits, targets)
+    # A row holding +inf: torch.log_softmax gives NaN everywhere (inf - inf); alignkern follows
+    # torch.logsumexp (lse = +inf), so a finite target gets the limit, log p = -inf, and the +inf
+    # target itself NaN.
+    ref_out[1] = torch.tensor([math.nan, -math.inf])
     torch.testing.assert_close(out.double(), ref_out, equal_nan=True)
     torch.testing.assert_close(lse.double(), ref_lse, equal_nan=True)
 
@@ -191,7 +195,7 @@ def test_out_of_range_ids_give_nan_when_validation_is_off(backend, monkeypatch):
 
 def reference_grads(logits, targets, grad_out, grad_lse=None, **kw):
     x = logits.detach().double().requires_grad_(True)
-    out, lse = reference.token_logprobs(x, targets, **kw)
+    out, lse = oracles.token_logprobs(x, targets, **kw)
     loss = (out * grad_out.double()).sum()
     if grad_lse is not None:
         loss = loss + (lse * grad_lse.double()).sum()
@@ -275,10 +279,12 @@ def test_opcheck(backend):
     torch.library.opcheck(
         torch.ops.alignkern.token_logprobs.default, (x, targets, 1.3, IGNORE, backend)
     )
-    out, lse = torch.ops.alignkern.token_logprobs(logits, targets, 1.3, IGNORE, backend)
+    out, row_max, log_sum = torch.ops.alignkern.token_logprobs(logits, targets, 1.3, IGNORE,
+                                                               backend)
     torch.library.opcheck(
         torch.ops.alignkern.token_logprobs_backward.default,
-        (torch.randn_like(out), torch.randn_like(lse), logits, targets, lse, 1.3, IGNORE, backend),
+        (torch.randn_like(out), torch.randn_like(log_sum), logits, targets, row_max, log_sum, 1.3,
+         IGNORE, backend),
     )
 
 

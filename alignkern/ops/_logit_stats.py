@@ -2,18 +2,23 @@
 
 Every backend walks the vocabulary in parts (the cpu backend's tiles, the Triton kernel's
 vocabulary splits, the CUDA kernel's single pass) and reduces each part ``j`` of each row, in the
-same pass that gives the part's log-sum-exp ``lse_j``, to:
+same pass that gives the part's log-sum-exp in two parts, ``lse_j = c_j + l_j`` (``c_j`` the
+part's maximum of z, 0 where infinite, and ``l_j = log sum_v exp(z_v - c_j)``), to:
 
-- ``mean_z_j`` = sum_v q_v z_v with ``q = softmax(z)`` within the part      (for the entropy)
-- ``log_sum_sq_j`` = log sum_v q_v^2                                        (log sum p^2)
-- ``sum_z_j`` = sum_v z_v                                                   (mean logit)
+- ``mean_dz_j`` = sum_v q_v (z_v - c_j) with ``q = softmax(z)`` within the part  (for the entropy)
+- ``log_sum_sq_j`` = log sum_v q_v^2                                              (log sum p^2)
+- ``sum_z_j`` = sum_v z_v                                                         (mean logit)
 - ``max_z_j`` and ``argmax_j``, the vocabulary id of the part's first maximum (is_top1,
   max_logits)
 
-``merge`` combines S parts, ``(S, N)`` each, into the row's statistics with ``w_j = exp(lse_j -
-lse)``: ``entropy = lse - sum_j w_j mean_z_j``, ``log sum p^2 = logsumexp_j(2 (lse_j - lse) +
-log_sum_sq_j)``, ``mean = sum_j sum_z_j / V``, and the first maximum over the parts (the earliest
-part wins a tie, so it is the first maximum of the row: TRL's tie rule for ``is_top1``).
+``merge_parts`` combines S parts' ``(c_j, l_j)`` into the row's ``(c, l)`` with ``c`` the largest
+``c_j`` of a non-empty part and ``l = log sum_j exp((c_j - c) + l_j)``; ``merge`` gives the rows'
+statistics with ``w_j = exp((c_j - c) + l_j - l)``: ``entropy = l - sum_j w_j ((c_j - c) +
+mean_dz_j)``, ``log sum p^2 = logsumexp_j(2 ((c_j - c) + l_j - l) + log_sum_sq_j)``, ``mean =
+sum_j sum_z_j / V``, and the first maximum over the parts (the earliest part wins a tie, so it is the
+first maximum of the row: TRL's tie rule for ``is_top1``). Every quantity is relative to a row
+maximum: ``lse = c + l`` rounded to one float, or ``sum p z`` near ``|z|``, would lose every bit
+below the spacing of ``|z|`` (DESIGN.md, Precision).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ def kernel_stats(stats: frozenset[str]) -> frozenset[str]:
 class Partials(NamedTuple):
     """Per part and row, each ``(S, N)``; the statistics not requested are None."""
 
-    lse: torch.Tensor
-    mean_z: torch.Tensor | None = None
+    row_max: torch.Tensor
+    log_sum: torch.Tensor
+    mean_dz: torch.Tensor | None = None
     log_sum_sq: torch.Tensor | None = None
     sum_z: torch.Tensor | None = None
     max_z: torch.Tensor | None = None
@@ -52,18 +58,20 @@ class LogitStats(NamedTuple):
     max_logits: torch.Tensor | None = None
 
 
-def tile_partials(z: torch.Tensor, lse: torch.Tensor, stats: frozenset[str],
-                  first_id: int) -> Partials:
+def tile_partials(z: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
+                  stats: frozenset[str], first_id: int) -> Partials:
     """The partials of one tile ``z (n, b)`` of scaled logits (vocabulary ids ``first_id`` ...)
-    whose log-sum-exp per row is ``lse (n,)``; each field ``(1, n)``."""
-    mean_z = log_sum_sq = None
+    whose log-sum-exp per row is ``row_max + log_sum`` (``(n,)`` each); each field ``(1, n)``."""
+    mean_dz = log_sum_sq = None
     if stats & {"entropy", "log_sum_sq_probs"}:
-        # q sums to 1 only up to the rounding of ``lse`` (by another kernel); dividing by its own
-        # sum keeps that error out of the mean, where it would be multiplied by |z|.
-        q = torch.exp(z - lse[:, None])
+        dz = z - row_max[:, None]
+        # q sums to 1 only up to the rounding of ``log_sum`` (by another kernel); dividing by its
+        # own sum keeps that error out of the mean.
+        q = torch.exp(dz - log_sum[:, None])
         total = q.sum(-1)
         if "entropy" in stats:
-            mean_z = torch.linalg.vecdot(q, z) / total
+            # q == 0 where z = -inf: add 0, not 0 * -inf
+            mean_dz = torch.linalg.vecdot(q, dz.masked_fill_(q == 0, 0.0)) / total
         if "log_sum_sq_probs" in stats:
             log_sum_sq = torch.linalg.vecdot(q, q).log_() - 2 * total.log()
     sum_z = z.sum(-1) if "mean_logits" in stats else None
@@ -71,7 +79,7 @@ def tile_partials(z: torch.Tensor, lse: torch.Tensor, stats: frozenset[str],
     if stats & {"is_top1", "max_logits"}:
         max_z, argmax = z.max(-1)  # the first maximum of each row (torch.max's rule)
         argmax = argmax + first_id
-    fields = (lse, mean_z, log_sum_sq, sum_z, max_z, argmax)
+    fields = (row_max, log_sum, mean_dz, log_sum_sq, sum_z, max_z, argmax)
     return Partials(*(None if x is None else x[None] for x in fields))
 
 
@@ -81,20 +89,31 @@ def concat(parts: list[Partials]) -> Partials:
                       for column in zip(*parts)))
 
 
-def merge_lse(parts: Partials) -> torch.Tensor:
-    return parts.lse[0] if parts.lse.shape[0] == 1 else torch.logsumexp(parts.lse, dim=0)
+def merge_parts(row_max: torch.Tensor, log_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's log-sum-exp ``(c, l)`` from its parts' ``(c_j, l_j)``, ``(S, N)`` each: ``c`` the
+    largest ``c_j`` of a part that holds some mass (``l_j > -inf``; 0 if none does) and
+    ``l = log sum_j exp((c_j - c) + l_j)``. NaN in any part gives NaN."""
+    if row_max.shape[0] == 1:
+        return row_max[0], log_sum[0]
+    top = torch.where(log_sum > float("-inf"), row_max, float("-inf")).amax(0)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return top, torch.logsumexp((row_max - top) + log_sum, dim=0)
 
 
-def merge(parts: Partials, lse: torch.Tensor, vocab: int, ids: torch.Tensor,
-          valid: torch.Tensor) -> LogitStats:
-    """The rows' statistics from their parts (see the module docstring); ``lse (N,)`` is
-    ``merge_lse(parts)``, ``ids (N, K)`` the targets and ``valid`` their mask."""
-    weight = torch.exp(parts.lse - lse)
+def merge(parts: Partials, row_max: torch.Tensor, log_sum: torch.Tensor, vocab: int,
+          ids: torch.Tensor, valid: torch.Tensor) -> LogitStats:
+    """The rows' statistics from their parts (see the module docstring); ``(row_max, log_sum)``
+    ``(N,)`` come from ``merge_parts``, ``ids (N, K)`` are the targets and ``valid`` their mask."""
+    offset = parts.row_max - row_max  # c_j - c, exact where it matters (Sterbenz)
+    log_weight = offset + parts.log_sum - log_sum
+    weight = torch.exp(log_weight)
     entropy = log_sum_sq = mean = is_top1 = best = None
-    if parts.mean_z is not None:
-        entropy = lse - (weight * parts.mean_z).sum(0)
+    if parts.mean_dz is not None:
+        # A part with no mass has weight 0 and a 0/0 mean: it adds nothing.
+        contribution = torch.where(weight > 0, weight * (offset + parts.mean_dz), 0.0)
+        entropy = log_sum - contribution.sum(0)
     if parts.log_sum_sq is not None:
-        log_sum_sq = torch.logsumexp(2 * (parts.lse - lse) + parts.log_sum_sq, dim=0)
+        log_sum_sq = torch.logsumexp(2 * log_weight + parts.log_sum_sq, dim=0)
     if parts.sum_z is not None:
         mean = parts.sum_z.sum(0) / vocab
     if parts.max_z is not None:

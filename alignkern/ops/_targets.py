@@ -63,21 +63,24 @@ def gradient_buffer(n_rows: int, vocab: int, dtype, device) -> tuple[torch.Tenso
     return flat[: n_rows * vocab].view(n_rows, vocab), flat
 
 
-def write_target_columns(flat, vocab, ids, valid, g, coef, z, lse, inv_t, factor=None,
+def write_target_columns(flat, vocab, ids, valid, g, coef, shifted, log_sum, inv_t, factor=None,
                          entropy_grad=None):
     """Overwrite each valid target column of ``flat`` (from ``gradient_buffer``) with
-    ``(S - coef * exp(z - lse)) * inv_t`` (times ``factor``, e.g. the softcap's derivative),
-    rounded once to the gradient's dtype; ``S`` sums ``g`` over the slots of the row naming the
-    same id. ``z (N, K)`` is the scaled logit at each target; slots naming the same id carry the
-    same value, so the order of the writes does not matter. With ``entropy_grad (N,)`` the dense
-    coefficient is ``coef + entropy_grad * z``, as the kernels write it."""
+    ``(S - coef * p) * inv_t`` (times ``factor``, e.g. the softcap's derivative), rounded once to
+    the gradient's dtype, where ``p = exp(shifted - log_sum)``; ``S`` sums ``g`` over the slots of
+    the row naming the same id. ``shifted (N, K)`` is ``z_t - row_max``, the scaled logit at each
+    target less its row's maximum, and ``log_sum (N,)`` the row's log-sum of ``exp(z - row_max)``;
+    slots naming the same id carry the same value, so the order of the writes does not matter.
+    With ``entropy_grad (N,)`` the dense coefficient is ``coef + entropy_grad * shifted``, as the
+    kernels write it."""
     n_rows, k = ids.shape
     if n_rows == 0 or k == 0:
         return
     summed = g if k == 1 else _sum_repeated_ids(ids.masked_fill(~valid, -1), g)
     # A probability is at most 1: z and the LSE may come from different summation orders.
-    p = torch.exp((z - lse[:, None]).clamp(max=0.0))
-    dense = coef[:, None] if entropy_grad is None else coef[:, None] + entropy_grad[:, None] * z
+    p = torch.exp((shifted - log_sum[:, None]).clamp(max=0.0))
+    dense = (coef[:, None] if entropy_grad is None
+             else coef[:, None] + entropy_grad[:, None] * shifted)
     value = (summed - dense * p) * inv_t
     if factor is not None:
         value = value * factor

@@ -3,10 +3,13 @@ heads in one pass over the vocabulary, never materialising either ``(N, V)`` log
 
 Registered ops:
   ``alignkern::linear_kl(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale,
-  backend) -> (kl, lse, expect)`` with ``lse`` the policy's log-sum-exp and ``expect = E_pi[z - y]``
-  (saved for the backward);
-  ``alignkern::linear_kl_backward(grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect,
-  temperature, logit_scale, need_weight_grad, backend) -> (dhidden, dweight)``.
+  backend) -> (kl, row_max, log_sum, expect, ref_row_max, ref_log_sum)``: each side's log-sum-exp
+  in two parts (``lse = row_max + log_sum``, as in ops/token_logprobs.py, which says why) and
+  ``expect = E_pi[z - y]``; ``KL = (expect - (row_max - ref_row_max)) - (log_sum - ref_log_sum)``.
+  All but ``kl`` are internal (saved for the backward, or merged across vocabulary shards by
+  alignkern.distributed) and carry no gradient;
+  ``alignkern::linear_kl_backward(grad_kl, hidden, weight, ref_hidden, ref_weight, row_max,
+  log_sum, expect, temperature, logit_scale, need_weight_grad, backend) -> (dhidden, dweight)``.
 Both sides' logits are ``z = logit_scale * (hidden @ weight.T) / T``; the kernels get the scale
 folded into the temperature (``T / logit_scale``), so it costs nothing.
 Only the policy side is differentiable. Backends: ``triton`` (and ``cuda``, which runs the Triton
@@ -20,7 +23,9 @@ import math
 import torch
 
 from .. import _autocast, _backend, _checks, reference
+from . import _logit_stats
 from . import linear_logprobs_cpu as _tiles_cpu
+from . import token_logprobs as _tokens
 from .linear_logprobs import SUPPORTED_DTYPES, _accumulation_dtype, _as_matrix, _row_chunks
 
 GPU_CHUNK_BYTES = 256 * 2**20
@@ -61,12 +66,12 @@ def _check_scalars(fn, temperature, logit_scale):
             _checks.real(fn, "logit_scale", logit_scale, positive=True))
 
 
-def _check_saved(fn, grad_kl, lse, expect, hidden) -> None:
+def _check_saved(fn, hidden, **saved) -> None:
     """The backward's extra tensors, each shaped like hidden's rows, real floating point."""
-    for arg, value in (("grad_kl", grad_kl), ("lse", lse), ("expect", expect)):
+    for arg, value in saved.items():
         _checks.tensor(fn, arg, value, floating=True)
         _checks.shape(fn, arg, value, hidden.shape[:-1], "the leading shape of hidden")
-    _checks.same_device(fn, hidden=hidden, grad_kl=grad_kl, lse=lse, expect=expect)
+    _checks.same_device(fn, hidden=hidden, **saved)
 
 
 def _check_mask(fn, mask, hidden) -> None:
@@ -93,33 +98,44 @@ def _scaled_rows(hidden, ref_hidden, rows, temperature, acc):
     return h, rh
 
 
+def kl_from_parts(expect, row_max, log_sum, ref_row_max, ref_log_sum) -> torch.Tensor:
+    """``KL = E_p[z - y] - lse(z) + lse(y)`` from each side's log-sum-exp in two parts, never
+    forming either log-sum-exp as one number (their difference would keep only the bits above
+    the spacing of ``|z|``)."""
+    return (expect - (row_max - ref_row_max)) - (log_sum - ref_log_sum)
+
+
 def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
-    """Per tile: lse of z and y, and E_tile = sum softmax_tile(z) (z - y); merged across tiles
-    with weights exp(lse_tile - lse). After the GEMMs: one C++ LSE read of each tile, then the gap
-and the softmax in place and one dot (z and y already carry 1/T)."""
+    """Per tile: each side's log-sum-exp in two parts and E_tile = sum softmax_tile(z) (z - y);
+    merged across tiles (``_logit_stats.merge_parts``) with weights exp(lse_tile - lse). After the
+    GEMMs: one C++ LSE read of each tile, then the gap and the softmax in place (the C++ kernel)
+    and one dot (z and y already carry 1/T). Returns the op's six outputs, ``(N,)`` each."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    kl, lse, expect = (torch.empty(n_rows, dtype=acc) for _ in range(3))
+    outputs = tuple(torch.empty(n_rows, dtype=acc) for _ in range(6))
+    kl, row_max, log_sum, expect, ref_row_max, ref_log_sum = outputs
     for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
         h, rh = _scaled_rows(hidden, ref_hidden, rows, temperature, acc)
         z_parts, y_parts, e_parts = [], [], []
         for block in blocks:
             z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
-            z_lse = _tiles_cpu.tile_lse(z, 1.0)
-            z_parts.append(z_lse)
+            z_part = _tiles_cpu.tile_lse(z, 1.0)
+            z_parts.append(z_part)
             y_parts.append(_tiles_cpu.tile_lse(y, 1.0))
             gap = y.neg_().add_(z)
-            p = z.sub_(z_lse[:, None]).exp_()
+            p = _tokens.dense_gradient_(z, -torch.ones_like(z_part[0]), *z_part, 1.0)
             e_parts.append(torch.bmm(p[:, None, :], gap[:, :, None]).reshape(-1))
-        z_lse, y_lse = (torch.logsumexp(torch.stack(p), 0) for p in (z_parts, y_parts))
-        weights = torch.exp(torch.stack(z_parts) - z_lse)
+        z_max, z_log_sum = (torch.stack(column) for column in zip(*z_parts))
+        row_max[rows], log_sum[rows] = _logit_stats.merge_parts(z_max, z_log_sum)
+        ref_row_max[rows], ref_log_sum[rows] = _logit_stats.merge_parts(
+            *(torch.stack(column) for column in zip(*y_parts)))
+        weights = torch.exp((z_max - row_max[rows]) + z_log_sum - log_sum[rows])
         expect[rows] = (weights * torch.stack(e_parts)).sum(0)
-        lse[rows] = z_lse
-        kl[rows] = expect[rows] - z_lse + y_lse
-    return kl, lse, expect
+    kl.copy_(kl_from_parts(expect, row_max, log_sum, ref_row_max, ref_log_sum))
+    return outputs
 
 
-def _cpu_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, temperature,
-                  need_weight, acc):
+def _cpu_backward(grad, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect,
+                  temperature, need_weight, acc):
     """``dz = g p (z - y - E) / T`` tile by tile, in place, into two GEMMs; no atomics."""
     n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
     grad_hidden = torch.zeros((n_rows, hidden_size), dtype=acc)
@@ -129,7 +145,9 @@ def _cpu_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, tem
         for block in blocks:
             z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
             centred_gap = y.neg_().add_(z).sub_(expect[rows, None])
-            dz = z.sub_(lse[rows, None]).exp_().mul_(centred_gap).mul_(grad[rows, None] / temperature)
+            # z becomes g p / T (one pass of the C++ softmax kernel), then dz = g p (z - y - E) / T
+            dz = _tokens.dense_gradient_(z, grad[rows] / -temperature, row_max[rows],
+                                         log_sum[rows], 1.0).mul_(centred_gap)
             del centred_gap, y
             grad_hidden[rows] += dz @ weight[block].to(acc)
             if need_weight:
@@ -144,14 +162,14 @@ def _cpu_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, tem
 def _triton_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
     from ..triton_kernels import linear_kl as kernels
 
-    kl, lse, expect = (torch.full((hidden.shape[0],), math.nan, dtype=acc, device=hidden.device)
-                       for _ in range(3))
-    kernels.linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, kl, lse, expect, temperature)
-    return kl, lse, expect
+    outputs = tuple(torch.full((hidden.shape[0],), math.nan, dtype=acc, device=hidden.device)
+                    for _ in range(6))
+    kernels.linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, *outputs, temperature)
+    return outputs
 
 
-def _triton_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, temperature,
-                     need_weight, acc):
+def _triton_backward(grad, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect,
+                     temperature, need_weight, acc):
     from ..triton_kernels import linear_kl as kernels
 
     n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
@@ -162,8 +180,8 @@ def _triton_backward(grad, hidden, weight, ref_hidden, ref_weight, lse, expect, 
         h = hidden[rows]
         dlogits = torch.full((h.shape[0], vocab), math.nan, dtype=hidden.dtype,
                              device=hidden.device)
-        kernels.linear_kl_dlogits(h, weight, ref_hidden[rows], ref_weight, grad[rows], lse[rows],
-                                  expect[rows], dlogits, temperature)
+        kernels.linear_kl_dlogits(h, weight, ref_hidden[rows], ref_weight, grad[rows],
+                                  row_max[rows], log_sum[rows], expect[rows], dlogits, temperature)
         torch.mm(dlogits, weight, out=grad_hidden[rows])
         if need_weight:
             grad_weight.addmm_(dlogits.T, h)
@@ -187,7 +205,8 @@ def _matrices(hidden, weight, ref_hidden, ref_weight):
 @torch.library.custom_op("alignkern::linear_kl", mutates_args=())
 def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
                   ref_weight: torch.Tensor, temperature: float, logit_scale: float,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor, torch.Tensor]:
     temperature, logit_scale = _check_inputs("linear_kl", hidden, weight, ref_hidden, ref_weight,
                                              temperature, logit_scale)
     backend = _backend.backend_for("linear_kl", backend, hidden.device)
@@ -196,9 +215,8 @@ def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.
     if backend == "reference":
         kl = reference.linear_kl(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale)
         z, y = _reference_logits(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale)
-        lse = torch.logsumexp(z, -1)
         expect = (torch.softmax(z, -1) * (z - y)).sum(-1)
-        return kl, lse, expect
+        return (kl, *reference.shifted_logsumexp(z), expect, *reference.shifted_logsumexp(y))
     # z = s x / T = x / (T / s): the kernels see the scale as part of the temperature.
     args = (*_matrices(hidden, weight, ref_hidden, ref_weight), temperature / logit_scale, acc)
     outputs = _cpu_forward(*args) if backend == "cpu" else _triton_forward(*args)
@@ -220,32 +238,34 @@ def _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, **others) -> None:
 def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend):
     _fake_checks("linear_kl", hidden, weight, ref_hidden, ref_weight)
     acc = _accumulation_dtype(hidden.dtype)
-    return tuple(hidden.new_empty(hidden.shape[:-1], dtype=acc) for _ in range(3))
+    return tuple(hidden.new_empty(hidden.shape[:-1], dtype=acc) for _ in range(6))
 
 
 @torch.library.custom_op("alignkern::linear_kl_backward", mutates_args=())
 def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                           ref_hidden: torch.Tensor, ref_weight: torch.Tensor, lse: torch.Tensor,
-                           expect: torch.Tensor, temperature: float, logit_scale: float,
-                           need_weight_grad: bool,
+                           ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                           row_max: torch.Tensor, log_sum: torch.Tensor, expect: torch.Tensor,
+                           temperature: float, logit_scale: float, need_weight_grad: bool,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     fn = "linear_kl_backward"
     temperature, logit_scale = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight,
                                              temperature, logit_scale)
-    _check_saved(fn, grad_kl, lse, expect, hidden)
+    _check_saved(fn, hidden, grad_kl=grad_kl, row_max=row_max, log_sum=log_sum, expect=expect)
     _checks.boolean(fn, "need_weight_grad", need_weight_grad)
     backend = _backend.backend_for(fn, backend, hidden.device)
     acc = _accumulation_dtype(hidden.dtype)
     h, w, rh, rw = _matrices(hidden, weight, ref_hidden, ref_weight)
-    grad, lse, expect = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, lse, expect))
+    grad, row_max, log_sum, expect = (t.reshape(-1).to(acc).contiguous()
+                                      for t in (grad_kl, row_max, log_sum, expect))
     if backend == "reference":
         z, y = _reference_logits(h, w, rh, rw, temperature, logit_scale)
-        dz = grad[:, None] * torch.exp(z - lse[:, None]) * (z - y - expect[:, None])
+        p = torch.exp((z - row_max[:, None]) - log_sum[:, None])
+        dz = grad[:, None] * p * (z - y - expect[:, None])
         dx = dz * (logit_scale / temperature)
         grad_hidden, grad_weight = dx @ w.to(acc), (dx.T @ h.to(acc) if need_weight_grad else None)
     else:
         implementation = _cpu_backward if backend == "cpu" else _triton_backward
-        grad_hidden, grad_weight = implementation(grad, h, w, rh, rw, lse, expect,
+        grad_hidden, grad_weight = implementation(grad, h, w, rh, rw, row_max, log_sum, expect,
                                                   temperature / logit_scale, need_weight_grad,
                                                   acc)
     return (grad_hidden.to(hidden.dtype).reshape(hidden.shape),
@@ -253,12 +273,13 @@ def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: 
 
 
 @_linear_kl_backward_op.register_fake
-def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect,
-                             temperature, logit_scale, need_weight_grad, backend):
+def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, row_max, log_sum,
+                             expect, temperature, logit_scale, need_weight_grad, backend):
     fn = "linear_kl_backward"
-    _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, grad_kl=grad_kl, lse=lse,
-                 expect=expect)
-    for arg, value in (("grad_kl", grad_kl), ("lse", lse), ("expect", expect)):
+    _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, grad_kl=grad_kl, row_max=row_max,
+                 log_sum=log_sum, expect=expect)
+    for arg, value in (("grad_kl", grad_kl), ("row_max", row_max), ("log_sum", log_sum),
+                       ("expect", expect)):
         torch._check(value.shape == hidden.shape[:-1],
                      lambda arg=arg: f"{fn}: {arg} must have the leading shape of hidden")
     return (hidden.new_empty(hidden.shape),
@@ -267,16 +288,16 @@ def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, ls
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend = inputs
-    ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, output[1], output[2])
+    ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, *output[1:4])
+    ctx.mark_non_differentiable(*output[1:])
     ctx.scalars, ctx.backend = (temperature, logit_scale), backend
 
 
-def _backward(ctx, grad_kl, grad_lse, grad_expect):
-    # lse and expect are internal (saved for this backward); the public function returns kl only.
-    hidden, weight, ref_hidden, ref_weight, lse, expect = ctx.saved_tensors
+def _backward(ctx, grad_kl, *_internal):
+    hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect = ctx.saved_tensors
     need_weight = ctx.needs_input_grad[1]
     grad_hidden, grad_weight = _linear_kl_backward_op(
-        grad_kl, hidden, weight, ref_hidden, ref_weight, lse, expect, *ctx.scalars,
+        grad_kl, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect, *ctx.scalars,
         need_weight, ctx.backend)
     return grad_hidden, grad_weight if need_weight else None, None, None, None, None, None
 

@@ -4,11 +4,15 @@ LM head, never materialising the ``(N, V)`` logits (the scoring functions built 
 
 Registered ops:
   ``alignkern::linear_logprobs(hidden, weight, targets, bias, temperature, softcap, logit_scale,
-  ignore_index, backend) -> (out, lse)``
-  ``alignkern::linear_logprobs_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse,
-  temperature, softcap, logit_scale, ignore_index, need_hidden_grad, need_weight_grad,
-  need_bias_grad, backend) -> (grad_hidden, grad_weight, grad_bias)``; a gradient that is not
-  needed comes back with 0 elements, and ``grad_bias`` has 0 elements when there is no bias.
+  ignore_index, backend) -> (out, row_max, log_sum)``
+  ``alignkern::linear_logprobs_backward(grad_out, grad_lse, hidden, weight, targets, bias, row_max,
+  log_sum, temperature, softcap, logit_scale, ignore_index, need_hidden_grad, need_weight_grad,
+  need_bias_grad, backend, grad_entropy=None, entropy=None) -> (grad_hidden, grad_weight,
+  grad_bias)``; a gradient that is not needed comes back with 0 elements, and ``grad_bias`` has 0
+  elements when there is no bias.
+  ``alignkern::linear_logprobs_stats(...)``: the same with the fused statistics (see below).
+The log-sum-exp of each row comes in two parts, ``lse = row_max + log_sum``, as token_logprobs'
+does (ops/token_logprobs.py says why; ``row_max`` carries no gradient, ``log_sum`` the LSE's).
 
 The logits are ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / T``
 (no tanh without a softcap). Without a softcap the kernels get ``logit_scale`` folded into the
@@ -177,22 +181,15 @@ def _target_logits(hidden, weight, bias, ids, softcap, logit_scale, acc) -> torc
 
 def _gpu_forward(hidden, weight, bias, temperature, softcap, logit_scale, backend, acc,
                  stats=frozenset()) -> _logit_stats.Partials:
-    """Each row's log-sum-exp and the requested statistics' partials, by the CUDA kernel (one
-    part) or the Triton kernel (one part per vocabulary split)."""
-    n_rows, device = hidden.shape[0], hidden.device
+    """Each row's log-sum-exp (row maximum and log-sum) and the requested statistics' partials,
+    by the CUDA kernel (one part) or the Triton kernel (one part per vocabulary split)."""
     stats = _logit_stats.kernel_stats(stats)
     if backend == "cuda":
         return _cuda_forward(hidden, weight, bias, temperature, softcap, logit_scale, acc, stats)
     from ..triton_kernels import linear_logprobs as kernels
 
-    if stats:
-        return _logit_stats.Partials(*kernels.linear_logprobs_fwd_stats(
-            hidden, weight, bias, temperature, softcap, logit_scale, stats))
-    lse_parts = kernels.linear_logprobs_fwd(
-        hidden, weight, bias, lambda splits: _tokens._poisoned((splits, n_rows), acc, device),
-        temperature, softcap, logit_scale,
-    )
-    return _logit_stats.Partials(lse_parts)
+    return _logit_stats.Partials(*kernels.linear_logprobs_fwd(
+        hidden, weight, bias, temperature, softcap, logit_scale, stats))
 
 
 def _cuda_forward(hidden, weight, bias, temperature, softcap, logit_scale, acc, stats):
@@ -205,22 +202,24 @@ def _cuda_forward(hidden, weight, bias, temperature, softcap, logit_scale, acc, 
                           device=device)
 
     parts = _logit_stats.Partials(
-        _tokens._poisoned((1, n_rows), acc, device), buffer("entropy"),
-        buffer("log_sum_sq_probs"), buffer("mean_logits"), buffer("is_top1"),
+        _tokens._poisoned((1, n_rows), acc, device), _tokens._poisoned((1, n_rows), acc, device),
+        buffer("entropy"), buffer("log_sum_sq_probs"), buffer("mean_logits"), buffer("is_top1"),
         buffer("is_top1", torch.int64))
     with torch.cuda.device(device):
         _backend.extension().linear_logprobs_lse_cuda(
             hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), weight.stride(0),
             0 if bias is None else bias.data_ptr(), _backend.DTYPE_CODES[hidden.dtype],
-            n_rows, weight.shape[0], weight.shape[1], parts.lse.data_ptr(), float(temperature),
+            n_rows, weight.shape[0], weight.shape[1], parts.row_max.data_ptr(),
+            parts.log_sum.data_ptr(), float(temperature),
             0.0 if softcap is None else float(softcap), float(logit_scale),
             _backend.cuda_stream(device),
-            *(0 if x is None else x.data_ptr() for x in parts[1:]))
+            *(0 if x is None else x.data_ptr() for x in parts[2:]))
     return parts
 
 
-def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature, softcap,
-                     logit_scale, need_hidden, need_weight, need_bias, acc, entropy_grad=None):
+def _triton_backward(g, coef, hidden, weight, ids, valid, bias, row_max, log_sum, temperature,
+                     softcap, logit_scale, need_hidden, need_weight, need_bias, acc,
+                     entropy_grad=None):
     """Same contract as ``linear_logprobs_cpu.backward``."""
     from ..triton_kernels import linear_logprobs as kernels
 
@@ -238,11 +237,12 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
         h = hidden[rows]
         dlogits, flat = _targets.gradient_buffer(h.shape[0], vocab, hidden.dtype, hidden.device)
         entropy_rows = None if entropy_grad is None else entropy_grad[rows]
-        kernels.linear_logprobs_dlogits(h, weight, bias, coef[rows], lse[rows], dlogits,
-                                        temperature, softcap, logit_scale, entropy_rows)
+        kernels.linear_logprobs_dlogits(h, weight, bias, coef[rows], row_max[rows], log_sum[rows],
+                                        dlogits, temperature, softcap, logit_scale, entropy_rows)
         # d z / d logits = logit_scale / T (times the softcap's derivative)
         _targets.write_target_columns(flat, vocab, ids[rows], valid[rows], g[rows], coef[rows],
-                                      capped[rows] * inv_t, lse[rows], inv_t * logit_scale,
+                                      capped[rows] * inv_t - row_max[rows, None], log_sum[rows],
+                                      inv_t * logit_scale,
                                       None if squash is None else squash[rows], entropy_rows)
         if need_hidden:
             torch.mm(dlogits, weight, out=grad_hidden[rows])
@@ -256,14 +256,14 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, lse, temperature
 # ----------------------------------------------------------------------------- reference backend
 
 
-def _reference_backward(grad_out, grad_lse, hidden, weight, ids, bias, lse, temperature, softcap,
-                        logit_scale, ignore_index, need_hidden, need_weight, need_bias,
-                        grad_entropy=None):
+def _reference_backward(grad_out, grad_lse, hidden, weight, ids, bias, row_max, log_sum,
+                        temperature, softcap, logit_scale, ignore_index, need_hidden, need_weight,
+                        need_bias, grad_entropy=None):
     acc = _accumulation_dtype(hidden.dtype)
     logits = reference.linear_logits(hidden, weight, bias, softcap, logit_scale)
     dlogits = reference.token_logprobs_backward(
         grad_out.reshape(ids.shape), None if grad_lse is None else grad_lse.reshape(-1), logits,
-        ids, lse, temperature, ignore_index,
+        ids, row_max, log_sum, temperature, ignore_index,
     )
     if grad_entropy is not None:  # d entropy / d logits = -p (log p + entropy) / T
         log_p = torch.log_softmax(logits / temperature, dim=-1)
@@ -290,65 +290,67 @@ def _fold_scale(temperature, softcap, logit_scale):
 
 def _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
                  backend, stats=frozenset()):
-    """``(logprobs, lse, LogitStats)`` shaped like ``targets`` and ``hidden.shape[:-1]``."""
+    """``(logprobs, row_max, log_sum, LogitStats)`` shaped like ``targets`` and
+    ``hidden.shape[:-1]``."""
     if backend == "reference" and not stats:
-        out, lse = reference.linear_logprobs(hidden, weight, targets, bias, temperature, softcap,
-                                             ignore_index, logit_scale)
-        return out, lse, _logit_stats.LogitStats()
+        return (*reference.linear_logprobs(hidden, weight, targets, bias, temperature, softcap,
+                                           ignore_index, logit_scale), _logit_stats.LogitStats())
     if backend == "reference":
-        out, lse, ref_stats = reference.linear_logprobs_stats(
+        out, row_max, log_sum, ref_stats = reference.linear_logprobs_stats(
             hidden, weight, targets, bias, temperature, softcap, ignore_index, logit_scale)
-        return out, lse, _logit_stats.LogitStats(*(ref_stats[name] if name in stats else None
-                                                   for name in _logit_stats.STATS))
+        return out, row_max, log_sum, _logit_stats.LogitStats(
+            *(ref_stats[name] if name in stats else None for name in _logit_stats.STATS))
     temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
     valid, out_of_range = _targets.target_masks(ids, w.shape[0], ignore_index)
     if backend == "cpu":
-        z, lse, row_stats = _cpu.forward(h, w, ids, valid, bias, temperature, softcap,
-                                         logit_scale, acc, stats)
+        z, row_max, log_sum, row_stats = _cpu.forward(h, w, ids, valid, bias, temperature, softcap,
+                                                      logit_scale, acc, stats)
     else:
         parts = _gpu_forward(h, w, bias, temperature, softcap, logit_scale, backend, acc, stats)
-        lse = _logit_stats.merge_lse(parts)
-        row_stats = (_logit_stats.merge(parts, lse, w.shape[0], ids, valid) if stats
+        row_max, log_sum = _logit_stats.merge_parts(parts.row_max, parts.log_sum)
+        row_stats = (_logit_stats.merge(parts, row_max, log_sum, w.shape[0], ids, valid) if stats
                      else _logit_stats.LogitStats())
         z = _target_logits(h, w, bias, ids, softcap, logit_scale, acc) * (1.0 / temperature)
     # A log-probability is at most 0; on the GPU path z and the LSE come from different
     # summation orders, so z can exceed the LSE by a rounding error where p is close to 1.
-    out = (z - lse[:, None]).clamp_(max=0.0)
+    out = ((z - row_max[:, None]) - log_sum[:, None]).clamp_(max=0.0)
     out = out.masked_fill_(~valid, 0.0).masked_fill_(out_of_range, math.nan)
     lead = hidden.shape[:-1]
     row_stats = _logit_stats.LogitStats(*(
         None if x is None or name not in stats
         else x.reshape(targets.shape if name == "is_top1" else lead)
         for name, x in zip(_logit_stats.STATS, row_stats)))
-    return out.reshape(targets.shape), lse.reshape(lead), row_stats
+    return out.reshape(targets.shape), row_max.reshape(lead), log_sum.reshape(lead), row_stats
 
 
-def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temperature, softcap,
-                  logit_scale, ignore_index, need_hidden, need_weight, need_bias, backend,
-                  grad_entropy=None, entropy=None):
+def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum,
+                  temperature, softcap, logit_scale, ignore_index, need_hidden, need_weight,
+                  need_bias, backend, grad_entropy=None, entropy=None):
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
-    lse = lse.reshape(-1).to(acc).contiguous()
+    row_max = row_max.reshape(-1).to(acc).contiguous()
+    log_sum = log_sum.reshape(-1).to(acc).contiguous()
     need_bias = need_bias and bias is not None
     grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).to(acc).contiguous()
     if backend == "reference":
-        grads = _reference_backward(grad_out, grad_lse, h, w, ids, bias, lse, temperature, softcap,
-                                    logit_scale, ignore_index, need_hidden, need_weight, need_bias,
-                                    grad_entropy)
+        grads = _reference_backward(grad_out, grad_lse, h, w, ids, bias, row_max, log_sum,
+                                    temperature, softcap, logit_scale, ignore_index, need_hidden,
+                                    need_weight, need_bias, grad_entropy)
     else:  # cuda's backward is the Triton path until a CUDA backward exists
         temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
         g, coef, valid = _targets.gradient_terms(grad_out, grad_lse, ids, w.shape[0],
                                                  ignore_index, acc)
         if grad_entropy is not None:
-            # d entropy / d z_v = -p_v (z_v - lse + H): the row constant joins coef
-            coef = coef + grad_entropy * (entropy.reshape(-1).to(acc) - lse)
+            # d entropy / d z_v = -p_v ((z_v - row_max) - log_sum + H): the row constant joins
+            # coef, the kernels add the (z_v - row_max) term
+            coef = coef + grad_entropy * (entropy.reshape(-1).to(acc) - log_sum)
         implementation = _cpu.backward if backend == "cpu" else _triton_backward
-        grads = implementation(g, coef, h, w, ids, valid, bias, lse, temperature, softcap,
-                               logit_scale, need_hidden, need_weight, need_bias, acc,
+        grads = implementation(g, coef, h, w, ids, valid, bias, row_max, log_sum, temperature,
+                               softcap, logit_scale, need_hidden, need_weight, need_bias, acc,
                                grad_entropy)
     grad_hidden, grad_weight, grad_bias = grads
     return (
@@ -375,14 +377,14 @@ def _linear_logprobs_op(
     logit_scale: float,
     ignore_index: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = "linear_logprobs"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     backend = _check_backend(backend, hidden)
     _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
     return _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale,
-                        ignore_index, backend)[:2]
+                        ignore_index, backend)[:3]
 
 
 def _fake_checks(fn, hidden, weight, targets, **others) -> None:
@@ -411,8 +413,9 @@ def _linear_logprobs_fake(hidden, weight, targets, bias, temperature, softcap, l
                           ignore_index, backend):
     _fake_checks("linear_logprobs", hidden, weight, targets, bias=bias)
     acc = _accumulation_dtype(hidden.dtype)
-    return hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(hidden.shape[:-1],
-                                                                        dtype=acc)
+    lead = hidden.shape[:-1]
+    return (hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(lead, dtype=acc),
+            hidden.new_empty(lead, dtype=acc))
 
 
 @torch.library.custom_op("alignkern::linear_logprobs_backward", mutates_args=())
@@ -423,7 +426,8 @@ def _linear_logprobs_backward_op(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     temperature: float,
     softcap: float | None,
     logit_scale: float,
@@ -438,29 +442,30 @@ def _linear_logprobs_backward_op(
     fn = "linear_logprobs_backward"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
-    _tokens._check_gradients(fn, grad_out, grad_lse, lse, targets, "hidden", hidden)
-    _check_entropy_gradient(fn, grad_entropy, entropy, lse)
+    _tokens._check_gradients(fn, grad_out, grad_lse, row_max, log_sum, targets, "hidden", hidden)
+    _check_entropy_gradient(fn, grad_entropy, entropy, log_sum)
     for arg, value in (("need_hidden_grad", need_hidden_grad),
                        ("need_weight_grad", need_weight_grad), ("need_bias_grad", need_bias_grad)):
         _checks.boolean(fn, arg, value)
     backend = _check_backend(backend, hidden, fn)
-    return _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, lse, temperature,
-                         softcap, logit_scale, ignore_index, need_hidden_grad, need_weight_grad,
-                         need_bias_grad, backend, grad_entropy, entropy)
+    return _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum,
+                         temperature, softcap, logit_scale, ignore_index, need_hidden_grad,
+                         need_weight_grad, need_bias_grad, backend, grad_entropy, entropy)
 
 
 @_linear_logprobs_backward_op.register_fake
-def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, bias, lse,
-                                   temperature, softcap, logit_scale, ignore_index,
+def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, bias, row_max,
+                                   log_sum, temperature, softcap, logit_scale, ignore_index,
                                    need_hidden_grad, need_weight_grad, need_bias_grad, backend,
                                    grad_entropy=None, entropy=None):
     fn = "linear_logprobs_backward"
     _fake_checks(fn, hidden, weight, targets, bias=bias, grad_out=grad_out, grad_lse=grad_lse,
-                 lse=lse, grad_entropy=grad_entropy, entropy=entropy)
+                 row_max=row_max, log_sum=log_sum, grad_entropy=grad_entropy, entropy=entropy)
     torch._check(grad_out.shape == targets.shape,
                  lambda: f"{fn}: grad_out must have the shape of targets")
-    torch._check(lse.shape == hidden.shape[:-1],
-                 lambda: f"{fn}: lse must have the leading shape of hidden")
+    for arg, value in (("row_max", row_max), ("log_sum", log_sum)):
+        torch._check(value.shape == hidden.shape[:-1],
+                     lambda arg=arg: f"{fn}: {arg} must have the leading shape of hidden")
     return (
         hidden.new_empty(hidden.shape) if need_hidden_grad else _empty(hidden),
         weight.new_empty(weight.shape) if need_weight_grad else _empty(hidden),
@@ -470,25 +475,27 @@ def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, *options, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2])
+    ctx.mark_non_differentiable(output[1])
     ctx.options = tuple(options)  # temperature, softcap, logit_scale, ignore_index
     ctx.backend = backend
 
 
-def _backward(ctx, grad_out, grad_lse):
-    hidden, weight, targets, bias, lse = ctx.saved_tensors
-    return _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, lse)
+def _backward(ctx, grad_out, _grad_row_max, grad_log_sum):
+    hidden, weight, targets, bias, row_max, log_sum = ctx.saved_tensors
+    return _input_gradients(ctx, grad_out, grad_log_sum, hidden, weight, targets, bias, row_max,
+                            log_sum)
 
 
-def _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, lse,
+def _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum,
                      grad_entropy=None, entropy=None):
     """The gradients of the forward op's inputs (both ops' autograd), from the backward op."""
     if grad_out is None:
-        grad_out = torch.zeros(targets.shape, dtype=lse.dtype, device=lse.device)
+        grad_out = torch.zeros(targets.shape, dtype=log_sum.dtype, device=log_sum.device)
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
     grad_hidden, grad_weight, grad_bias = _linear_logprobs_backward_op(
-        grad_out, grad_lse, hidden, weight, targets, bias, lse, *ctx.options, need_hidden,
-        need_weight, need_bias, ctx.backend, grad_entropy, entropy,
+        grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum, *ctx.options,
+        need_hidden, need_weight, need_bias, ctx.backend, grad_entropy, entropy,
     )
     return (
         grad_hidden if need_hidden else None,
@@ -507,8 +514,8 @@ _autocast.register("linear_logprobs_backward")
 # ----------------------------------------------------------------------------- fused statistics
 
 
-def _check_entropy_gradient(fn, grad_entropy, entropy, lse) -> None:
-    """``grad_entropy`` and ``entropy`` come together, each with the shape of ``lse``."""
+def _check_entropy_gradient(fn, grad_entropy, entropy, log_sum) -> None:
+    """``grad_entropy`` and ``entropy`` come together, each with the shape of ``log_sum``."""
     if (grad_entropy is None) != (entropy is None):
         raise ValueError(f"{fn}: grad_entropy and entropy must be given together, got "
                          f"grad_entropy={_described(grad_entropy)} and "
@@ -517,8 +524,8 @@ def _check_entropy_gradient(fn, grad_entropy, entropy, lse) -> None:
         if value is None:
             continue
         _checks.tensor(fn, arg, value, dtypes=SUPPORTED_DTYPES)
-        _checks.shape(fn, arg, value, tuple(lse.shape), "the shape of lse")
-        _checks.same_device(fn, lse=lse, **{arg: value})
+        _checks.shape(fn, arg, value, tuple(log_sum.shape), "the shape of log_sum")
+        _checks.same_device(fn, log_sum=log_sum, **{arg: value})
 
 
 def _described(value) -> str:
@@ -546,9 +553,9 @@ def _linear_logprobs_stats_op(
     max_logits: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """``linear_logprobs`` plus the statistics flagged on, from the same pass over the
-    vocabulary; a statistic not asked for comes back with 0 elements."""
+           torch.Tensor, torch.Tensor]:
+    """``linear_logprobs`` (``out, row_max, log_sum``) plus the statistics flagged on, from the
+    same pass over the vocabulary; a statistic not asked for comes back with 0 elements."""
     fn = "linear_logprobs_stats"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
@@ -558,10 +565,11 @@ def _linear_logprobs_stats_op(
     backend = _check_backend(backend, hidden, fn)
     _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
     stats = _stats_wanted(*flags)
-    out, lse, row_stats = _run_forward(hidden, weight, targets, bias, temperature, softcap,
-                                       logit_scale, ignore_index, backend, stats)
-    return (out, lse) + tuple(_unrequested(name, hidden) if x is None else x
-                              for name, x in zip(_logit_stats.STATS, row_stats))
+    out, row_max, log_sum, row_stats = _run_forward(hidden, weight, targets, bias, temperature,
+                                                    softcap, logit_scale, ignore_index, backend,
+                                                    stats)
+    return (out, row_max, log_sum) + tuple(_unrequested(name, hidden) if x is None else x
+                                           for name, x in zip(_logit_stats.STATS, row_stats))
 
 
 def _unrequested(name: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -581,6 +589,7 @@ def _linear_logprobs_stats_fake(hidden, weight, targets, bias, temperature, soft
         return hidden.new_empty(lead if on else (0,), dtype=acc)
 
     return (hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(lead, dtype=acc),
+            hidden.new_empty(lead, dtype=acc),
             row_stat(entropy), row_stat(log_sum_sq_probs), row_stat(mean_logits),
             hidden.new_empty(targets.shape if is_top1 else (0,), dtype=torch.bool),
             row_stat(max_logits))
@@ -589,22 +598,22 @@ def _linear_logprobs_stats_fake(hidden, weight, targets, bias, temperature, soft
 def _stats_setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, *options = inputs[:8]
     wants_entropy = inputs[8]
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1],
-                          output[2] if wants_entropy else None)
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2],
+                          output[3] if wants_entropy else None)
     ctx.options = tuple(options)
     ctx.backend = inputs[-1]
-    ctx.mark_non_differentiable(*output[3:])
+    ctx.mark_non_differentiable(output[1], *output[4:])
     # An entropy computed for logging only gets no gradient: None, not zeros, so the backward
     # skips its term.
     ctx.set_materialize_grads(False)
 
 
-def _stats_backward(ctx, grad_out, grad_lse, grad_entropy, *_):
-    hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+def _stats_backward(ctx, grad_out, _grad_row_max, grad_log_sum, grad_entropy, *_):
+    hidden, weight, targets, bias, row_max, log_sum, entropy = ctx.saved_tensors
     if entropy is None or grad_entropy is None:
         grad_entropy = entropy = None
-    grads = _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, lse,
-                             grad_entropy, entropy)
+    grads = _input_gradients(ctx, grad_out, grad_log_sum, hidden, weight, targets, bias, row_max,
+                             log_sum, grad_entropy, entropy)
     return grads + (None,) * 10
 
 
@@ -712,10 +721,12 @@ def linear_logprobs(
     """
     if stats is not None:
         stats = _check_stats("linear_logprobs", stats)
-        out, lse, *row_stats = _call("linear_logprobs", hidden, weight, targets, bias,
-                                     temperature, softcap, logit_scale, ignore_index, stats=stats)
-        return LinearLogprobsStats(out, lse, *(x if name in stats else None
-                                               for name, x in zip(_logit_stats.STATS, row_stats)))
-    out, lse = _call("linear_logprobs", hidden, weight, targets, bias, temperature, softcap,
-                     logit_scale, ignore_index)
-    return LinearLogprobs(out, lse) if return_lse else out
+        out, row_max, log_sum, *row_stats = _call(
+            "linear_logprobs", hidden, weight, targets, bias, temperature, softcap, logit_scale,
+            ignore_index, stats=stats)
+        return LinearLogprobsStats(out, row_max + log_sum,
+                                   *(x if name in stats else None
+                                     for name, x in zip(_logit_stats.STATS, row_stats)))
+    out, row_max, log_sum = _call("linear_logprobs", hidden, weight, targets, bias, temperature,
+                                  softcap, logit_scale, ignore_index)
+    return LinearLogprobs(out, row_max + log_sum) if return_lse else out

@@ -2,10 +2,19 @@
 ``log_softmax`` of the logits.
 
 Registered ops:
-  ``alignkern::token_logprobs(logits, targets, temperature, ignore_index, backend) -> (out, lse)``
-  ``alignkern::token_logprobs_backward(grad_out, grad_lse, logits, targets, lse, temperature,
-  ignore_index, backend) -> grad_logits``
+  ``alignkern::token_logprobs(logits, targets, temperature, ignore_index, backend) ->
+  (out, row_max, log_sum)``
+  ``alignkern::token_logprobs_backward(grad_out, grad_lse, logits, targets, row_max, log_sum,
+  temperature, ignore_index, backend) -> grad_logits``
 ``backend`` names one of alignkern's backends, or is ``"auto"`` to pick one by device at run time.
+
+Each row's log-sum-exp of ``z = logits / T`` comes in two parts, ``lse = row_max + log_sum``:
+``row_max`` is the row's maximum of z (0 where that maximum is infinite; no gradient) and
+``log_sum = log sum_v exp(z_v - row_max)``, whose gradient is ``softmax(z)`` (row_max held fixed,
+so that ``row_max + log_sum`` differentiates as the log-sum-exp). Log-probabilities are
+``(z_t - row_max) - log_sum`` and the backward's softmax ``exp((z - row_max) - log_sum)``: the sum
+rounded to one float loses every bit of ``log_sum`` below the spacing of ``|row_max|`` (tied top
+logits at T = 1e-6 gave -0.5 for -0.693).
 """
 
 from __future__ import annotations
@@ -62,19 +71,23 @@ def _check_inputs(fn: str, logits, targets, temperature, ignore_index) -> tuple[
     return _checks.temperature(fn, temperature), _checks.integer(fn, "ignore_index", ignore_index)
 
 
-def _check_gradients(fn: str, grad_out, grad_lse, lse, targets, rows_arg: str, rows) -> None:
-    """The backward's extra tensors: ``grad_out`` shaped like the targets, ``grad_lse`` (or None)
-    and ``lse`` shaped like the leading dimensions of ``rows`` (the logits, or the hidden states
-    of linear_logprobs, named ``rows_arg``), real floating point, on the same device."""
+def _check_gradients(fn: str, grad_out, grad_lse, row_max, log_sum, targets, rows_arg: str,
+                     rows) -> None:
+    """The backward's extra tensors: ``grad_out`` shaped like the targets, ``grad_lse`` (or None),
+    ``row_max`` and ``log_sum`` shaped like the leading dimensions of ``rows`` (the logits, or the
+    hidden states of linear_logprobs, named ``rows_arg``), real floating point, on the same
+    device."""
     lead = tuple(rows.shape[:-1])
     _checks.tensor(fn, "grad_out", grad_out, floating=True)
     _checks.shape(fn, "grad_out", grad_out, targets.shape, "the shape of targets")
     _checks.optional_tensor(fn, "grad_lse", grad_lse, floating=True)
     if grad_lse is not None:
         _checks.shape(fn, "grad_lse", grad_lse, lead, f"the leading shape of {rows_arg}")
-    _checks.tensor(fn, "lse", lse, floating=True)
-    _checks.shape(fn, "lse", lse, lead, f"the leading shape of {rows_arg}")
-    _checks.same_device(fn, **{rows_arg: rows}, grad_out=grad_out, grad_lse=grad_lse, lse=lse)
+    for arg, value in (("row_max", row_max), ("log_sum", log_sum)):
+        _checks.tensor(fn, arg, value, floating=True)
+        _checks.shape(fn, arg, value, lead, f"the leading shape of {rows_arg}")
+    _checks.same_device(fn, **{rows_arg: rows}, grad_out=grad_out, grad_lse=grad_lse,
+                        row_max=row_max, log_sum=log_sum)
 
 
 # Set while a public function that has already checked its ids (and named them in its own
@@ -167,14 +180,15 @@ def _target_logits(rows: _Rows, acc: torch.dtype) -> torch.Tensor:
     return flat[index].to(acc)
 
 
-def _cpp_forward(rows: _Rows, out, lse, temperature, ignore_index, on_cuda: bool) -> None:
+def _cpp_forward(rows: _Rows, out, row_max, log_sum, temperature, ignore_index,
+                 on_cuda: bool) -> None:
     ext = _backend.extension()
     args = [
         rows.logits.data_ptr(), _backend.DTYPE_CODES[rows.logits.dtype], rows.targets.shape[0],
         rows.vocab, rows.offsets.data_ptr(),
     ]
-    tail = [rows.targets.data_ptr(), rows.targets.shape[1], out.data_ptr(), lse.data_ptr(),
-            float(temperature), int(ignore_index)]
+    tail = [rows.targets.data_ptr(), rows.targets.shape[1], out.data_ptr(), row_max.data_ptr(),
+            log_sum.data_ptr(), float(temperature), int(ignore_index)]
     if on_cuda:
         with torch.cuda.device(rows.logits.device):
             ext.token_logprobs_fwd_cuda(
@@ -184,12 +198,13 @@ def _cpp_forward(rows: _Rows, out, lse, temperature, ignore_index, on_cuda: bool
         ext.token_logprobs_fwd_cpu(*args, *tail)
 
 
-def _cpp_dense_backward(coef, rows: _Rows, lse, grad, temperature, on_cuda: bool) -> None:
+def _cpp_dense_backward(coef, rows: _Rows, row_max, log_sum, grad, temperature,
+                        on_cuda: bool) -> None:
     """grad = -coef * softmax(logits / T) / T over every column (no target terms)."""
     ext = _backend.extension()
     args = [coef.data_ptr(), rows.logits.data_ptr(), _backend.DTYPE_CODES[rows.logits.dtype],
             rows.targets.shape[0], rows.vocab, rows.offsets.data_ptr()]
-    tail = [lse.data_ptr(), grad.data_ptr(), float(temperature)]
+    tail = [row_max.data_ptr(), log_sum.data_ptr(), grad.data_ptr(), float(temperature)]
     if on_cuda:
         with torch.cuda.device(rows.logits.device):
             ext.token_logprobs_bwd_cuda(*args, int(rows.aligned16), *tail,
@@ -198,52 +213,76 @@ def _cpp_dense_backward(coef, rows: _Rows, lse, grad, temperature, on_cuda: bool
         ext.token_logprobs_bwd_cpu(*args, *tail)
 
 
+def dense_gradient_(tile: torch.Tensor, coef: torch.Tensor, row_max: torch.Tensor,
+                    log_sum: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In place on a contiguous float32/float64 CPU ``tile (n, b)`` of logits: ``tile =
+    -coef * exp((tile / T - row_max) - log_sum) / T`` (``coef``, ``row_max``, ``log_sum`` ``(n,)``
+    in the tile's dtype), in one pass of the C++ kernel (each chunk is read before it is
+    written)."""
+    n_rows, width = tile.shape
+    if n_rows == 0 or width == 0:
+        return tile
+    rows = _Rows(tile, torch.arange(n_rows, dtype=torch.int64) * width, False, width,
+                 torch.empty((n_rows, 0), dtype=torch.int64))
+    _cpp_dense_backward(coef.contiguous(), rows, row_max.contiguous(), log_sum.contiguous(), tile,
+                        temperature, on_cuda=False)
+    return tile
+
+
 def _poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer filled with NaN, so an element a kernel forgets to write shows up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 def _run_forward(logits, targets, temperature, ignore_index, backend):
+    """``(out, row_max, log_sum)`` shaped like ``targets`` and ``logits.shape[:-1]``."""
     if backend == "reference":
         return reference.token_logprobs(logits, targets, temperature, ignore_index)
     rows = _as_rows(logits, targets)
     acc = _accumulation_dtype(logits.dtype)
     n_rows, k = rows.targets.shape
     out = _poisoned((n_rows, k), acc, logits.device)
-    lse = _poisoned((n_rows,), acc, logits.device)
+    row_max = _poisoned((n_rows,), acc, logits.device)
+    log_sum = _poisoned((n_rows,), acc, logits.device)
     if backend == "triton":
         from ..triton_kernels import token_logprobs as kernels
 
-        kernels.token_logprobs_fwd(rows.logits, rows.offsets, rows.vocab, rows.targets, out, lse,
-                                   temperature, ignore_index)
+        kernels.token_logprobs_fwd(rows.logits, rows.offsets, rows.vocab, rows.targets, out,
+                                   row_max, log_sum, temperature, ignore_index)
     else:
-        _cpp_forward(rows, out, lse, temperature, ignore_index, on_cuda=backend == "cuda")
-    return out.reshape(targets.shape), lse.reshape(logits.shape[:-1])
+        _cpp_forward(rows, out, row_max, log_sum, temperature, ignore_index,
+                     on_cuda=backend == "cuda")
+    lead = logits.shape[:-1]
+    return out.reshape(targets.shape), row_max.reshape(lead), log_sum.reshape(lead)
 
 
-def _run_backward(grad_out, grad_lse, logits, targets, lse, temperature, ignore_index, backend):
+def _run_backward(grad_out, grad_lse, logits, targets, row_max, log_sum, temperature,
+                  ignore_index, backend):
     if backend == "reference":
         return reference.token_logprobs_backward(
-            grad_out, grad_lse, logits, targets, lse, temperature, ignore_index
+            grad_out, grad_lse, logits, targets, row_max, log_sum, temperature, ignore_index
         )
     rows = _as_rows(logits, targets)
     n_rows = rows.targets.shape[0]
     acc = _accumulation_dtype(logits.dtype)
     g, coef, valid = _targets.gradient_terms(grad_out, grad_lse, rows.targets, rows.vocab,
                                              ignore_index, acc)
-    lse = lse.to(acc).reshape(n_rows).contiguous()
+    row_max = row_max.to(acc).reshape(n_rows).contiguous()
+    log_sum = log_sum.to(acc).reshape(n_rows).contiguous()
     grad, flat = _targets.gradient_buffer(n_rows, rows.vocab, logits.dtype, logits.device)
     if n_rows:
         if backend == "triton":
             from ..triton_kernels import token_logprobs as kernels
 
-            kernels.token_logprobs_dense_bwd(coef, rows.logits, rows.offsets, rows.vocab, lse,
-                                             grad, temperature)
+            kernels.token_logprobs_dense_bwd(coef, rows.logits, rows.offsets, rows.vocab,
+                                             row_max, log_sum, grad, temperature)
         else:
-            _cpp_dense_backward(coef, rows, lse, grad, temperature, on_cuda=backend == "cuda")
+            _cpp_dense_backward(coef, rows, row_max, log_sum, grad, temperature,
+                                on_cuda=backend == "cuda")
     inv_t = 1.0 / temperature
-    _targets.write_target_columns(flat, rows.vocab, rows.targets, valid, g, coef,
-                                  _target_logits(rows, acc) * inv_t, lse, inv_t)
+    shifted = _target_logits(rows, acc) * inv_t - row_max[:, None]
+    _targets.write_target_columns(flat, rows.vocab, rows.targets, valid, g, coef, shifted,
+                                  log_sum, inv_t)
     return grad.reshape(logits.shape)
 
 
@@ -257,7 +296,7 @@ def _token_logprobs_op(
     temperature: float,
     ignore_index: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     temperature, ignore_index = _check_inputs("token_logprobs", logits, targets, temperature,
                                               ignore_index)
     backend = _check_backend(backend, logits)
@@ -290,8 +329,9 @@ def _fake_checks(fn, logits, targets) -> None:
 def _token_logprobs_fake(logits, targets, temperature, ignore_index, backend):
     _fake_checks("token_logprobs", logits, targets)
     acc = _accumulation_dtype(logits.dtype)
-    return targets.new_empty(targets.shape, dtype=acc), logits.new_empty(logits.shape[:-1],
-                                                                         dtype=acc)
+    lead = logits.shape[:-1]
+    return (targets.new_empty(targets.shape, dtype=acc), logits.new_empty(lead, dtype=acc),
+            logits.new_empty(lead, dtype=acc))
 
 
 @torch.library.custom_op("alignkern::token_logprobs_backward", mutates_args=())
@@ -300,46 +340,51 @@ def _token_logprobs_backward_op(
     grad_lse: torch.Tensor | None,
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     temperature: float,
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
     fn = "token_logprobs_backward"
     temperature, ignore_index = _check_inputs(fn, logits, targets, temperature, ignore_index)
-    _check_gradients(fn, grad_out, grad_lse, lse, targets, "logits", logits)
+    _check_gradients(fn, grad_out, grad_lse, row_max, log_sum, targets, "logits", logits)
     backend = _check_backend(backend, logits, fn)
-    return _run_backward(grad_out, grad_lse, logits, targets, lse, temperature, ignore_index,
-                         backend)
+    return _run_backward(grad_out, grad_lse, logits, targets, row_max, log_sum, temperature,
+                         ignore_index, backend)
 
 
 @_token_logprobs_backward_op.register_fake
-def _token_logprobs_backward_fake(grad_out, grad_lse, logits, targets, lse, temperature,
-                                  ignore_index, backend):
+def _token_logprobs_backward_fake(grad_out, grad_lse, logits, targets, row_max, log_sum,
+                                  temperature, ignore_index, backend):
     fn = "token_logprobs_backward"
     _fake_checks(fn, logits, targets)
-    _checks.same_device_in_fake(fn, logits=logits, grad_out=grad_out, grad_lse=grad_lse, lse=lse)
+    _checks.same_device_in_fake(fn, logits=logits, grad_out=grad_out, grad_lse=grad_lse,
+                                row_max=row_max, log_sum=log_sum)
     torch._check(grad_out.shape == targets.shape,
                  lambda: f"{fn}: grad_out must have the shape of targets")
-    torch._check(lse.shape == logits.shape[:-1],
-                 lambda: f"{fn}: lse must have the leading shape of logits")
+    for arg, value in (("row_max", row_max), ("log_sum", log_sum)):
+        torch._check(value.shape == logits.shape[:-1],
+                     lambda arg=arg: f"{fn}: {arg} must have the leading shape of logits")
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     logits, targets, temperature, ignore_index, backend = inputs
-    ctx.save_for_backward(logits, targets, output[1])
+    ctx.save_for_backward(logits, targets, output[1], output[2])
+    ctx.mark_non_differentiable(output[1])
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.backend = backend
 
 
-def _backward(ctx, grad_out, grad_lse):
-    logits, targets, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_row_max, grad_log_sum):
+    logits, targets, row_max, log_sum = ctx.saved_tensors
     if grad_out is None:
-        grad_out = torch.zeros(targets.shape, dtype=lse.dtype, device=lse.device)
+        grad_out = torch.zeros(targets.shape, dtype=log_sum.dtype, device=log_sum.device)
     grad = _token_logprobs_backward_op(
-        grad_out, grad_lse, logits, targets, lse, ctx.temperature, ctx.ignore_index, ctx.backend
+        grad_out, grad_log_sum, logits, targets, row_max, log_sum, ctx.temperature,
+        ctx.ignore_index, ctx.backend
     )
     return grad, None, None, None, None
 
@@ -401,5 +446,5 @@ def token_logprobs(
     else:
         temperature, ignore_index = _check_inputs(fn, logits, targets, temperature, ignore_index)
         backend = _check_backend("auto", logits)
-    out, lse = _token_logprobs_op(logits, targets, temperature, ignore_index, backend)
-    return TokenLogprobs(out, lse) if return_lse else out
+    out, row_max, log_sum = _token_logprobs_op(logits, targets, temperature, ignore_index, backend)
+    return TokenLogprobs(out, row_max + log_sum) if return_lse else out

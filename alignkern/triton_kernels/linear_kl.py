@@ -5,9 +5,12 @@ With z = h W^T / T (policy) and y = h_ref W_ref^T / T (reference) (a logit_scale
 into the temperature, T / s),
 ``KL = E_p[z - y] - lse(z) + lse(y)``. Forward: a program owns BLOCK_N rows and walks the
 vocabulary, keeping online (max, sum) for both log-sum-exps and the running sum of
-``exp(z - m) (z - y)``. Backward: ``dz_v = g p_v (z_v - y_v - E_p[z - y]) / T``, recomputed tile
-by tile and written for one chunk of rows; the launcher turns it into dhidden and dweight with two
-GEMMs (no atomics: deterministic).
+``exp(z - m) (z - y)``; each log-sum-exp is written in two parts, the row maximum (0 where
+infinite) and the log of the sum relative to it, and KL is formed from the parts
+(``(E - (m_z - m_y)) - (log s_z - log s_y)``, ops/linear_kl.py). Backward: ``dz_v = g p_v (z_v -
+y_v - E_p[z - y]) / T`` with ``p = exp((z - m_z) - log s_z)``, recomputed tile by tile and written
+for one chunk of rows; the launcher turns it into dhidden and dweight with two GEMMs (no atomics:
+deterministic).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def _online_update(m, s, x):
 
 @triton.jit
 def _linear_kl_fwd_kernel(
-    h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride, kl_ptr, lse_ptr,
-    expect_ptr, n_rows, vocab, hidden_size, ref_hidden_size, inv_t,
+    h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride, kl_ptr, row_max_ptr,
+    log_sum_ptr, expect_ptr, ref_row_max_ptr, ref_log_sum_ptr, n_rows, vocab, hidden_size,
+    ref_hidden_size, inv_t,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -70,23 +74,28 @@ def _linear_kl_fwd_kernel(
         gap = tl.where(col_ok[None, :], z - y, 0.0)
         a_z = a_z * alpha + tl.sum(tl.exp(z - ref[:, None]) * gap, 1)
         m_y, s_y, _, _ = _online_update(m_y, s_y, y)
-    lse_z = _reference_point(m_z) + tl.log(s_z)
-    lse_y = _reference_point(m_y) + tl.log(s_y)
+    shift_z = _reference_point(m_z)
+    shift_y = _reference_point(m_y)
+    log_sum_z = tl.log(s_z)
+    log_sum_y = tl.log(s_y)
     expect = a_z / s_z
     rows64 = rows.to(tl.int64)
-    tl.store(kl_ptr + rows64, expect - lse_z + lse_y, mask=row_ok)
-    tl.store(lse_ptr + rows64, lse_z, mask=row_ok)
+    tl.store(kl_ptr + rows64, (expect - (shift_z - shift_y)) - (log_sum_z - log_sum_y), mask=row_ok)
+    tl.store(row_max_ptr + rows64, shift_z, mask=row_ok)
+    tl.store(log_sum_ptr + rows64, log_sum_z, mask=row_ok)
     tl.store(expect_ptr + rows64, expect, mask=row_ok)
+    tl.store(ref_row_max_ptr + rows64, shift_y, mask=row_ok)
+    tl.store(ref_log_sum_ptr + rows64, log_sum_y, mask=row_ok)
 
 
 @triton.jit
 def _linear_kl_dlogits_kernel(
-    h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride, grad_ptr, lse_ptr,
-    expect_ptr, dlogits_ptr, n_rows, vocab, hidden_size, ref_hidden_size, inv_t,
+    h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride, grad_ptr, row_max_ptr,
+    log_sum_ptr, expect_ptr, dlogits_ptr, n_rows, vocab, hidden_size, ref_hidden_size, inv_t,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    acc_dtype = lse_ptr.dtype.element_ty
+    acc_dtype = log_sum_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
@@ -95,10 +104,11 @@ def _linear_kl_dlogits_kernel(
     z, y = _both_tiles(h_ptr, h_stride, w_ptr, w_stride, rh_ptr, rh_stride, rw_ptr, rw_stride,
                        rows, row_ok, cols, col_ok, hidden_size, ref_hidden_size, inv_t, acc_dtype,
                        UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
-    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    shift = tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0)
+    log_sum = tl.load(log_sum_ptr + rows64, mask=row_ok, other=0.0)
     expect = tl.load(expect_ptr + rows64, mask=row_ok, other=0.0)
     g = tl.load(grad_ptr + rows64, mask=row_ok, other=0.0).to(acc_dtype)
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp((z - shift[:, None]) - log_sum[:, None])
     grad = tl.where(col_ok[None, :], g[:, None] * p * (z - y - expect[:, None]) * inv_t, 0.0)
     tl.store(dlogits_ptr + rows64[:, None] * vocab + cols[None, :],
              grad.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -146,19 +156,21 @@ def _kl_flags(hidden) -> dict:
     return dict(UPCAST=flags["UPCAST"], IEEE=flags["IEEE"])
 
 
-def _fwd_plan(hidden, weight, ref_hidden, ref_weight, kl, lse, expect, temperature):
+def _fwd_plan(hidden, weight, ref_hidden, ref_weight, kl, row_max, log_sum, expect, ref_row_max,
+              ref_log_sum, temperature):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     if n_rows == 0:
         return None
     return _tuning.Launch(
         _linear_kl_fwd_kernel, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]),),
-        (*_launch_args(hidden, weight, ref_hidden, ref_weight), kl, lse, expect, n_rows, vocab,
-         hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature),
+        (*_launch_args(hidden, weight, ref_hidden, ref_weight), kl, row_max, log_sum, expect,
+         ref_row_max, ref_log_sum, n_rows, vocab, hidden.shape[1], ref_hidden.shape[1],
+         1.0 / temperature),
         _kl_flags(hidden), tile_space(n_rows, vocab, hidden.shape[1], hidden.dtype), KEY,
     )
 
 
-def _dlogits_plan(hidden, weight, ref_hidden, ref_weight, grad, lse, expect, dlogits,
+def _dlogits_plan(hidden, weight, ref_hidden, ref_weight, grad, row_max, log_sum, expect, dlogits,
                   temperature):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     if n_rows == 0:
@@ -166,21 +178,23 @@ def _dlogits_plan(hidden, weight, ref_hidden, ref_weight, grad, lse, expect, dlo
     return _tuning.Launch(
         _linear_kl_dlogits_kernel,
         lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
-        (*_launch_args(hidden, weight, ref_hidden, ref_weight), grad, lse, expect, dlogits, n_rows,
-         vocab, hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature),
+        (*_launch_args(hidden, weight, ref_hidden, ref_weight), grad, row_max, log_sum, expect,
+         dlogits, n_rows, vocab, hidden.shape[1], ref_hidden.shape[1], 1.0 / temperature),
         _kl_flags(hidden), tile_space(n_rows, vocab, hidden.shape[1], hidden.dtype, "dlogits"),
         KEY,
     )
 
 
-def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, kl, lse, expect, temperature) -> None:
-    """Fill ``kl``, ``lse`` (of the policy) and ``expect`` (E_p[z - y]), each (N,)."""
-    _tuning.launch(_fwd_plan(hidden, weight, ref_hidden, ref_weight, kl, lse, expect,
-                             temperature))
+def linear_kl_fwd(hidden, weight, ref_hidden, ref_weight, kl, row_max, log_sum, expect,
+                  ref_row_max, ref_log_sum, temperature) -> None:
+    """Fill ``kl``, the policy's ``row_max`` and ``log_sum``, ``expect`` (E_p[z - y]) and the
+    reference's ``ref_row_max`` and ``ref_log_sum``, each (N,)."""
+    _tuning.launch(_fwd_plan(hidden, weight, ref_hidden, ref_weight, kl, row_max, log_sum, expect,
+                             ref_row_max, ref_log_sum, temperature))
 
 
-def linear_kl_dlogits(hidden, weight, ref_hidden, ref_weight, grad, lse, expect, dlogits,
-                      temperature) -> None:
+def linear_kl_dlogits(hidden, weight, ref_hidden, ref_weight, grad, row_max, log_sum, expect,
+                      dlogits, temperature) -> None:
     """Fill ``dlogits (n, V)`` for one chunk of n rows."""
-    _tuning.launch(_dlogits_plan(hidden, weight, ref_hidden, ref_weight, grad, lse, expect,
-                                 dlogits, temperature))
+    _tuning.launch(_dlogits_plan(hidden, weight, ref_hidden, ref_weight, grad, row_max, log_sum,
+                                 expect, dlogits, temperature))

@@ -3,20 +3,24 @@
 Forward: a program owns BLOCK_N rows of ``hidden`` and walks its split of the vocabulary (all of
 it, unless there are too few row tiles to fill the GPU) in BLOCK_V tiles; each logits tile is
 ``tl.dot`` over BLOCK_H slices of the hidden size (fp32 accumulation), then bias, logit_scale,
-softcap and temperature are applied in registers and the rows' online log-sum-exp is updated. The
-launcher merges the splits' LSEs; the logits at the target ids come from one dot product each
+softcap and temperature are applied in registers and the rows' online log-sum-exp is updated; each
+split's is written in two parts, its maximum ``row_max`` (0 where infinite) and ``log_sum =
+log sum exp(z - row_max)`` (ops/token_logprobs.py says why), and the caller merges the splits
+(ops/_logit_stats.merge_parts). The logits at the target ids come from one dot product each
 (ops/linear_logprobs.py), so the kernel's cost does not grow with the number of targets. Nothing
 of size (N, V) is written.
 
-Fused statistics (``linear_logprobs_fwd_stats``): the same kernel with constexpr flags also keeps,
-per row and split, relative to the same running reference point as the LSE's sum s (and rescaled
-with it by alpha, alpha^2), xs = sum exp(z - ref) z and sq = sum exp(2 (z - ref)), the plain sum
-of z and the first column attaining the running max; it writes mean_z = xs / s (entropy =
-lse - mean_z), log_sum_sq = log sq - 2 log s, sum_z, max_z and argmax per split, and the caller
-merges the splits. With no flag set the kernel compiles to the plain LSE kernel.
+Fused statistics (constexpr flags): the same kernel also keeps, per row and split, relative to the
+same running reference point ref as the LSE's sum s, xd = sum exp(z - ref) (z - ref) and sq = sum
+exp(2 (z - ref)) (a move of ref to ref' rescales s by alpha = exp(ref - ref'), sq by alpha^2, and
+turns xd into alpha (xd + (ref - ref') s)), the plain sum of z and the first column attaining the
+running max; it writes mean_dz = xd / s (the entropy is log_sum - mean_dz), log_sum_sq = log sq -
+2 log s, sum_z, max_z and argmax per split. With no flag set the kernel compiles to the plain LSE
+kernel.
 
 Backward: for one chunk of rows, a grid of (row tile, vocabulary tile) programs recomputes each
-logits tile from the saved LSE and writes the dense part of ``dlogits`` for the chunk only; the
+logits tile, its softmax as ``exp((z - row_max) - log_sum)`` from the saved parts, and writes the
+dense part of ``dlogits`` for the chunk only; the
 caller writes the target columns (ops/_targets.py) and turns the chunk into ``dhidden`` and
 ``dweight`` with two GEMMs (cuBLAS on GPU). There are no atomics, so the gradients are
 deterministic; the extra memory is one chunk of ``dlogits``. With an entropy gradient
@@ -85,8 +89,8 @@ def _scaled_logits_tile(
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
-    hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr, lse_part_ptr,
-    mean_z_ptr, log_sum_sq_ptr, sum_z_ptr, max_z_ptr, argmax_ptr,
+    hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr, row_max_ptr,
+    log_sum_ptr, mean_dz_ptr, log_sum_sq_ptr, sum_z_ptr, max_z_ptr, argmax_ptr,
     n_rows, vocab, hidden_size, split_size, inv_t, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, HAS_LOG_SUM_SQ: tl.constexpr, HAS_MEAN_LOGITS: tl.constexpr,
@@ -94,13 +98,13 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Program (i, j): rows [i*BLOCK_N, ...) over the vocabulary split [j*split_size, ...).
-    Writes the split's log-sum-exp to lse_part[j, row] and, for each statistic flag set, the
-    split's partial statistic to its (S, N) buffer at [j, row] (q = softmax of z within the split):
-    HAS_ENTROPY mean_z = sum q z; HAS_LOG_SUM_SQ log_sum_sq = log sum q^2; HAS_MEAN_LOGITS
-    sum_z = sum z; HAS_TOP1 max_z = max z and argmax = the global id of its first occurrence. The
-    pointers of statistics not requested are never touched; with no flag set the kernel is the
-    plain LSE kernel."""
-    acc_dtype = lse_part_ptr.dtype.element_ty
+    Writes the split's log-sum-exp as row_max[j, row] and log_sum[j, row] and, for each statistic
+    flag set, the split's partial statistic to its (S, N) buffer at [j, row] (q = softmax of z
+    within the split): HAS_ENTROPY mean_dz = sum q (z - row_max); HAS_LOG_SUM_SQ log_sum_sq =
+    log sum q^2; HAS_MEAN_LOGITS sum_z = sum z; HAS_TOP1 max_z = max z and argmax = the global id
+    of its first occurrence. The pointers of statistics not requested are never touched; with no
+    flag set the kernel is the plain LSE kernel."""
+    acc_dtype = log_sum_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -109,7 +113,7 @@ def _linear_logprobs_fwd_kernel(
     m = tl.full([BLOCK_N], float("-inf"), acc_dtype)  # running max of z
     s = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m))
     if HAS_ENTROPY:
-        xs = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - reference(m)) * z
+        xd = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(z - ref) * (z - ref), ref = reference(m)
     if HAS_LOG_SUM_SQ:
         sq = tl.zeros([BLOCK_N], acc_dtype)  # sum of exp(2 (z - reference(m)))
     if HAS_MEAN_LOGITS:
@@ -130,12 +134,14 @@ def _linear_logprobs_fwd_kernel(
         ref_new = _reference_point(m_new)
         # s == 0: nothing counted yet, and rescaling could compute 0 * inf.
         rescale = (m_new != m) & (s != 0)
-        alpha = tl.where(rescale, tl.exp(_reference_point(m) - ref_new), 1.0)
-        e = tl.exp(z - ref_new[:, None])
-        s = s * alpha + tl.sum(e, 1)
+        ref_step = tl.where(rescale, _reference_point(m) - ref_new, 0.0)
+        alpha = tl.where(rescale, tl.exp(ref_step), 1.0)
+        dz = z - ref_new[:, None]
+        e = tl.exp(dz)
         if HAS_ENTROPY:
             # e == 0 where z == -inf (outside the vocabulary): 0, not 0 * -inf.
-            xs = xs * alpha + tl.sum(e * tl.where(e == 0.0, 0.0, z), 1)
+            xd = (xd + ref_step * s) * alpha + tl.sum(e * tl.where(e == 0.0, 0.0, dz), 1)
+        s = s * alpha + tl.sum(e, 1)
         if HAS_LOG_SUM_SQ:
             sq = sq * (alpha * alpha) + tl.sum(e * e, 1)
         if HAS_MEAN_LOGITS:
@@ -147,11 +153,11 @@ def _linear_logprobs_fwd_kernel(
             tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], v_end - 1), 1)
             best = tl.where(tile_max > m, tile_arg, best)
         m = m_new
-    tl.store(lse_part_ptr + tl.program_id(1).to(tl.int64) * n_rows + rows64,
-             _reference_point(m) + tl.log(s), mask=row_ok)
     out = tl.program_id(1).to(tl.int64) * n_rows + rows64
+    tl.store(row_max_ptr + out, _reference_point(m), mask=row_ok)
+    tl.store(log_sum_ptr + out, tl.log(s), mask=row_ok)
     if HAS_ENTROPY:
-        tl.store(mean_z_ptr + out, xs / s, mask=row_ok)
+        tl.store(mean_dz_ptr + out, xd / s, mask=row_ok)
     if HAS_LOG_SUM_SQ:
         tl.store(log_sum_sq_ptr + out, tl.log(sq) - 2.0 * tl.log(s), mask=row_ok)
     if HAS_MEAN_LOGITS:
@@ -164,17 +170,18 @@ def _linear_logprobs_fwd_kernel(
 @triton.jit
 def _linear_logprobs_dlogits_kernel(
     hidden_ptr, hidden_row_stride, weight_ptr, weight_row_stride, bias_ptr,
-    coef_ptr, lse_ptr, dlogits_ptr, entropy_grad_ptr, n_rows, vocab, hidden_size, inv_t, softcap,
-    logit_scale,
+    coef_ptr, row_max_ptr, log_sum_ptr, dlogits_ptr, entropy_grad_ptr, n_rows, vocab, hidden_size,
+    inv_t, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """The dense part of dlogits: -coef * softmax(z)_v * inv_t * logit_scale, times the softcap's
-    derivative; ``coef`` = sum of valid g_k - g_lse. With HAS_ENTROPY_GRAD the factor is
-    -(coef + entropy_grad * z_v) instead (the caller folds the rest of the entropy's gradient,
-    entropy_grad * (entropy - lse), into coef). The caller writes the target columns afterwards."""
-    acc_dtype = lse_ptr.dtype.element_ty
+    derivative, softmax(z) = exp((z - row_max) - log_sum); ``coef`` = sum of valid g_k - g_lse.
+    With HAS_ENTROPY_GRAD the factor is -(coef + entropy_grad * (z_v - row_max)) instead (the
+    caller folds the rest of the entropy's gradient, entropy_grad * (entropy - log_sum), into
+    coef). The caller writes the target columns afterwards."""
+    acc_dtype = log_sum_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
@@ -185,15 +192,18 @@ def _linear_logprobs_dlogits_kernel(
         rows, row_ok, cols, col_ok, hidden_size, inv_t, softcap, logit_scale, acc_dtype,
         HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
     )
-    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    shift = tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0)
+    log_sum = tl.load(log_sum_ptr + rows64, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
+    dz = z - shift[:, None]
+    p = tl.exp(dz - log_sum[:, None])
     if HAS_ENTROPY_GRAD:
         entropy_grad = tl.load(entropy_grad_ptr + rows64, mask=row_ok, other=0.0)
         # (Columns outside the vocabulary, z = -inf, are not stored; 0 keeps them finite.)
-        factor = coef[:, None] + entropy_grad[:, None] * tl.where(col_ok[None, :], z, 0.0)
-        grad = -factor * tl.exp(z - lse[:, None]) * (inv_t * logit_scale)
+        factor = coef[:, None] + entropy_grad[:, None] * tl.where(col_ok[None, :], dz, 0.0)
+        grad = -factor * p * (inv_t * logit_scale)
     else:
-        grad = -coef[:, None] * tl.exp(z - lse[:, None]) * (inv_t * logit_scale)
+        grad = -coef[:, None] * p * (inv_t * logit_scale)
     if HAS_SOFTCAP:
         tanh = capped / softcap
         grad = grad * (1.0 - tanh * tanh)
@@ -267,7 +277,7 @@ def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
 
 
 # The row tile and vocabulary tile the vocabulary split is sized for (the splits must not depend
-# on the configuration the autotuner picks: the caller allocates one LSE row per split).
+# on the configuration the autotuner picks: the launcher allocates one output row per split).
 _SPLIT_BLOCK_N = 64
 _SPLIT_BLOCK_V = 256
 
@@ -285,8 +295,9 @@ def _vocab_splits(n_rows: int, vocab: int, device: torch.device) -> int:
 class SplitStats(NamedTuple):
     """Per vocabulary split j and row n, each (S, N); fields not requested are None."""
 
-    lse: torch.Tensor  # log sum_{v in split} exp(z_v) (acc dtype)
-    mean_z: torch.Tensor | None  # sum_v q_v z_v, q = softmax of z within the split ("entropy")
+    row_max: torch.Tensor  # max_{v in split} z_v, 0 where infinite (acc dtype)
+    log_sum: torch.Tensor  # log sum_{v in split} exp(z_v - row_max) (acc dtype)
+    mean_dz: torch.Tensor | None  # sum_v q_v (z_v - row_max), q = softmax of z within the split
     log_sum_sq: torch.Tensor | None  # log sum_v q_v^2 (q as above) ("log_sum_sq_probs")
     sum_z: torch.Tensor | None  # sum_v z_v over the split's columns ("mean_logits")
     max_z: torch.Tensor | None  # max_v z_v ("is_top1")
@@ -305,11 +316,10 @@ def _stat_flags(stats) -> dict:
                 HAS_MEAN_LOGITS="mean_logits" in stats, HAS_TOP1="is_top1" in stats)
 
 
-def _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale,
-              stats=frozenset()):
-    """(plan or None, SplitStats): the forward launch and its (S, N) outputs; ``lse_parts_out(S)``
-    allocates the LSE buffer, the statistics in ``stats`` get NaN-filled (argmax: -1) buffers of
-    the same dtype (int64 for argmax) on the same device."""
+def _fwd_plan(hidden, weight, bias, temperature, softcap, logit_scale, stats=frozenset()):
+    """(plan or None, SplitStats): the forward launch and its (S, N) outputs, NaN-filled (argmax:
+    -1) buffers in the accumulation dtype (float64 for float64 inputs, else float32; int64 for
+    argmax) on hidden's device, for the LSE's two parts and the statistics in ``stats``."""
     flags = _stat_flags(stats)
     n_rows = hidden.shape[0]
     vocab, hidden_size = weight.shape
@@ -317,26 +327,26 @@ def _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_s
     # Each split a whole number of the widest vocabulary tile of any space.
     split_size = triton.cdiv(triton.cdiv(vocab, splits), _SPLIT_BLOCK_V) * _SPLIT_BLOCK_V
     splits = triton.cdiv(vocab, split_size)
-    lse_parts = lse_parts_out(splits)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
-    def poisoned(flag, dtype=lse_parts.dtype, fill=float("nan")):
-        if not flags[flag]:
+    def poisoned(flag=None, dtype=acc, fill=float("nan")):
+        if flag is not None and not flags[flag]:
             return None
-        return torch.full(lse_parts.shape, fill, dtype=dtype, device=lse_parts.device)
+        return torch.full((splits, n_rows), fill, dtype=dtype, device=hidden.device)
 
-    out = SplitStats(lse_parts, poisoned("HAS_ENTROPY"), poisoned("HAS_LOG_SUM_SQ"),
+    out = SplitStats(poisoned(), poisoned(), poisoned("HAS_ENTROPY"), poisoned("HAS_LOG_SUM_SQ"),
                      poisoned("HAS_MEAN_LOGITS"), poisoned("HAS_TOP1"),
                      poisoned("HAS_TOP1", torch.int64, -1))
     if n_rows == 0:
         return None, out
-    # Statistics not requested get the LSE buffer as a stand-in pointer (never touched).
-    stat_ptrs = tuple(lse_parts if t is None else t for t in out[1:])
+    # Statistics not requested get the log-sum buffer as a stand-in pointer (never touched).
+    stat_ptrs = tuple(out.log_sum if t is None else t for t in out[2:])
     plan = _tuning.Launch(
         _linear_logprobs_fwd_kernel,
         lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
         (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-         lse_parts, *stat_ptrs, n_rows, vocab, hidden_size, split_size, 1.0 / temperature,
-         softcap or 1.0, logit_scale),
+         out.row_max, out.log_sum, *stat_ptrs, n_rows, vocab, hidden_size, split_size,
+         1.0 / temperature, softcap or 1.0, logit_scale),
         {**_flags(hidden, bias, softcap), **flags},
         tile_space(n_rows, vocab, hidden_size, hidden.dtype, stats=any(flags.values())), KEY,
         dict(enable_fp_fusion=False),
@@ -344,8 +354,8 @@ def _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_s
     return plan, out
 
 
-def _dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap, logit_scale,
-                  entropy_grad=None):
+def _dlogits_plan(hidden, weight, bias, coef, row_max, log_sum, dlogits, temperature, softcap,
+                  logit_scale, entropy_grad=None):
     n_rows = hidden.shape[0]
     vocab, hidden_size = weight.shape
     if n_rows == 0:
@@ -354,43 +364,31 @@ def _dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap
         _linear_logprobs_dlogits_kernel,
         lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
         (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-         coef, lse, dlogits, coef if entropy_grad is None else entropy_grad, n_rows, vocab,
+         coef, row_max, log_sum, dlogits, coef if entropy_grad is None else entropy_grad, n_rows,
+         vocab,
          hidden_size, 1.0 / temperature, softcap or 1.0, logit_scale),
         {**_flags(hidden, bias, softcap), "HAS_ENTROPY_GRAD": entropy_grad is not None},
         tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY, dict(enable_fp_fusion=False),
     )
 
 
-def linear_logprobs_fwd(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale):
-    """Return ``lse_parts (S, N)``: the log-sum-exp of each of S vocabulary splits of every row.
-    ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous last dimension;
-    ``lse_parts_out(S)`` allocates the (S, N) buffer."""
-    plan, out = _fwd_plan(hidden, weight, bias, lse_parts_out, temperature, softcap, logit_scale)
-    _tuning.launch(plan)
-    return out.lse
-
-
-def linear_logprobs_fwd_stats(hidden, weight, bias, temperature, softcap, logit_scale,
-                              stats: frozenset[str]) -> SplitStats:
-    """The forward of ``linear_logprobs_fwd`` with per-split statistics from the same pass: a
-    :class:`SplitStats` of (S, N) buffers, the LSE in the accumulation dtype (float32; float64
-    for float64 inputs) and each statistic named in ``stats`` (a subset of :data:`STATS`); the
-    others are None. Merging the splits is the caller's."""
-    n_rows = hidden.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    plan, out = _fwd_plan(
-        hidden, weight, bias,
-        lambda splits: torch.full((splits, n_rows), float("nan"), dtype=acc, device=hidden.device),
-        temperature, softcap, logit_scale, frozenset(stats),
-    )
+def linear_logprobs_fwd(hidden, weight, bias, temperature, softcap, logit_scale,
+                        stats: frozenset[str] = frozenset()) -> SplitStats:
+    """Each of S vocabulary splits' log-sum-exp of every row, in two parts, and the statistics
+    named in ``stats`` (a subset of :data:`STATS`) from the same pass: a :class:`SplitStats` of
+    (S, N) buffers (the others None). ``hidden (N, H)`` and ``weight (V, H)`` have a contiguous
+    last dimension. Merging the splits is the caller's."""
+    plan, out = _fwd_plan(hidden, weight, bias, temperature, softcap, logit_scale,
+                          frozenset(stats))
     _tuning.launch(plan)
     return out
 
 
-def linear_logprobs_dlogits(hidden, weight, bias, coef, lse, dlogits, temperature, softcap,
-                            logit_scale, entropy_grad=None) -> None:
+def linear_logprobs_dlogits(hidden, weight, bias, coef, row_max, log_sum, dlogits, temperature,
+                            softcap, logit_scale, entropy_grad=None) -> None:
     """Fill ``dlogits (n, V)`` for one chunk of ``n`` rows with the dense part of the gradient
-    (see the kernel for the formula); ``entropy_grad (n,)`` (accumulation dtype) adds the
-    entropy's z-proportional term."""
-    _tuning.launch(_dlogits_plan(hidden, weight, bias, coef, lse, dlogits, temperature, softcap,
-                                 logit_scale, entropy_grad))
+    (see the kernel for the formula); ``coef``, ``row_max``, ``log_sum`` ``(n,)`` and
+    ``entropy_grad (n,)`` (which adds the entropy's z-proportional term) are in the accumulation
+    dtype."""
+    _tuning.launch(_dlogits_plan(hidden, weight, bias, coef, row_max, log_sum, dlogits,
+                                 temperature, softcap, logit_scale, entropy_grad))

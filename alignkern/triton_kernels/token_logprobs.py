@@ -1,9 +1,12 @@
 """Triton kernels for token_logprobs and their launchers.
 
 Forward: one program per row walks the vocabulary in BLOCK_V tiles with an online log-sum-exp, then
-gathers the K target logits directly. Backward: one program per row recomputes softmax from the
-saved LSE tile by tile and writes the dense part of the gradient, ``-coef * softmax / T``, in the
-logits' dtype; the caller writes the K target columns (alignkern/ops/_targets.py). Everything is
+gathers the K target logits directly. The row's log-sum-exp is written in two parts, its maximum
+``row_max`` (0 where infinite) and ``log_sum = log sum exp(z - row_max)``, and a log-probability is
+``(z_t - row_max) - log_sum`` (ops/token_logprobs.py says why). Backward: one program per row
+recomputes softmax as ``exp((z - row_max) - log_sum)`` tile by tile and writes the dense part of the
+gradient, ``-coef * softmax / T``, in the logits' dtype; the caller writes the K target columns
+(alignkern/ops/_targets.py). Everything is
 computed in the output's float type (float32, or float64 for float64 logits) right after loading,
 which also keeps the Triton interpreter exact for bfloat16.
 
@@ -35,7 +38,8 @@ def _token_logprobs_fwd_kernel(
     targets_ptr,
     k,
     out_ptr,
-    lse_ptr,
+    row_max_ptr,
+    log_sum_ptr,
     inv_t,
     ignore_index,
     BLOCK_V: tl.constexpr,
@@ -55,13 +59,15 @@ def _token_logprobs_fwd_kernel(
         alpha = tl.where(rescale, tl.exp(_reference_point(m) - ref_new), 1.0)
         s = s * alpha + tl.sum(tl.exp(z - ref_new), 0)  # a NaN in z reaches s here
         m = m_new
-    lse = _reference_point(m) + tl.log(s)
-    tl.store(lse_ptr + row, lse)
+    shift = _reference_point(m)
+    log_sum = tl.log(s)
+    tl.store(row_max_ptr + row, shift)
+    tl.store(log_sum_ptr + row, log_sum)
     for j in range(k):
         t = tl.load(targets_ptr + row * k + j)
         in_range = (t >= 0) & (t < vocab)
         z_t = tl.load(row_ptr + t, mask=in_range, other=0.0).to(acc_dtype) * inv_t
-        value = tl.where(in_range, z_t - lse, float("nan"))
+        value = tl.where(in_range, (z_t - shift) - log_sum, float("nan"))
         value = tl.where(t == ignore_index, 0.0, value)
         tl.store(out_ptr + row * k + j, value)
 
@@ -72,24 +78,26 @@ def _token_logprobs_dense_bwd_kernel(
     logits_ptr,
     row_offsets_ptr,
     vocab,
-    lse_ptr,
+    row_max_ptr,
+    log_sum_ptr,
     grad_logits_ptr,
     inv_t,
     BLOCK_V: tl.constexpr,
 ):
-    """grad = -coef * softmax(z) * inv_t over the whole row; the target columns are written
-    afterwards by the caller."""
-    acc_dtype = lse_ptr.dtype.element_ty
+    """grad = -coef * softmax(z) * inv_t over the whole row, softmax(z) = exp((z - row_max) -
+    log_sum); the target columns are written afterwards by the caller."""
+    acc_dtype = log_sum_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + tl.load(row_offsets_ptr + row)
     scale = -tl.load(coef_ptr + row).to(acc_dtype) * inv_t
-    lse = tl.load(lse_ptr + row)
+    shift = tl.load(row_max_ptr + row)
+    log_sum = tl.load(log_sum_ptr + row)
     out_row_ptr = grad_logits_ptr + row * vocab
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < vocab
         z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(acc_dtype) * inv_t
-        grad = scale * tl.exp(z - lse)
+        grad = scale * tl.exp((z - shift) - log_sum)
         tl.store(out_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -124,26 +132,27 @@ def row_space(vocab: int, dtype: torch.dtype) -> tuple:
     return fitting or space[:1]
 
 
-def _fwd_plan(logits, row_offsets, vocab, targets, out, lse, temperature,
+def _fwd_plan(logits, row_offsets, vocab, targets, out, row_max, log_sum, temperature,
               ignore_index) -> _tuning.Launch | None:
     n_rows, k = targets.shape
     if n_rows == 0:
         return None
     return _tuning.Launch(
         _token_logprobs_fwd_kernel, lambda meta: (n_rows,),
-        (logits, row_offsets, vocab, targets, k, out, lse, 1.0 / temperature, ignore_index),
+        (logits, row_offsets, vocab, targets, k, out, row_max, log_sum, 1.0 / temperature,
+         ignore_index),
         {}, row_space(vocab, logits.dtype), _KEY, dict(enable_fp_fusion=False),
     )
 
 
-def _dense_bwd_plan(coef, logits, row_offsets, vocab, lse, grad_logits,
+def _dense_bwd_plan(coef, logits, row_offsets, vocab, row_max, log_sum, grad_logits,
                     temperature) -> _tuning.Launch | None:
     n_rows = coef.shape[0]
     if n_rows == 0:
         return None
     return _tuning.Launch(
         _token_logprobs_dense_bwd_kernel, lambda meta: (n_rows,),
-        (coef, logits, row_offsets, vocab, lse, grad_logits, 1.0 / temperature),
+        (coef, logits, row_offsets, vocab, row_max, log_sum, grad_logits, 1.0 / temperature),
         {}, row_space(vocab, logits.dtype), _KEY, dict(enable_fp_fusion=False),
     )
 
@@ -154,14 +163,16 @@ def token_logprobs_fwd(
     vocab: int,
     targets: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     temperature: float,
     ignore_index: int,
 ) -> None:
-    """Fill ``out (N, K)`` and ``lse (N,)``; ``targets (N, K)`` int64 contiguous, rows of the
-    logits at ``logits.data_ptr() + row_offsets`` (elements), last dimension contiguous."""
-    _tuning.launch(_fwd_plan(logits, row_offsets, vocab, targets, out, lse, temperature,
-                             ignore_index))
+    """Fill ``out (N, K)``, ``row_max (N,)`` and ``log_sum (N,)``; ``targets (N, K)`` int64
+    contiguous, rows of the logits at ``logits.data_ptr() + row_offsets`` (elements), last
+    dimension contiguous."""
+    _tuning.launch(_fwd_plan(logits, row_offsets, vocab, targets, out, row_max, log_sum,
+                             temperature, ignore_index))
 
 
 def token_logprobs_dense_bwd(
@@ -169,11 +180,12 @@ def token_logprobs_dense_bwd(
     logits: torch.Tensor,
     row_offsets: torch.Tensor,
     vocab: int,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     grad_logits: torch.Tensor,
     temperature: float,
 ) -> None:
     """Fill ``grad_logits (N, V)`` (contiguous, logits' dtype) with ``-coef * softmax / T``;
-    ``coef (N,)`` and ``lse (N,)`` contiguous in the accumulation dtype."""
-    _tuning.launch(_dense_bwd_plan(coef, logits, row_offsets, vocab, lse, grad_logits,
-                                   temperature))
+    ``coef``, ``row_max`` and ``log_sum`` ``(N,)`` contiguous in the accumulation dtype."""
+    _tuning.launch(_dense_bwd_plan(coef, logits, row_offsets, vocab, row_max, log_sum,
+                                   grad_logits, temperature))

@@ -1,6 +1,11 @@
 // token_logprobs on the CPU: one OpenMP task per row, one pass over the row in L1-sized chunks with
-// an online log-sum-exp, then K gathers. The backward recomputes softmax from the saved LSE and
-// writes its dense part in the logits' dtype; no [N, V] float temporary is ever allocated.
+// an online log-sum-exp, then K gathers. The backward recomputes softmax from the saved row maximum
+// and log-sum and writes its dense part in the logits' dtype; no [N, V] float temporary is ever
+// allocated.
+//
+// The log-sum-exp is kept as two numbers, the row maximum m and log s, s = sum exp(z - m), and a
+// log-probability is (z_t - m) - log s: m + log s rounded to one float loses every bit of log s
+// below the spacing of |m| (tied top logits at T = 1e-6 gave -0.5 for -0.693).
 //
 // z = x * inv_t must round the same way in the maximum, the sum and the gathers, so that
 // z_t <= max z <= lse and no log-probability is positive: every product goes through scaled(),
@@ -129,16 +134,18 @@ float chunk_sum_exp(const float* x, int64_t n, float inv_t, float shift) {
   return result;
 }
 
-// out_i = coef * exp(x_i * inv_t - lse)
+// out_i = coef * exp((x_i * inv_t - shift) - log_sum)
 ALIGNKERN_MULTIVERSION
-void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float lse, float coef, float* out) {
+void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float shift, float log_sum,
+                          float coef, float* out) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const f32x8 v = coef * exp_nonpositive(scaled(load8(x + i), inv_t) - lse);
+    const f32x8 v = coef * exp_nonpositive((scaled(load8(x + i), inv_t) - shift) - log_sum);
     std::memcpy(out + i, &v, sizeof(v));
   }
   if (i < n) {
-    const f32x8 v = coef * exp_nonpositive(scaled(load_partial(x + i, n - i, 0.0f), inv_t) - lse);
+    const f32x8 v = coef * exp_nonpositive(
+        (scaled(load_partial(x + i, n - i, 0.0f), inv_t) - shift) - log_sum);
     for (int64_t j = 0; i + j < n; ++j) out[i + j] = v[j];
   }
 }
@@ -157,9 +164,9 @@ double chunk_sum_exp(const double* x, int64_t n, double inv_t, double shift) {
   return s;
 }
 
-void chunk_scaled_softmax(const double* x, int64_t n, double inv_t, double lse, double coef,
-                          double* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp(scaled(x[i], inv_t) - lse);
+void chunk_scaled_softmax(const double* x, int64_t n, double inv_t, double shift, double log_sum,
+                          double coef, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp((scaled(x[i], inv_t) - shift) - log_sum);
 }
 
 // Returns a pointer to the chunk as Acc values: the row itself for float/double storage, else the
@@ -174,11 +181,19 @@ const Acc* load_chunk(const T* src, int64_t n, Acc* buffer) {
   }
 }
 
+// A row's log-sum-exp kept in two parts, lse = shift + log_sum: shift is the row maximum of z (0
+// where that maximum is infinite) and log_sum = log sum exp(z - shift).
+template <typename Acc>
+struct ShiftedLse {
+  Acc shift;
+  Acc log_sum;
+};
+
 // The online log-sum-exp of z = x * inv_t over one row. Infinite maxima follow torch.logsumexp:
 // the running sum is then kept relative to 0 instead of the maximum, so a row holding +inf gives
 // +inf, a row of -inf gives -inf, and NaN anywhere gives NaN.
 template <typename T, typename Acc = typename Storage<T>::Acc>
-Acc row_logsumexp(const T* row, int64_t vocab, Acc inv_t) {
+ShiftedLse<Acc> row_logsumexp(const T* row, int64_t vocab, Acc inv_t) {
   Acc buffer[kChunk];
   Acc m = -std::numeric_limits<Acc>::infinity();  // running max of z
   Acc s = 0;                                      // sum of exp(z - reference(m))
@@ -194,20 +209,22 @@ Acc row_logsumexp(const T* row, int64_t vocab, Acc inv_t) {
     s += chunk_sum_exp(x, n, inv_t, reference);
     m = m_new;
   }
-  return (std::isinf(m) ? Acc(0) : m) + std::log(s);
+  return {std::isinf(m) ? Acc(0) : m, std::log(s)};
 }
 
 template <typename T>
 void forward_rows(const T* logits, int64_t n_rows, int64_t vocab, const int64_t* row_offsets,
                   const int64_t* targets, int64_t k, typename Storage<T>::Acc* out,
-                  typename Storage<T>::Acc* lse, double temperature, int64_t ignore_index) {
+                  typename Storage<T>::Acc* shift, typename Storage<T>::Acc* log_sum,
+                  double temperature, int64_t ignore_index) {
   using Acc = typename Storage<T>::Acc;
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n_rows; ++r) {
     const T* row = logits + row_offsets[r];
-    const Acc row_lse = row_logsumexp<T>(row, vocab, inv_t);
-    lse[r] = row_lse;
+    const ShiftedLse<Acc> row_lse = row_logsumexp<T>(row, vocab, inv_t);
+    shift[r] = row_lse.shift;
+    log_sum[r] = row_lse.log_sum;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t t = targets[r * k + j];
       Acc value;
@@ -216,19 +233,22 @@ void forward_rows(const T* logits, int64_t n_rows, int64_t vocab, const int64_t*
       } else if (t < 0 || t >= vocab) {
         value = std::numeric_limits<Acc>::quiet_NaN();
       } else {
-        value = scaled(Storage<T>::load(row[t]), inv_t) - row_lse;
+        value = (scaled(Storage<T>::load(row[t]), inv_t) - row_lse.shift) - row_lse.log_sum;
       }
       out[r * k + j] = value;
     }
   }
 }
 
-// The dense part of the gradient, grad_logits_v = -coef * softmax(z)_v / temperature; the caller
-// then writes the target columns (alignkern/ops/_targets.py), once each.
+// The dense part of the gradient, grad_logits_v = -coef * softmax(z)_v / temperature with
+// softmax(z)_v = exp((z_v - shift) - log_sum); the caller then writes the target columns
+// (alignkern/ops/_targets.py), once each.
 template <typename T>
 void dense_backward_rows(const typename Storage<T>::Acc* coef, const T* logits, int64_t n_rows,
                          int64_t vocab, const int64_t* row_offsets,
-                         const typename Storage<T>::Acc* lse, T* grad_logits, double temperature) {
+                         const typename Storage<T>::Acc* shift,
+                         const typename Storage<T>::Acc* log_sum, T* grad_logits,
+                         double temperature) {
   using Acc = typename Storage<T>::Acc;
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
 #pragma omp parallel for schedule(static)
@@ -240,7 +260,7 @@ void dense_backward_rows(const typename Storage<T>::Acc* coef, const T* logits, 
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       const Acc* x = load_chunk<T>(row + start, n, in_buffer);
-      chunk_scaled_softmax(x, n, inv_t, lse[r], -coef[r] * inv_t, out_buffer);
+      chunk_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], -coef[r] * inv_t, out_buffer);
       for (int64_t i = 0; i < n; ++i) grad_row[start + i] = Storage<T>::store(out_buffer[i]);
     }
   }
@@ -250,27 +270,28 @@ void dense_backward_rows(const typename Storage<T>::Acc* coef, const T* logits, 
 
 void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
                             uintptr_t row_offsets, uintptr_t targets, int64_t k, uintptr_t out,
-                            uintptr_t lse, double temperature, int64_t ignore_index) {
+                            uintptr_t shift, uintptr_t log_sum, double temperature,
+                            int64_t ignore_index) {
   check_token_logprobs_args(vocab, temperature);
   dispatch_dtype(to_dtype(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Storage<T>::Acc;
     forward_rows<T>(as_ptr<const T>(logits), n_rows, vocab, as_ptr<const int64_t>(row_offsets),
-                    as_ptr<const int64_t>(targets), k, as_ptr<Acc>(out), as_ptr<Acc>(lse),
-                    temperature, ignore_index);
+                    as_ptr<const int64_t>(targets), k, as_ptr<Acc>(out), as_ptr<Acc>(shift),
+                    as_ptr<Acc>(log_sum), temperature, ignore_index);
   });
 }
 
 void token_logprobs_bwd_cpu(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
-                            int64_t vocab, uintptr_t row_offsets, uintptr_t lse,
-                            uintptr_t grad_logits, double temperature) {
+                            int64_t vocab, uintptr_t row_offsets, uintptr_t shift,
+                            uintptr_t log_sum, uintptr_t grad_logits, double temperature) {
   check_token_logprobs_args(vocab, temperature);
   dispatch_dtype(to_dtype(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Storage<T>::Acc;
     dense_backward_rows<T>(as_ptr<const Acc>(coef), as_ptr<const T>(logits), n_rows, vocab,
-                           as_ptr<const int64_t>(row_offsets), as_ptr<const Acc>(lse),
-                           as_ptr<T>(grad_logits), temperature);
+                           as_ptr<const int64_t>(row_offsets), as_ptr<const Acc>(shift),
+                           as_ptr<const Acc>(log_sum), as_ptr<T>(grad_logits), temperature);
   });
 }
 

@@ -13,16 +13,17 @@
 //      logit scale, the softcap and the temperature (z = x * inv_t with __fmul_rn, never
 //      contracted into a multiply-add, so z rounds the same way in the maximum and the sum), and
 //      fold their half of the columns into an online log-sum-exp (max m, sum s).
-// After the last tile the two halves of each row merge their (m, s) and lse is written.
+// After the last tile the two halves of each row merge their (m, s) and the row's log-sum-exp is
+// written in two parts, shift = m (0 where m is infinite) and log_sum = log s (linear_logprobs.h).
 //
 // Fused statistics (the kStats instantiations, launched when any statistic pointer is given): in
-// the same epilogue each thread also keeps, relative to the same reference point as s, the sums
-// xs = sum exp(z - ref) z and sq = sum exp(2 (z - ref)) (rescaled by alpha and alpha^2 with s),
-// the plain sum of z, and the first column attaining the running max (a strictly greater z
-// replaces it; columns are visited in increasing order); the halves merge with cuda_detail::
-// stats_merge (an equal max goes to the smaller column) and each requested statistic is written:
-// mean_z = xs / s, log_sum_sq = log sq - 2 log s, sum_z, max_z = m, argmax. Without statistics the
-// kernel is the plain LSE kernel (the statistic code is compiled out).
+// the same epilogue each thread also keeps, relative to the same reference point ref as s, the
+// sums xd = sum exp(z - ref) (z - ref) and sq = sum exp(2 (z - ref)) (see OnlineStats for how they
+// follow a change of ref), the plain sum of z, and the first column attaining the running max (a
+// strictly greater z replaces it; columns are visited in increasing order); the halves merge with
+// cuda_detail::stats_merge (an equal max goes to the smaller column) and each requested statistic
+// is written: mean_dz = xd / s, log_sum_sq = log sq - 2 log s, sum_z, max_z = m, argmax. Without
+// statistics the kernel is the plain LSE kernel (the statistic code is compiled out).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -208,14 +209,14 @@ __device__ __forceinline__ float finish_logit(float dot, const T* bias, int64_t 
 
 // The statistic outputs, (n_rows,) each; nullptr where not requested.
 struct StatsOut {
-  float* mean_z;
+  float* mean_dz;
   float* log_sum_sq;
   float* sum_z;
   float* max_z;
   int64_t* argmax;
 
   bool any() const {
-    return mean_z != nullptr || log_sum_sq != nullptr || sum_z != nullptr || max_z != nullptr ||
+    return mean_dz != nullptr || log_sum_sq != nullptr || sum_z != nullptr || max_z != nullptr ||
            argmax != nullptr;
   }
 };
@@ -249,27 +250,29 @@ __device__ __forceinline__ void fold_row(OnlineLse& acc, OnlineStats& st, const 
   const float m_new = fmaxf(acc.m, tile_max);
   const float ref = lse_reference(m_new);
   if (m_new != acc.m && acc.s != 0.0f) {
-    const float alpha = __expf(lse_reference(acc.m) - ref);
-    acc.s *= alpha;
+    const float old_ref = lse_reference(acc.m);
+    const float alpha = __expf(old_ref - ref);
     if constexpr (kStats) {
-      st.xs *= alpha;
+      st.xd = alpha * (st.xd + (old_ref - ref) * acc.s);  // with the sum before its rescale
       st.sq *= alpha * alpha;
     }
+    acc.s *= alpha;
   }
   float sum = 0.0f;
   if constexpr (kStats) {
-    float xs = 0.0f;
+    float xd = 0.0f;
     float sq = 0.0f;
     float zsum = 0.0f;
 #pragma unroll
     for (int i = 0; i < kBN / 2; ++i) {
-      const float e = __expf(z[i] - ref);
+      const float dz = z[i] - ref;
+      const float e = __expf(dz);
       sum += e;
-      xs += e == 0.0f ? 0.0f : e * z[i];  // z = -inf past the vocabulary: 0, not 0 * -inf
+      xd += e == 0.0f ? 0.0f : e * dz;  // z = -inf past the vocabulary: 0, not 0 * -inf
       sq += e * e;
       zsum += half + 2 * i < n_cols ? z[i] : 0.0f;
     }
-    st.xs += xs;
+    st.xd += xd;
     st.sq += sq;
     st.zsum += zsum;
   } else {
@@ -285,8 +288,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     linear_logprobs_lse_kernel(const T* __restrict__ hidden, int64_t hidden_stride,
                                const T* __restrict__ weight, int64_t weight_stride,
                                const T* __restrict__ bias, int64_t n_rows, int64_t vocab,
-                               int64_t hidden_size, float* __restrict__ lse, float inv_t,
-                               float softcap, float logit_scale, StatsOut stats) {
+                               int64_t hidden_size, float* __restrict__ shift,
+                               float* __restrict__ log_sum, float inv_t, float softcap,
+                               float logit_scale, StatsOut stats) {
   static_assert(kSmemBytes<T, KBK> <= 48 * 1024, "static shared memory is limited to 48 KB");
   __shared__ __align__(128) T a_tile[kBM * kPitch<T, KBK>];
   __shared__ __align__(128) T b_tile[kBN * kPitch<T, KBK>];
@@ -332,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const OnlineLse other{__shfl_xor_sync(0xffffffffu, acc.m, 1),
                         __shfl_xor_sync(0xffffffffu, acc.s, 1)};
   if constexpr (kStats) {
-    const OnlineStats other_st{__shfl_xor_sync(0xffffffffu, st.xs, 1),
+    const OnlineStats other_st{__shfl_xor_sync(0xffffffffu, st.xd, 1),
                                __shfl_xor_sync(0xffffffffu, st.sq, 1),
                                __shfl_xor_sync(0xffffffffu, st.zsum, 1),
                                __shfl_xor_sync(0xffffffffu, st.best, 1)};
@@ -341,8 +345,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     OnlineStats st_total;
     stats_merge(acc, st, other, other_st, total, st_total);
     const float log_s = logf(total.s);
-    lse[row] = lse_reference(total.m) + log_s;
-    if (stats.mean_z != nullptr) stats.mean_z[row] = st_total.xs / total.s;
+    shift[row] = lse_reference(total.m);
+    log_sum[row] = log_s;
+    if (stats.mean_dz != nullptr) stats.mean_dz[row] = st_total.xd / total.s;
     if (stats.log_sum_sq != nullptr) stats.log_sum_sq[row] = logf(st_total.sq) - 2.0f * log_s;
     if (stats.sum_z != nullptr) stats.sum_z[row] = st_total.zsum;
     if (stats.max_z != nullptr) stats.max_z[row] = total.m;
@@ -350,7 +355,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   } else {
     if (!row_valid || half != 0) return;
     const OnlineLse total = lse_merge(acc, other);
-    lse[row] = lse_reference(total.m) + logf(total.s);
+    shift[row] = lse_reference(total.m);
+    log_sum[row] = logf(total.s);
   }
 }
 
@@ -358,9 +364,9 @@ inline bool is_aligned16(uintptr_t address) { return address % 16 == 0; }
 
 template <typename T, int KBK>
 void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64_t weight_stride,
-                uintptr_t bias, int64_t n_rows, int64_t vocab, int64_t hidden_size, uintptr_t lse,
-                float inv_t, float softcap, float logit_scale, cudaStream_t stream,
-                StatsOut stats) {
+                uintptr_t bias, int64_t n_rows, int64_t vocab, int64_t hidden_size,
+                uintptr_t shift, uintptr_t log_sum, float inv_t, float softcap, float logit_scale,
+                cudaStream_t stream, StatsOut stats) {
   if (n_rows == 0) return;
   const int64_t n_blocks = (n_rows + kBM - 1) / kBM;
   check_arg(n_blocks <= 2147483647, "linear_logprobs: too many rows for one CUDA grid");
@@ -375,7 +381,7 @@ void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64
     kernel<<<static_cast<unsigned>(n_blocks), kThreads, 0, stream>>>(
         as_ptr<const T>(hidden), hidden_stride, as_ptr<const T>(weight), weight_stride,
         bias == 0 ? nullptr : as_ptr<const T>(bias), n_rows, vocab, hidden_size,
-        as_ptr<float>(lse), inv_t, softcap, logit_scale, stats);
+        as_ptr<float>(shift), as_ptr<float>(log_sum), inv_t, softcap, logit_scale, stats);
   };
   if (stats.any()) {
     if (vectorised) {
@@ -397,9 +403,10 @@ void launch_lse(uintptr_t hidden, int64_t hidden_stride, uintptr_t weight, int64
 
 void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintptr_t weight,
                               int64_t weight_row_stride, uintptr_t bias, int dtype, int64_t n_rows,
-                              int64_t vocab, int64_t hidden_size, uintptr_t lse,
-                              double temperature, double softcap, double logit_scale,
-                              uintptr_t stream, uintptr_t mean_z, uintptr_t log_sum_sq,
+                              int64_t vocab, int64_t hidden_size, uintptr_t shift,
+                              uintptr_t log_sum, double temperature, double softcap,
+                              double logit_scale, uintptr_t stream, uintptr_t mean_dz,
+                              uintptr_t log_sum_sq,
                               uintptr_t sum_z, uintptr_t max_z, uintptr_t argmax) {
   check_linear_logprobs_args(n_rows, vocab, hidden_size, temperature);
   check_arg(logit_scale > 0 && std::isfinite(logit_scale),
@@ -413,15 +420,15 @@ void linear_logprobs_lse_cuda(uintptr_t hidden, int64_t hidden_row_stride, uintp
                                 static_cast<int>(sizeof(kKbkChoices) / sizeof(int)));
   check_arg(argmax == 0 || vocab <= 2147483647,
             "linear_logprobs: the cuda argmax takes a vocabulary of at most 2^31 - 1 ids");
-  const StatsOut stats{mean_z == 0 ? nullptr : as_ptr<float>(mean_z),
+  const StatsOut stats{mean_dz == 0 ? nullptr : as_ptr<float>(mean_dz),
                        log_sum_sq == 0 ? nullptr : as_ptr<float>(log_sum_sq),
                        sum_z == 0 ? nullptr : as_ptr<float>(sum_z),
                        max_z == 0 ? nullptr : as_ptr<float>(max_z),
                        argmax == 0 ? nullptr : as_ptr<int64_t>(argmax)};
   auto launch = [&](auto tag, auto kbk_tag) {
     launch_lse<decltype(tag), decltype(kbk_tag)::value>(
-        hidden, hidden_row_stride, weight, weight_row_stride, bias, n_rows, vocab, hidden_size, lse,
-        inv_t, cap, static_cast<float>(logit_scale), reinterpret_cast<cudaStream_t>(stream),
+        hidden, hidden_row_stride, weight, weight_row_stride, bias, n_rows, vocab, hidden_size,
+        shift, log_sum, inv_t, cap, static_cast<float>(logit_scale), reinterpret_cast<cudaStream_t>(stream),
         stats);
   };
   using Kbk32 = std::integral_constant<int, 32>;

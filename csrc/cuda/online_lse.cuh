@@ -31,14 +31,16 @@ __device__ __forceinline__ OnlineLse lse_merge(OnlineLse a, OnlineLse b) {
 }
 
 // Running statistics kept beside an OnlineLse (m, s) by linear_logprobs' fused statistics, all
-// relative to the same reference point lse_reference(m):
-//   xs = sum exp(z - ref) * z      (mean of z under softmax: xs / s)
-//   sq = sum exp(2 (z - ref))      (log sum p^2 = log sq - 2 log s)
-//   zsum = sum z over the columns  (the mean logit: zsum / vocab)
+// relative to the same reference point ref = lse_reference(m):
+//   xd = sum exp(z - ref) * (z - ref)  (mean of z - ref under softmax: xd / s; kept relative to
+//                                      ref, since sum p z rounded near |z| loses the entropy)
+//   sq = sum exp(2 (z - ref))          (log sum p^2 = log sq - 2 log s)
+//   zsum = sum z over the columns      (the mean logit: zsum / vocab)
 //   best = the first column attaining m
-// A rescale of s by alpha rescales xs by alpha and sq by alpha^2.
+// Moving the reference from ref to ref' rescales s by alpha = exp(ref - ref'), sq by alpha^2 and
+// turns xd into alpha (xd + (ref - ref') s).
 struct OnlineStats {
-  float xs;
+  float xd;
   float sq;
   float zsum;
   int best;  // (the caller checks that every column id fits)
@@ -55,7 +57,8 @@ __device__ __forceinline__ void stats_merge(OnlineLse a, OnlineStats sa, OnlineL
   const float ca = a.s == 0.0f ? 0.0f : __expf(lse_reference(a.m) - ref);
   const float cb = b.s == 0.0f ? 0.0f : __expf(lse_reference(b.m) - ref);
   lse = {m, a.s * ca + b.s * cb};
-  st.xs = sa.xs * ca + sb.xs * cb;
+  st.xd = (sa.xd + (lse_reference(a.m) - ref) * a.s) * ca +
+          (sb.xd + (lse_reference(b.m) - ref) * b.s) * cb;
   st.sq = sa.sq * (ca * ca) + sb.sq * (cb * cb);
   st.zsum = sa.zsum + sb.zsum;
   st.best = a.m > b.m ? sa.best : b.m > a.m ? sb.best : (sa.best < sb.best ? sa.best : sb.best);

@@ -1,6 +1,8 @@
 // token_logprobs on CUDA: one thread block per row. Forward: each thread keeps an online
 // log-sum-exp (max, sum) over its 16-byte vectors of the row, the block merges them, then K threads
-// gather the target logits. Backward: recompute softmax from the saved LSE and write its dense part
+// gather the target logits; the row's (shift, log_sum) = (max, log sum exp(z - max)) are written
+// apart and a log-probability is (z_t - shift) - log_sum (token_logprobs.h says why). Backward:
+// recompute softmax as exp((z - shift) - log_sum) and write its dense part
 // -coef * softmax / T in the logits' dtype with 16-byte stores; the caller writes the target
 // columns afterwards (alignkern/ops/_targets.py), so the cost is O(V + K) per row.
 // float64 logits are not handled here (the Python layer refuses them for this backend).
@@ -93,8 +95,8 @@ template <typename T, int VEC, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, int64_t vocab, const int64_t* __restrict__ row_offsets,
                               const int64_t* __restrict__ targets, int64_t k,
-                              float* __restrict__ out, float* __restrict__ lse, float inv_t,
-                              int64_t ignore_index) {
+                              float* __restrict__ out, float* __restrict__ shift,
+                              float* __restrict__ log_sum, float inv_t, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const T* row_ptr = logits + row_offsets[row];
   OnlineLse acc{-INFINITY, 0.0f};
@@ -112,8 +114,12 @@ __global__ void __launch_bounds__(kThreads)
     update_lse<T, 1>(acc, x);
   }
   const OnlineLse total = block_lse_reduce<kThreads>(acc);
-  const float row_lse = lse_reference(total.m) + logf(total.s);
-  if (threadIdx.x == 0) lse[row] = row_lse;
+  const float row_shift = lse_reference(total.m);
+  const float row_log_sum = logf(total.s);
+  if (threadIdx.x == 0) {
+    shift[row] = row_shift;
+    log_sum[row] = row_log_sum;
+  }
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const int64_t t = targets[row * k + j];
     float value;
@@ -122,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
     } else if (t < 0 || t >= vocab) {
       value = NAN;
     } else {
-      value = __fmul_rn(to_f32(row_ptr[t]), inv_t) - row_lse;
+      value = (__fmul_rn(to_f32(row_ptr[t]), inv_t) - row_shift) - row_log_sum;
     }
     out[row * k + j] = value;
   }
@@ -132,15 +138,16 @@ template <typename T, int VEC, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     token_logprobs_bwd_kernel(const float* __restrict__ coef, const T* __restrict__ logits,
                               int64_t vocab, const int64_t* __restrict__ row_offsets,
-                              const float* __restrict__ lse, T* __restrict__ grad_logits,
-                              float inv_t) {
+                              const float* __restrict__ shift, const float* __restrict__ log_sum,
+                              T* __restrict__ grad_logits, float inv_t) {
   const int64_t row = blockIdx.x;
   const float scale = -coef[row] * inv_t;
-  const float row_lse = lse[row];
+  const float row_shift = shift[row];
+  const float row_log_sum = log_sum[row];
   const T* row_ptr = logits + row_offsets[row];
   T* grad_row = grad_logits + row * vocab;
   auto grad_at = [&](T x) {
-    return from_f32<T>(scale * __expf(__fmul_rn(to_f32(x), inv_t) - row_lse));
+    return from_f32<T>(scale * __expf((__fmul_rn(to_f32(x), inv_t) - row_shift) - row_log_sum));
   };
 
   const int64_t n_vec = vocab / VEC;
@@ -181,15 +188,16 @@ void dispatch_threads(Fn&& fn) {
 template <typename T, int kThreads>
 void launch_forward(uintptr_t logits, int64_t n_rows, int64_t vocab, uintptr_t row_offsets,
                     bool rows_aligned,
-                    uintptr_t targets, int64_t k, uintptr_t out, uintptr_t lse, float inv_t,
-                    int64_t ignore_index, cudaStream_t stream) {
+                    uintptr_t targets, int64_t k, uintptr_t out, uintptr_t shift,
+                    uintptr_t log_sum, float inv_t, int64_t ignore_index, cudaStream_t stream) {
   if (n_rows == 0) return;
   const dim3 grid(static_cast<unsigned>(n_rows));
   auto args = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(as_ptr<const T>(logits), vocab,
                                           as_ptr<const int64_t>(row_offsets),
                                           as_ptr<const int64_t>(targets), k, as_ptr<float>(out),
-                                          as_ptr<float>(lse), inv_t, ignore_index);
+                                          as_ptr<float>(shift), as_ptr<float>(log_sum), inv_t,
+                                          ignore_index);
   };
   if (rows_aligned && is_aligned16(logits)) {
     args(token_logprobs_fwd_kernel<T, vec_width<T>(), kThreads>);
@@ -201,14 +209,15 @@ void launch_forward(uintptr_t logits, int64_t n_rows, int64_t vocab, uintptr_t r
 
 template <typename T, int kThreads>
 void launch_backward(uintptr_t coef, uintptr_t logits, int64_t n_rows, int64_t vocab,
-                     uintptr_t row_offsets, bool rows_aligned, uintptr_t lse, uintptr_t grad_logits,
-                     float inv_t, cudaStream_t stream) {
+                     uintptr_t row_offsets, bool rows_aligned, uintptr_t shift,
+                     uintptr_t log_sum, uintptr_t grad_logits, float inv_t, cudaStream_t stream) {
   if (n_rows == 0) return;
   const dim3 grid(static_cast<unsigned>(n_rows));
   auto args = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(as_ptr<const float>(coef), as_ptr<const T>(logits),
                                           vocab, as_ptr<const int64_t>(row_offsets),
-                                          as_ptr<const float>(lse), as_ptr<T>(grad_logits), inv_t);
+                                          as_ptr<const float>(shift), as_ptr<const float>(log_sum),
+                                          as_ptr<T>(grad_logits), inv_t);
   };
   if (rows_aligned && is_aligned16(logits) && is_aligned16(grad_logits) &&
       (vocab * static_cast<int64_t>(sizeof(T))) % 16 == 0) {
@@ -241,29 +250,30 @@ float checked_inverse_temperature(int64_t n_rows, int64_t vocab, double temperat
 
 void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
                              uintptr_t row_offsets, int rows_aligned, uintptr_t targets, int64_t k,
-                             uintptr_t out, uintptr_t lse, double temperature, int64_t ignore_index,
-                             uintptr_t stream) {
+                             uintptr_t out, uintptr_t shift, uintptr_t log_sum, double temperature,
+                             int64_t ignore_index, uintptr_t stream) {
   const float inv_t = checked_inverse_temperature(n_rows, vocab, temperature);
   dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_threads([&](auto threads) {
       launch_forward<T, decltype(threads)::value>(
-          logits, n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, out, lse, inv_t,
-          ignore_index, reinterpret_cast<cudaStream_t>(stream));
+          logits, n_rows, vocab, row_offsets, rows_aligned != 0, targets, k, out, shift, log_sum,
+          inv_t, ignore_index, reinterpret_cast<cudaStream_t>(stream));
     });
   });
 }
 
 void token_logprobs_bwd_cuda(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
-                             int64_t vocab, uintptr_t row_offsets, int rows_aligned, uintptr_t lse,
-                             uintptr_t grad_logits, double temperature, uintptr_t stream) {
+                             int64_t vocab, uintptr_t row_offsets, int rows_aligned,
+                             uintptr_t shift, uintptr_t log_sum, uintptr_t grad_logits,
+                             double temperature, uintptr_t stream) {
   const float inv_t = checked_inverse_temperature(n_rows, vocab, temperature);
   dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_threads([&](auto threads) {
       launch_backward<T, decltype(threads)::value>(coef, logits, n_rows, vocab, row_offsets,
-                                                   rows_aligned != 0, lse, grad_logits, inv_t,
-                                                   reinterpret_cast<cudaStream_t>(stream));
+                                                   rows_aligned != 0, shift, log_sum, grad_logits,
+                                                   inv_t, reinterpret_cast<cudaStream_t>(stream));
     });
   });
 }
