@@ -16,6 +16,7 @@ pytest.importorskip("trl")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
 from hf_models import tiny_model  # noqa: E402
+from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 
 import alignkern.integrations.trl as ak_trl  # noqa: E402
 
@@ -157,33 +158,148 @@ def test_zero3_head_gathered_for_the_forward_only(monkeypatch, alignkern_calls):
     _assert_same(got, want)
 
 
+def _fused_model(family="llama"):
+    model = tiny_model(family)
+    trl_utils.add_fused_lm_head(model)
+    return model
+
+
+def _on(model, alignkern_calls) -> bool:
+    """Whether ``model``'s fused head runs on alignkern (one fused forward, counted)."""
+    ids, labels = _batch()
+    before = len(alignkern_calls)
+    model(input_ids=ids, labels=labels, fused_lm_head=True)
+    return len(alignkern_calls) > before
+
+
 def test_scoping_and_undo(alignkern_calls):
     """``use_alignkern(model)`` switches on that model only; ``use_alignkern()`` every fused
     head, built before or after; ``undo`` switches back; a model without a fused head is a clear
     error."""
-    ids, labels = _batch()
-    first, second = tiny_model("llama"), tiny_model("llama")
-    for model in (first, second):
-        trl_utils.add_fused_lm_head(model)
-
-    def calls_during(model):
-        before = len(alignkern_calls)
-        model(input_ids=ids, labels=labels, fused_lm_head=True)
-        return len(alignkern_calls) - before
-
+    first, second = _fused_model(), _fused_model()
     hook = ak_trl.use_alignkern(first)
-    assert calls_during(first) == 1 and calls_during(second) == 0
-    ak_trl.use_alignkern(first)  # twice is harmless
+    assert _on(first, alignkern_calls) and not _on(second, alignkern_calls)
     hook.undo()
-    assert calls_during(first) == 0
+    assert not _on(first, alignkern_calls)
     with ak_trl.use_alignkern():
-        later = tiny_model("llama")
-        trl_utils.add_fused_lm_head(later)
-        assert calls_during(second) == 1 and calls_during(later) == 1
-    assert calls_during(later) == 0
+        later = _fused_model()
+        assert _on(second, alignkern_calls) and _on(later, alignkern_calls)
+    assert not _on(later, alignkern_calls)
     with pytest.raises(ValueError, match="use_alignkern: LlamaForCausalLM has no TRL fused LM "
                                          "head"):
         ak_trl.use_alignkern(tiny_model("llama"))
     with pytest.raises(ValueError, match="use_alignkern: target must be a TRL trainer, a model "
                                          "or None, got str"):
         ak_trl.use_alignkern("model")
+
+
+@pytest.mark.parametrize("kinds", [("global", "global"), ("scoped", "scoped"),
+                                   ("global", "scoped"), ("scoped", "global")])
+@pytest.mark.parametrize("undo_order", [(0, 1), (1, 0)], ids=["first-first", "last-first"])
+def test_handles_nest_in_any_order(kinds, undo_order, alignkern_calls):
+    """Every handle holds its own reference: a model is on while any global handle or any handle
+    scoped to it is open, whatever order they are undone in; undoing a handle twice changes
+    nothing the second time; the last undo puts back the very objects it replaced (TRL's
+    function in ``trl.trainer.utils`` and the model's forward)."""
+    model, other = _fused_model(), _fused_model()
+    forward = vars(model)["forward"]
+
+    def open_handle(kind):
+        return ak_trl.use_alignkern() if kind == "global" else ak_trl.use_alignkern(model)
+
+    def assert_state(open_kinds):
+        assert _on(model, alignkern_calls) == bool(open_kinds), open_kinds
+        assert _on(other, alignkern_calls) == ("global" in open_kinds), open_kinds
+
+    handles = [open_handle(kind) for kind in kinds]
+    assert_state(kinds)
+    still_open = dict(enumerate(kinds))
+    for index in undo_order:
+        handles[index].undo()
+        del still_open[index]
+        assert_state(tuple(still_open.values()))
+        handles[index].undo()  # harmless: it releases nothing another handle holds
+        assert_state(tuple(still_open.values()))
+    assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    assert vars(model)["forward"] is forward
+
+
+def test_handles_nest_as_context_managers(alignkern_calls):
+    model, other = _fused_model(), _fused_model()
+    forward = vars(model)["forward"]
+    with ak_trl.use_alignkern(model):
+        with ak_trl.use_alignkern(model):
+            assert _on(model, alignkern_calls) and not _on(other, alignkern_calls)
+        assert _on(model, alignkern_calls)
+        with ak_trl.use_alignkern() as everywhere:
+            assert _on(model, alignkern_calls) and _on(other, alignkern_calls)
+            everywhere.undo()  # an explicit undo inside the block: leaving it does nothing more
+            assert _on(model, alignkern_calls) and not _on(other, alignkern_calls)
+        assert _on(model, alignkern_calls) and not _on(other, alignkern_calls)
+    assert not _on(model, alignkern_calls)
+    assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    assert vars(model)["forward"] is forward
+
+
+def test_last_undo_restores_another_patch_of_trl(monkeypatch, alignkern_calls):
+    """What was in ``trl.trainer.utils._ChunkedLogProbFunction`` before the first handle (here
+    another library's patch) is what runs the heads alignkern is off for, and what the last undo
+    puts back."""
+    calls = []
+
+    class OtherPatch:
+        @staticmethod
+        def apply(*args):
+            calls.append(1)
+            return ak_trl._TRL_FUNCTION.apply(*args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", OtherPatch)
+    model, other = _fused_model(), _fused_model()
+    with ak_trl.use_alignkern(model):
+        assert _on(model, alignkern_calls) and not calls
+        assert not _on(other, alignkern_calls) and calls
+    assert trl_utils._ChunkedLogProbFunction is OtherPatch
+
+
+def test_a_deepcopy_of_a_scoped_model_is_not_scoped(alignkern_calls):
+    """``copy.deepcopy`` of a model with an open ``use_alignkern(model)`` handle is a stock model:
+    its fused head runs on TRL's kernel (hook it with its own ``use_alignkern(copy)``), with the
+    copy's own weights, and nothing of it follows the original's handle."""
+    model = _fused_model()
+    ids, labels = _batch()
+    with ak_trl.use_alignkern(model):
+        clone = copy.deepcopy(model)
+        assert _on(model, alignkern_calls) and not _on(clone, alignkern_calls)
+        assert vars(clone)["forward"].__self__ is clone
+        with torch.no_grad():
+            clone.lm_head.weight.mul_(2)
+        stock = clone(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        with ak_trl.use_alignkern(clone):
+            assert _on(clone, alignkern_calls)
+            ours = clone(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        torch.testing.assert_close(ours, stock, atol=2e-6, rtol=0)
+        assert not _on(clone, alignkern_calls) and _on(model, alignkern_calls)
+        original = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        assert not torch.allclose(original, ours)  # the copy's head, not the original's
+    assert not _on(model, alignkern_calls) and not _on(clone, alignkern_calls)
+
+
+def test_undo_when_the_forward_was_wrapped_since(alignkern_calls):
+    """Something wraps the scoped forward after ``use_alignkern(model)`` (accelerate's mixed
+    precision keeps the forward it wraps as ``_original_forward``): the undo cannot take the hook
+    out of the wrapper, but it switches the model off, puts TRL's forward back where the hook sat,
+    and the model can be hooked again."""
+    model = _fused_model()
+    trl_forward = vars(model)["forward"]
+    hook = ak_trl.use_alignkern(model)
+    scoped = vars(model)["forward"]
+    model._original_forward = scoped
+    model.forward = lambda *args, **kwargs: scoped(*args, **kwargs)
+    assert _on(model, alignkern_calls)
+    hook.undo()
+    assert not _on(model, alignkern_calls)
+    assert vars(model)["_original_forward"] is trl_forward
+    assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    with ak_trl.use_alignkern(model):
+        assert _on(model, alignkern_calls)
+    assert not _on(model, alignkern_calls)
