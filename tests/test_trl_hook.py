@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("trl")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
-from hf_models import tiny_model  # noqa: E402
+from hf_models import tiny_model, tiny_tokenizer  # noqa: E402
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 
 import alignkern.integrations.trl as ak_trl  # noqa: E402
@@ -123,6 +123,195 @@ def test_bfloat16_autocast_is_at_least_as_exact_as_trl():
         our_err = (ours_x.double() - exact_x).abs().max()
         their_err = (theirs_x.double() - exact_x).abs().max()
         assert our_err <= 1e-5 and our_err * 100 <= their_err, (our_err, their_err)
+
+
+# ----------------------------------------------------------------------------- every dtype mix
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+AUTOCAST = (None, torch.float16, torch.bfloat16)
+# Unit roundoff of each dtype.
+UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
+        torch.bfloat16: 2.0**-8}
+_RANK = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+
+
+def _dtype_name(dtype):
+    return "none" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _alignkern_roundings(hidden, weight, autocast):
+    """The dtypes ``fused_head`` documents rounding hidden and the head (and bias) through, in
+    order: under autocast the autocast dtype (float64 kept); then the projection's, the more
+    precise of the two where one holds the other, else hidden's."""
+    if autocast is not None:
+        hidden, weight = (d if d == torch.float64 else autocast for d in (hidden, weight))
+    projection = weight if _RANK[hidden] < _RANK[weight] else hidden
+    return (hidden, projection), (weight, projection)
+
+
+def _trl_dtype(hidden, autocast):
+    """The projection dtype of TRL's kernel: the autocast dtype under autocast, else hidden's."""
+    return hidden if autocast is None else autocast
+
+
+def _scale(hidden, weight, bias, temperature):
+    """The largest sum of |products| in a logit: what the rounding errors in the logits scale
+    with."""
+    sums = hidden.detach().abs().double() @ weight.detach().abs().double().T
+    if bias is not None:
+        sums = sums + bias.detach().abs().double()
+    return float(sums.max()) / temperature
+
+
+def _exact(hidden, weight, bias, targets, temperature, roundings):
+    """Float64 log-probs and entropy of the operands rounded through ``roundings`` (hidden's
+    dtypes, then the head's and bias'), differentiable in the float64 leaves it returns last."""
+    leaves = []
+    for x, dtypes in zip((hidden, weight, bias), (roundings[0], roundings[1], roundings[1])):
+        for dtype in dtypes:
+            x = x.detach().to(dtype)
+        leaves.append(x.double().requires_grad_())
+    log_p = torch.log_softmax((leaves[0] @ leaves[1].T + leaves[2]) / temperature, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return log_p.gather(-1, targets[:, None])[:, 0], entropy, leaves
+
+
+def _relative(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=_dtype_name)
+@pytest.mark.parametrize("weight_dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("hidden_dtype", DTYPES, ids=_dtype_name)
+def test_every_dtype_mix_equals_trl_kernel(hidden_dtype, weight_dtype, autocast):
+    """Every hidden/head dtype pair TRL's kernel accepts, with and without autocast (the dtypes a
+    model hands it: float16 model under bf16 autocast gives float32 hidden states and a float16
+    head, ``cast_lm_head_to_fp32`` float32 hidden states and the model's head, ...).
+
+    alignkern projects in the dtype ``projection_operands`` documents and keeps its logits in
+    float32: its log-probs and entropy are within 2e-5 of float64 on the same rounded operands,
+    its gradients within the rounding of that dtype and of the gradient's own; and it is never
+    less exact than TRL's kernel. The two agree within the rounding of TRL's projection dtype
+    (TRL rounds each logits tile to it): 2 u |h| |w| / T on the outputs, 4 u relative on the
+    gradients (u: TRL's unit roundoff) plus alignkern's own rounding."""
+    gen = torch.Generator().manual_seed(5)
+    rows, size, vocab, temperature = 24, 64, 700, 0.8
+    operands = (torch.randn(rows, size, generator=gen).to(hidden_dtype),
+                (torch.randn(vocab, size, generator=gen) / 4).to(weight_dtype),
+                (torch.randn(vocab, generator=gen) / 4).to(weight_dtype))
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    upstream = (torch.randn(rows, generator=gen), torch.randn(rows, generator=gen))
+
+    def run(function):
+        leaves = [x.clone().requires_grad_() for x in operands]
+        context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        with context:
+            log_probs, entropy, *_ = function.apply(*leaves, targets, temperature, 256, None, 1.0,
+                                                    ("entropy",))
+        sum(((x * g).sum() for x, g in zip((log_probs, entropy), upstream))).backward()
+        return (log_probs, entropy), [x.grad for x in leaves]
+
+    with ak_trl.use_alignkern():
+        ours, our_grads = run(ak_trl.AlignkernFusedHead)
+    theirs, their_grads = run(ChunkedLogProbFunction)
+    roundings = _alignkern_roundings(hidden_dtype, weight_dtype, autocast)
+    trl_unit = UNIT[_trl_dtype(hidden_dtype, autocast)]
+    *exact, leaves = _exact(*operands, targets, temperature, roundings)
+    sum(((x * g).sum() for x, g in zip(exact, upstream))).backward()
+    exact = [x.detach() for x in exact]
+    scale = _scale(*operands, temperature)
+
+    for name, mine, trl, truth in zip(("log_probs", "entropy"), ours, theirs, exact):
+        assert mine.dtype == trl.dtype, name
+        our_error = float((mine.detach().double() - truth).abs().max())
+        their_error = float((trl.detach().double() - truth).abs().max())
+        assert our_error <= 2e-5 and our_error <= their_error + 2e-5, (name, our_error,
+                                                                       their_error)
+        difference = float((mine - trl).detach().double().abs().max())
+        assert difference <= 2 * trl_unit * scale + 2e-5, (name, difference, trl_unit * scale)
+    chains = (roundings[0], roundings[1], roundings[1])
+    for name, mine, trl, leaf, chain in zip(("hidden", "weight", "bias"), our_grads, their_grads,
+                                            leaves, chains):
+        assert mine.dtype == trl.dtype, name
+        # the gradient comes back through each cast: rounded to each dtype, then its own
+        own_rounding = sum(UNIT[dtype] for dtype in chain) + UNIT[mine.dtype] + 1e-5
+        our_error, their_error = _relative(mine, leaf.grad), _relative(trl, leaf.grad)
+        assert our_error <= own_rounding, (name, our_error, own_rounding)
+        assert our_error <= their_error + own_rounding, (name, our_error, their_error)
+        assert _relative(mine, trl) <= 4 * trl_unit + own_rounding, (name, _relative(mine, trl))
+
+
+@pytest.mark.parametrize("cast_lm_head_to_fp32", [False, True], ids=["", "cast_lm_head_to_fp32"])
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=_dtype_name)
+@pytest.mark.parametrize("model_dtype", DTYPES[:3], ids=_dtype_name)
+def test_every_model_dtype_runs_like_trl(model_dtype, autocast, cast_lm_head_to_fp32,
+                                         monkeypatch, alignkern_calls):
+    """A float32, float16 or bfloat16 model, with and without autocast to float16 or bfloat16,
+    with and without ``cast_lm_head_to_fp32``: the fused forward and backward run on alignkern
+    (today's TRL's ``test_train_model_dtype`` case is float16 under bf16 autocast, where the
+    hidden states come out float32 and the head is float16); its outputs agree with TRL's
+    within the rounding of TRL's projection dtype (as in the test above, from the operands TRL's
+    kernel received), the gradients of every parameter within 8 u relative (u: the unit roundoff
+    of the least precise dtype in play: the backbone rounds too) and in the same dtypes."""
+    received = []
+
+    class Recorder:
+        @staticmethod
+        def apply(hidden, weight, bias, *args):
+            autocast_on = torch.is_autocast_enabled("cpu")
+            received.append((hidden, weight, bias, torch.get_autocast_dtype("cpu")
+                             if autocast_on else None))
+            return ChunkedLogProbFunction.apply(hidden, weight, bias, *args)
+
+    model = tiny_model("llama", dtype=model_dtype).train()
+    outputs = ("log_probs", "entropy")
+    head = dict(temperature=0.7, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+    with monkeypatch.context() as patch:
+        patch.setattr(trl_utils, "_ChunkedLogProbFunction", Recorder)
+        want, want_grads = _run(model, outputs, False, autocast, **head)
+    got, got_grads = _run(model, outputs, True, autocast, **head)
+    assert alignkern_calls and len(received) == 1
+
+    hidden, weight, bias, trl_autocast = received[0]
+    trl_unit = UNIT[_trl_dtype(hidden.dtype, trl_autocast)]
+    bound = 2 * trl_unit * _scale(hidden, weight, bias, 0.7) + 2e-5
+    for field in ("loss", *outputs):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.dtype == b.dtype and a.shape == b.shape, field
+        assert float((a - b).detach().double().abs().max()) <= bound, field
+    least = max((model_dtype, autocast or model_dtype), key=UNIT.get)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in got_grads.items():
+        assert grad.dtype == want_grads[name].dtype, name
+        assert _relative(grad, want_grads[name]) <= 8 * UNIT[least] + 1e-5, name
+
+
+def test_train_model_dtype(tmp_path, alignkern_calls):
+    """TRL's own ``test_train_model_dtype`` (DPO), with a tiny local model instead of the hub's:
+    a float16 model (``model_init_kwargs``) trained under TRL's default bf16 mixed precision
+    (bf16 autocast on CPU) with ``use_alignkern()``; as TRL asserts: a train loss, and every
+    parameter changed."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tiny_model("qwen2").save_pretrained(tmp_path / "model")
+    data = Dataset.from_dict({"prompt": ["Question: can a cat fly?", "Numbers one two three"],
+                              "chosen": [" no", " four five"], "rejected": [" yes", " seven"]})
+    args = DPOConfig(output_dir=str(tmp_path / "out"), model_init_kwargs={"dtype": torch.float16},
+                     learning_rate=0.1, report_to=[], use_cpu=True, max_steps=2,
+                     per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True,
+                     dataloader_num_workers=0, max_length=32)
+    assert args.bf16
+    with ak_trl.use_alignkern():
+        trainer = DPOTrainer(model=str(tmp_path / "model"), args=args, train_dataset=data,
+                             processing_class=tiny_tokenizer())
+        assert trainer.model.dtype == torch.float16
+        before = {name: p.clone() for name, p in trainer.model.named_parameters()}
+        trainer.train()
+    assert alignkern_calls
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    for name, param in trainer.model.named_parameters():
+        assert not torch.equal(param, before[name]), f"{name} has not changed"
 
 
 def test_zero3_head_gathered_for_the_forward_only(monkeypatch, alignkern_calls):

@@ -6,8 +6,10 @@ TRL (tested: 1.16) patches the models of its trainers with ``add_fused_lm_head``
 ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1``. DPO, GRPO, RLOO, KTO, SFT (and the
 experimental async GRPO) all go through it. ``use_alignkern`` makes that call run on
 ``alignkern.linear_logprobs(..., stats=...)`` instead: the same outputs, the entropy's gradient in
-the same backward, TRL's temperature, softcap and logit scale, TRL's autocast rule for the
-projection's dtype, and nothing else of the trainer changed (configs, logs, losses)::
+the same backward, TRL's temperature, softcap and logit scale, every mix of hidden, head and
+autocast dtypes TRL's kernel takes (``projection_operands``: TRL's dtype rule, except that
+hidden states of lower precision than the head are cast up rather than the head down), and
+nothing else of the trainer changed (configs, logs, losses)::
 
     from alignkern.integrations.trl import use_alignkern
 
@@ -36,6 +38,7 @@ import torch
 import trl.trainer.utils as _trl_utils
 from trl.kernels import chunked_logprob as _trl_kernel
 
+from .. import _autocast
 from ..ops.linear_logprobs import linear_logprobs
 
 TESTED_TRL = ">=1.16,<1.17"
@@ -78,22 +81,60 @@ def fused_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     or None, ``targets (N,)`` token ids → ``(log_probs, entropy, log_sum_sq_probs, mean_logits,
     is_top1)``, each ``(N,)`` (float32; ``is_top1`` bool), None where not in ``outputs``.
 
-    The projection runs in the autocast dtype under autocast, else in ``hidden``'s dtype (TRL's
-    rule: with ``cast_lm_head_to_fp32`` TRL passes float32 hidden states and a head of the
-    model's dtype, which is cast here as TRL casts each of its tiles)."""
-    if not torch.is_autocast_enabled(hidden.device.type):
-        weight = weight.to(hidden.dtype)
-        bias = None if bias is None else bias.to(hidden.dtype)
+    ``hidden``, ``weight`` and ``bias`` may have any floating dtypes, as with TRL's kernel; the
+    projection's dtype is ``projection_operands``'. Gradients come back in each input's dtype."""
+    cast_hidden, cast_weight, cast_bias = projection_operands(hidden, weight, bias)
     if hasattr(weight, "ds_id"):
         # A DeepSpeed ZeRO-3 parameter, gathered by TRL's context for this call only: the
-        # backward must not find it partitioned again, so it keeps a gathered copy.
-        weight = weight.clone()
-        bias = None if bias is None else bias.clone()
+        # backward must not find it partitioned again, so it keeps a gathered copy (a cast is one).
+        cast_weight = cast_weight.clone() if cast_weight is weight else cast_weight
+        cast_bias = cast_bias.clone() if cast_bias is bias and bias is not None else cast_bias
     stats = tuple(name for name in OPTIONAL_OUTPUTS if name in outputs)
-    result = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                             softcap=softcap, logit_scale=logit_scale, stats=stats)
-    return (result.logprobs, result.entropy, result.log_sum_sq_probs, result.mean_logits,
-            result.is_top1)
+    result = linear_logprobs(cast_hidden, cast_weight, targets, bias=cast_bias,
+                             temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                             stats=stats)
+    # TRL's outputs are float32 whatever the projection's dtype (float64 included).
+    return (*(None if x is None else x.float() for x in (result.logprobs, result.entropy,
+                                                          result.log_sum_sq_probs,
+                                                          result.mean_logits)), result.is_top1)
+
+
+# Which float dtypes hold which exactly: a higher rank holds every lower one (float16 and bfloat16
+# hold neither the other).
+_RANK = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+
+
+def projection_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or None in the one dtype the projection
+    runs in, cast the way autograd records (gradients reach each input in its own dtype):
+
+    * under autocast, the autocast dtype: alignkern's autocast policy (``alignkern._autocast``:
+      float64 is left as it is), applied here, before ``linear_logprobs`` checks that the
+      dtypes agree; TRL's kernel casts each of its tiles to the same dtype;
+    * otherwise ``hidden``'s dtype (TRL's rule: with ``cast_lm_head_to_fp32`` TRL passes float32
+      hidden states and a head of the model's dtype), except that hidden states of lower
+      precision than the head are cast up to the head's dtype instead of the head down: exact,
+      and a copy of N x H elements rather than V x H (TRL would round the head to the hidden
+      states' dtype, so alignkern is the more exact there).
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight, bias = (_autocast._cast(value, device_type, dtype)
+                                for value in (hidden, weight, bias))
+    if _RANK[hidden.dtype] < _RANK[weight.dtype]:
+        hidden = hidden.to(weight.dtype)
+    elif weight.dtype != hidden.dtype:
+        # TODO(lead): mixed-dtype kernels. Once linear_logprobs takes a head of lower precision
+        # than hidden (upcasting each tile), skip this cast when
+        # _RANK[weight.dtype] < _RANK[hidden.dtype] (TRL's cast_lm_head_to_fp32 on a bf16/fp16
+        # model: float32 hidden, half-precision head): today it copies the whole head (V x H) to
+        # hidden's dtype for the call (and keeps it for the backward). float16 against bfloat16
+        # stays a cast (neither holds the other).
+        weight = weight.to(hidden.dtype)
+    bias = None if bias is None else bias.to(weight.dtype)
+    return hidden, weight, bias
 
 
 class TRLHook:
