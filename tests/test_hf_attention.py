@@ -319,10 +319,6 @@ def _refuse_gemma2_sliding_window():
     _forward(config)
 
 
-def _refuse_output_attentions():
-    _forward(_llama_config(), output_attentions=True)
-
-
 def _refuse_static_cache():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_llama_config(), attn_implementation="alignkern")
@@ -338,7 +334,6 @@ def _refuse_static_cache():
     (_refuse_attention_dropout, "attention_dropout"),
     (_refuse_softcapping, "attn_logit_softcapping"),
     (_refuse_gemma2_sliding_window, "sliding_window"),
-    (_refuse_output_attentions, "output_attentions"),
     (_refuse_static_cache, "static cache"),
 ], ids=lambda x: getattr(x, "__name__", x))
 def test_refused_settings_raise_naming_the_setting(run, setting):

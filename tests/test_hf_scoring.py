@@ -383,8 +383,8 @@ def test_self_evaluator_matches_a_naive_full_softmax(family, reuse, swap):
     torch.testing.assert_close(got.mass.double(), mass, atol=1e-6, rtol=1e-4)
     # one forward for all candidates and passes, plus the prefix once
     assert evaluator.forwards == (2 if reuse else 1)
-    evaluator.score(PROMPTS[:2], RESPONSES[:2])
-    assert evaluator.forwards == (3 if reuse else 2)
+    evaluator.score(PROMPTS[:2], RESPONSES[:2])  # the prefix again: kept within a call only
+    assert evaluator.forwards == (4 if reuse else 2)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "mistral"])

@@ -108,7 +108,9 @@ def _self_eval_case(model, tokenizer, device, n: int, repeats: int) -> list[dict
     prompt = "Human: Can a cat fly without help?"
     responses = _responses(n)
     config = _config(model, f"N={n} prefix={len(tokenizer(FEW_SHOT)['input_ids'])} tokens")
-    warm = harmlessness_evaluator(model, tokenizer, template=template)
+    # the model stays fixed during the benchmark, so the prefix may be kept across calls
+    warm = harmlessness_evaluator(model, tokenizer, template=template,
+                                  reuse_prefix_across_calls=True)
     warm.score(prompt, responses[:1])  # builds the prefix cache, as the first call of a search
 
     def cached():

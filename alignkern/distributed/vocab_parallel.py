@@ -12,12 +12,42 @@ Megatron's ``VocabUtility`` (shards may be uneven). ``vocab_size`` (optional, th
 is checked against the shards when given. Hidden states, targets, options, masks and the scalar
 settings must be the same on every rank; results are the same on every rank (replicated).
 
+Replicated inputs: checked only while validating
+------------------------------------------------
+Vocabulary parallelism is only right when every rank holds the SAME hidden states (and targets,
+mask, ...): each rank scores its shard of the vocabulary for the rows it holds, and the shards'
+partial sums are added. Ranks that hold different rows (a data-parallel batch split handed to a
+tensor-parallel function, a rank that ran dropout with another seed) would silently give numbers
+that are no one's log-probabilities. So, with ``ALIGNKERN_VALIDATE`` unset or not ``0``, the setup
+exchange carries an exact checksum of the bytes of the replicated tensors (``hidden``; for
+``linear_kl`` also ``ref_hidden`` and ``mask``; the targets have their own), computed on their
+device, and ranks that disagree raise ``ValueError`` naming them on every rank.
+**With ``ALIGNKERN_VALIDATE=0`` nothing is compared between ranks: not the hidden states, not the
+targets, not the shapes, the settings or the tiling of the shards; differing inputs then give
+wrong numbers without an error.**
+
+Errors on one rank, every rank raises
+-------------------------------------
+Each rank runs its own argument checks and resolves its backend (``use_backend``,
+``ALIGNKERN_BACKEND``, the device's default) BEFORE the setup exchange, and the exchange carries
+the outcome: if any rank failed, the failing rank raises its own error (for a backend that cannot
+run there: a ``RuntimeError``, or ``ValueError`` for an unknown ``ALIGNKERN_BACKEND``, naming the
+function and the rank) and every other rank a ``RuntimeError`` naming that rank (and the backend
+asked for there), so no rank is left waiting in a collective. A target id outside ``[0, V)`` that
+is not ``ignore_index`` is an ``IndexError`` on every rank; with ``ALIGNKERN_VALIDATE=0`` it gives
+NaN in its own element (and NaN gradients in its row), as the single-process op does.
+
 What is communicated, per call with N rows and K targets per row
 ----------------------------------------------------------------
-* one all-gather of ``SETUP_FIELDS`` (16) int64 per rank: shard sizes/starts, shapes, dtypes,
-  settings and a checksum of the targets, so that a bad setup raises the same error on every
-  rank instead of hanging in a collective (skipped when ``vocab_start`` is given and
-  ``ALIGNKERN_VALIDATE=0``);
+* one all-gather of ``SETUP_FIELDS`` (16) int64 per rank: whether the rank's own checks passed
+  and its backend can run, shard sizes/starts, shapes, dtypes, settings, a summary of the targets
+  and, while validating, a checksum of the replicated tensors (one read of their bytes on their
+  device, no extra sync), so that a bad setup raises the same error on every rank instead of
+  hanging in a collective. It is skipped only when
+  ``ALIGNKERN_VALIDATE=0`` and both ``vocab_start`` and ``vocab_size`` are given (on every rank):
+  each rank then knows its shard and ``V`` without asking, checks nothing across ranks, and a rank
+  whose own checks or backend fail raises alone while the others wait in their next collective
+  until the group's timeout (``shard_layout`` checks a layout once, as a collective);
 * forward: an all-reduce (max) of N numbers (each shard's log-sum-exp), then one all-reduce (sum)
   of N·(K + 1) numbers (the rescaled sum-exp of each shard and the target logits, each owned by
   exactly one rank, zero elsewhere). The ``(N, V)`` logits are never gathered.
@@ -47,6 +77,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -59,7 +90,6 @@ from .. import losses as _losses
 from ..ops import scoring as _scoring
 from ..ops import token_logprobs as _tokens
 
-SETUP_FIELDS = 16
 _LOCAL_IGNORE = -1  # the ignore_index handed to the single-process op: never a local id
 _NO_IGNORED_ID = _checks.INT64_MIN  # what the option functions use: no option is ignored
 
@@ -131,6 +161,12 @@ def _validating() -> bool:
     return os.environ.get("ALIGNKERN_VALIDATE", "1") != "0"
 
 
+def _skips_exchange(vocab_start, vocab_size) -> bool:
+    """No setup exchange: ``ALIGNKERN_VALIDATE=0`` and both ``vocab_start`` and ``vocab_size``
+    given, so that this rank knows its shard and ``V`` without asking the others."""
+    return vocab_start is not None and vocab_size is not None and not _validating()
+
+
 def _optional_int(fn: str, arg: str, value) -> int | None:
     return None if value is None else _checks.integer(fn, arg, value)
 
@@ -155,6 +191,33 @@ def _targets_summary(targets: torch.Tensor | None, ignore_index: int | None) -> 
     return [counted.numel(), *stats]
 
 
+_CHECKSUM_MODULUS = 65521  # the largest prime below 2**16
+_CHECKSUM_CHUNK = 1 << 24  # bytes per step: bounds the int32 temporaries at 64 MiB each
+
+
+def _replicated_checksum(tensors, device: torch.device) -> torch.Tensor:
+    """``(2,)`` int64 on ``device``, computed there without a sync: the sum of the bytes of
+    ``tensors`` (in order, each read as if contiguous; None skipped) and their sum weighted by
+    position (``i mod 65521 + 1`` for byte ``i``). Exact integers, so ranks holding the same bits
+    get the same two numbers whatever order their device sums in (a float sum would not promise
+    that), with no overflow below 2**38 bytes. A change of any one byte changes the first number;
+    bytes moved elsewhere (swapped rows) change the second, unless moved by a multiple of 65521."""
+    total = torch.zeros(2, dtype=torch.int64, device=device)
+    offset = 0
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        for begin in range(0, data.numel(), _CHECKSUM_CHUNK):
+            chunk = data[begin:begin + _CHECKSUM_CHUNK].to(torch.int32)
+            first = (offset + begin) % _CHECKSUM_MODULUS
+            weights = torch.arange(first, first + chunk.numel(), dtype=torch.int32,
+                                   device=chunk.device) % _CHECKSUM_MODULUS + 1
+            total += torch.stack([chunk.sum(), (chunk * weights).sum()]).to(device)
+        offset += data.numel()
+    return total
+
+
 class _Setup(NamedTuple):
     vocab_local: int
     vocab_start: int | None
@@ -167,85 +230,183 @@ class _Setup(NamedTuple):
     settings_code: int
     targets: torch.Tensor | None
     ignore_index: int | None
+    # the inputs every rank must hold identically, by argument name (checksummed when validating)
+    replicated: dict | None = None
+    # raises (TypeError, ValueError or RuntimeError) if this rank cannot run the op's backend
+    check_backend: Callable[[], object] | None = None
 
+
+# The columns of the exchanged table (one row of SETUP_FIELDS int64 per rank). vocab_size is
+# compared through the settings code.
+(_STATUS, _VOCAB_LOCAL, _START_GIVEN, _START, _ROWS, _K, _WIDTH, _DTYPE, _SHAPE, _SETTINGS,
+ _ID_COUNT, _ID_MIN, _ID_MAX, _ID_CHECKSUM, _REPLICATED_SUM, _REPLICATED_WEIGHTED) = range(16)
+SETUP_FIELDS = 16
+# _STATUS: this rank's own checks passed, failed, or it cannot run its backend.
+_OK, _INVALID_INPUTS, _NO_BACKEND = 1, 0, 2
+# A failed rank sends no setup, only its status and, in this column, the backend asked for
+# there: its index in BACKENDS, or one of the two codes below.
+_BACKEND = _VOCAB_LOCAL
+_DEFAULT_BACKEND, _UNKNOWN_BACKEND = -1, -2
 
 _DTYPE_CODE = {None: -1, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-_FIELD_NAMES = {5: "the number of rows N", 6: "the number of targets per row K",
-                7: "the hidden size H", 8: "the dtype", 9: "the shape of the targets",
-                10: "the scalar settings (temperature, softcap, logit_scale, ignore_index, ...)",
-                14: "the target ids"}
+_FIELD_NAMES = {_ROWS: "the number of rows N", _K: "the number of targets per row K",
+                _WIDTH: "the hidden size H", _DTYPE: "the dtype",
+                _SHAPE: "the shape of the targets",
+                _SETTINGS: "the scalar settings (temperature, softcap, logit_scale, ignore_index, "
+                           "...)",
+                _ID_CHECKSUM: "the target ids", _REPLICATED_SUM: "the hidden states"}
+_SHOWN_FIELDS = (_ROWS, _K, _WIDTH)  # fields whose values the error message lists
 
 
-def _exchange(fn: str, group, device: torch.device, local_error: BaseException | None,
-              setup: _Setup | None) -> ShardLayout:
-    """All-gather every rank's setup, check it identically on every rank, and return this rank's
-    layout; raise the same error on every rank when anything is wrong (a rank whose own inputs
-    were invalid raises its own error, the others say which rank failed)."""
-    rank, world = _group_rank(fn, group)
+def _requested_backend_code() -> int:
+    try:
+        name = _backend.requested_backend()
+    except ValueError:
+        return _UNKNOWN_BACKEND
+    return _DEFAULT_BACKEND if name is None else _backend.BACKENDS.index(name)
+
+
+def _backend_description(code: int) -> str:
+    if code == _UNKNOWN_BACKEND:
+        return "an unknown ALIGNKERN_BACKEND"
+    if code == _DEFAULT_BACKEND:
+        return "the default backend of its device"
+    return repr(_backend.BACKENDS[code])
+
+
+def _setup_row(local_error: BaseException | None, no_backend: bool, setup: _Setup | None,
+               device: torch.device) -> torch.Tensor:
+    """This rank's row of the table, on ``device``; the checksums stay on the device (no sync)."""
     row = [0] * SETUP_FIELDS
-    if local_error is None:
-        summary = _targets_summary(setup.targets, setup.ignore_index)
-        row[:15] = [1, setup.vocab_local, int(setup.vocab_start is not None),
-                    setup.vocab_start or 0, int(setup.vocab_size is not None),
-                    setup.rows, setup.k, setup.width, _DTYPE_CODE[setup.dtype],
-                    setup.shape_code, setup.settings_code, *summary]
+    if local_error is not None:
+        row[_STATUS] = _NO_BACKEND if no_backend else _INVALID_INPUTS
+        row[_BACKEND] = _requested_backend_code()
+        return torch.tensor(row, dtype=torch.int64, device=device)
+    row[:_REPLICATED_SUM] = [_OK, setup.vocab_local, int(setup.vocab_start is not None),
+                             setup.vocab_start or 0, setup.rows, setup.k, setup.width,
+                             _DTYPE_CODE[setup.dtype], setup.shape_code, setup.settings_code,
+                             *_targets_summary(setup.targets, setup.ignore_index)]
     mine = torch.tensor(row, dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    table = torch.stack(gathered).tolist()
-    failed = [r for r in range(world) if table[r][0] == 0]
-    if failed:
-        if local_error is not None:
-            raise local_error
-        raise RuntimeError(f"{fn}: rank(s) {failed} of the process group were given invalid "
-                           "inputs (see the error raised there); no rank went on")
-    # The shapes, dtypes and settings must agree (the vocab_size field is checked with the tiling).
-    for field in (5, 6, 7, 8, 9, 10, 14):
-        values = [table[r][field] for r in range(world)]
-        if len(set(values)) > 1:
-            shown = values if field in (5, 6, 7) else ""
-            raise ValueError(f"{fn}: the ranks of the process group disagree on "
-                             f"{_FIELD_NAMES[field]}{f' {shown}' if shown else ''}; "
-                             "every rank must pass the same (replicated) inputs")
-    sizes = [table[r][1] for r in range(world)]
-    given = [table[r][2] for r in range(world)]
+    if setup.replicated and _validating():
+        mine[_REPLICATED_SUM:_REPLICATED_WEIGHTED + 1] = _replicated_checksum(
+            setup.replicated.values(), device)
+    return mine
+
+
+def _raise_for_failed_ranks(fn: str, table: list, local_error: BaseException | None) -> None:
+    """A rank whose own checks failed raises its own error; the others say which rank failed
+    and, for a backend, which one it was asked for."""
+    failed = [r for r, row in enumerate(table) if row[_STATUS] != _OK]
+    if not failed:
+        return
+    if local_error is not None:
+        raise local_error
+    no_backend = [r for r in failed if table[r][_STATUS] == _NO_BACKEND]
+    invalid = [r for r in failed if r not in no_backend]
+    reasons = []
+    if invalid:
+        reasons.append(f"rank(s) {invalid} of the process group were given invalid inputs")
+    if no_backend:
+        asked = ", ".join(f"rank {r}: {_backend_description(table[r][_BACKEND])}"
+                          for r in no_backend)
+        reasons.append(f"rank(s) {no_backend} of the process group cannot run the alignkern "
+                       f"backend asked for there ({asked})")
+    raise RuntimeError(f"{fn}: {' and '.join(reasons)} (see the error raised there); no rank "
+                       "went on")
+
+
+def _check_agreement(fn: str, table: list, setup: _Setup) -> None:
+    """The shapes, dtypes, settings, target ids and replicated inputs must agree (the vocab_size
+    field is checked with the tiling)."""
+    columns = (_ROWS, _K, _WIDTH, _DTYPE, _SHAPE, _SETTINGS, _ID_CHECKSUM, _REPLICATED_SUM)
+    for field in columns:
+        width = 2 if field == _REPLICATED_SUM else 1
+        values = [tuple(row[field:field + width]) for row in table]
+        differing = [r for r in range(len(table)) if values[r] != values[0]]
+        if not differing:
+            continue
+        what = _FIELD_NAMES[field]
+        if field in _SHOWN_FIELDS:
+            what += f" {[value[0] for value in values]}"
+        if field == _REPLICATED_SUM:
+            what += f" (a checksum of the bytes of {', '.join(setup.replicated)})"
+        raise ValueError(f"{fn}: the ranks of the process group disagree on {what}: rank(s) "
+                         f"{differing} differ from rank 0; every rank must pass the same "
+                         "(replicated) inputs")
+
+
+def _tiling(fn: str, table: list, setup: _Setup) -> tuple[list[int], list[int], int]:
+    """``(starts, sizes, V)`` of the shards, by rank; the shards must tile ``[0, V)``."""
+    world = len(table)
+    sizes = [row[_VOCAB_LOCAL] for row in table]
+    given = [row[_START_GIVEN] for row in table]
     if 0 < sum(given) < world:
         raise ValueError(f"{fn}: vocab_start was given on rank(s) "
                          f"{[r for r in range(world) if given[r]]} but not on the others; give it "
                          "on every rank or on none (None: rank order is shard order)")
-    starts = [table[r][3] for r in range(world)] if given[0] else \
+    starts = [row[_START] for row in table] if given[0] else \
         [sum(sizes[:r]) for r in range(world)]
-    order = sorted(range(world), key=lambda r: (starts[r], sizes[r]))
+    shards = [(r, starts[r], sizes[r]) for r in range(world)]
     end = 0
-    for r in order:
+    for r in sorted(range(world), key=lambda r: (starts[r], sizes[r])):
         if starts[r] != end:
             what = "a gap" if starts[r] > end else "an overlap"
             raise ValueError(
                 f"{fn}: the vocabulary shards do not tile [0, V): there is {what} at id "
-                f"{min(end, starts[r])} (shards as (rank, start, size): "
-                f"{[(q, starts[q], sizes[q]) for q in range(world)]})")
+                f"{min(end, starts[r])} (shards as (rank, start, size): {shards})")
         end = starts[r] + sizes[r]
     # vocab_size is part of the settings code (compared above), so this rank's value serves.
     if setup.vocab_size is not None and setup.vocab_size != end:
         raise ValueError(f"{fn}: the vocabulary shards cover [0, {end}) but vocab_size is "
-                         f"{setup.vocab_size} (shards as (rank, start, size): "
-                         f"{[(q, starts[q], sizes[q]) for q in range(world)]})")
-    for r in range(world):
-        count, low, high = table[r][11], table[r][12], table[r][13]
-        if count and (low < 0 or high >= end):
+                         f"{setup.vocab_size} (shards as (rank, start, size): {shards})")
+    return starts, sizes, end
+
+
+def _check_id_range(fn: str, table: list, vocab: int, ignore_index: int | None) -> None:
+    for row in table:
+        count, low, high = row[_ID_COUNT], row[_ID_MIN], row[_ID_MAX]
+        if count and (low < 0 or high >= vocab):
             bad = low if low < 0 else high
-            allowed = "" if setup.ignore_index is None else \
-                f" or ignore_index ({setup.ignore_index})"
+            allowed = "" if ignore_index is None else f" or ignore_index ({ignore_index})"
             raise IndexError(f"{fn}: target id {bad} is outside every vocabulary shard: ids must "
-                             f"be in [0, {end}){allowed}")
-    return ShardLayout(starts[rank], sizes[rank], end, rank, world)
+                             f"be in [0, {vocab}){allowed}")
+
+
+def _exchange(fn: str, group, device: torch.device, local_error: BaseException | None,
+              setup: _Setup | None, *, no_backend: bool = False) -> ShardLayout:
+    """All-gather every rank's setup (one collective), check it identically on every rank, and
+    return this rank's layout; raise the same error on every rank when anything is wrong (a rank
+    whose own inputs were invalid, or that cannot run its backend (``no_backend``), raises its
+    own error, the others say which rank failed)."""
+    rank, world = _group_rank(fn, group)
+    mine = _setup_row(local_error, no_backend, setup, device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).tolist()
+    _raise_for_failed_ranks(fn, table, local_error)
+    _check_agreement(fn, table, setup)
+    starts, sizes, vocab = _tiling(fn, table, setup)
+    _check_id_range(fn, table, vocab, setup.ignore_index)
+    return ShardLayout(starts[rank], sizes[rank], vocab, rank, world)
+
+
+def _backend_failure(fn: str, group, exc: Exception) -> Exception:
+    """``exc`` (why the backend cannot run here) as the same kind of error, naming ``fn`` and
+    this rank."""
+    kind = next(k for k in (TypeError, ValueError, RuntimeError) if isinstance(exc, k))
+    error = kind(f"{fn}: rank {_group_rank(fn, group)[0]} cannot run its alignkern backend: "
+                 f"{exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _layout(fn: str, group, device, vocab_start, vocab_size, make_setup) -> ShardLayout:
-    """Run the local checks (``make_setup`` returns a ``_Setup`` or raises), then the exchange;
-    with ``ALIGNKERN_VALIDATE=0`` and an explicit ``vocab_start`` the exchange is skipped."""
+    """Run the local checks (``make_setup`` returns a ``_Setup`` or raises) and resolve the
+    backend, then the exchange, so that a failure of either on one rank raises on every rank.
+    Without the exchange (``_skips_exchange``) a failure raises on this rank only."""
     local_error = None
     setup = None
+    no_backend = False
     try:
         vocab_start = _optional_int(fn, "vocab_start", vocab_start)
         vocab_size = _optional_int(fn, "vocab_size", vocab_size)
@@ -257,11 +418,17 @@ def _layout(fn: str, group, device, vocab_start, vocab_size, make_setup) -> Shar
             raise ValueError(f"{fn}: vocab_start must be >= 0, got {vocab_start}")
     except (TypeError, ValueError, IndexError) as exc:
         local_error = exc
-    if local_error is None and vocab_start is not None and not _validating():
+    if local_error is None and setup.check_backend is not None:
+        try:
+            setup.check_backend()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            local_error, no_backend = _backend_failure(fn, group, exc), True
+    if _skips_exchange(vocab_start, vocab_size):
+        if local_error is not None:
+            raise local_error
         rank, world = _group_rank(fn, group)
-        total = vocab_size if vocab_size is not None else -1
-        return ShardLayout(vocab_start, setup.vocab_local, total, rank, world)
-    return _exchange(fn, group, device, local_error, setup)
+        return ShardLayout(vocab_start, setup.vocab_local, vocab_size, rank, world)
+    return _exchange(fn, group, device, local_error, setup, no_backend=no_backend)
 
 
 def shard_layout(vocab_local: int, *, vocab_start: int | None = None,
@@ -286,12 +453,15 @@ def _try(make, fn, vocab_start, vocab_size):
         return exc, None
 
 
-def _checked_on_every_rank(fn: str, group, check) -> None:
+def _checked_on_every_rank(fn: str, group, check, vocab_start, vocab_size) -> None:
     """Run a function's own argument checks; if they fail on this rank, still meet the other
-    ranks at the setup exchange, so that every rank raises (none waits for the group timeout)."""
+    ranks at the setup exchange, so that every rank raises (none waits for the group timeout).
+    Without the exchange (``_skips_exchange``: the other ranks will not come) raise here only."""
     try:
         check()
     except (TypeError, ValueError, IndexError) as exc:
+        if _skips_exchange(vocab_start, vocab_size):
+            raise
         _exchange(fn, group, _collective_device(group), exc, None)
 
 
@@ -307,13 +477,20 @@ def _collective_device(group) -> torch.device:
 
 def _localise(targets: torch.Tensor, layout: ShardLayout, ignore_index: int | None):
     """``(local_ids, owned, ignored)``: ids of this shard shifted to ``[0, V_local)``, every other
-    slot ``_LOCAL_IGNORE``."""
+    slot ``_LOCAL_IGNORE``. An id outside the whole vocabulary ``[0, V)`` that is not
+    ``ignore_index`` (only with ``ALIGNKERN_VALIDATE=0``: the exchange refuses it otherwise) is
+    owned by every rank, as the local id ``V_local``, outside every shard: each shard's op gives
+    NaN there and NaN gradients in its row, so the combined value and every shard's gradient are
+    NaN as the single-process op gives on the full vocabulary."""
     ids = targets.to(torch.int64)
     ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_index is None \
         else ids == ignore_index
     shifted = ids - layout.vocab_start
-    owned = (shifted >= 0) & (shifted < layout.vocab_local) & ~ignored
-    return torch.where(owned, shifted, _LOCAL_IGNORE), owned, ignored
+    outside = ((ids < 0) | (ids >= layout.vocab_size)) & ~ignored
+    inside = (shifted >= 0) & (shifted < layout.vocab_local) & ~ignored
+    local_ids = torch.where(inside, shifted, torch.where(outside, layout.vocab_local,
+                                                         _LOCAL_IGNORE))
+    return local_ids, inside | outside, ignored
 
 
 def _combine(local_logprobs, local_lse, owned, ignored, has_k: bool, group):
@@ -346,6 +523,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: 
     every rank. Returns what ``alignkern.token_logprobs`` returns on the full logits, on every
     rank; the gradient of each rank's logits shard is that shard of the full gradient (no
     communication in the backward). A collective: call it on every rank of the group.
+
+    Every rank must pass the same ``targets`` and settings: the setup exchange compares them (and
+    the shard layout, and whether each rank's backend can run) unless ``ALIGNKERN_VALIDATE=0``,
+    which turns every cross-rank check off (see the module docstring). An id outside ``[0, V)``
+    that is not ``ignore_index``: ``IndexError`` on every rank; NaN with ``ALIGNKERN_VALIDATE=0``.
     """
     fn = "token_logprobs"
 
@@ -358,7 +540,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: 
                       targets.shape[-1] if has_k else -1, -1, logits.dtype,
                       _settings_code(*targets.shape),
                       _settings_code(temperature_, ignore, size, bool(return_lse)),
-                      targets, ignore)
+                      targets, ignore,
+                      check_backend=lambda: _tokens._check_backend("auto", logits, fn))
 
     device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
     layout = _layout(fn, process_group, device, vocab_start, vocab_size, make)
@@ -388,7 +571,8 @@ def _linear_setup(fn, hidden, weight, targets, bias, temperature, softcap, logit
                       _settings_code(*targets.shape),
                       _settings_code(float(temperature), softcap, float(logit_scale),
                                      ignore_index, size, bias is not None, *extra),
-                      targets, None if ignore_index is None else ignore)
+                      targets, None if ignore_index is None else ignore, {"hidden": hidden},
+                      lambda: _linear._check_backend("auto", hidden, fn))
 
     return make
 
@@ -426,6 +610,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     ``hidden`` gets the full gradient on every rank (one all-reduce of N·H numbers). A collective:
     call it on every rank of the group.
 
+    **Every rank must hold the same ``hidden`` (and ``targets``)**: vocabulary parallelism scores
+    one set of rows over the shards of the head, so ranks with different rows would give wrong
+    numbers. The setup exchange compares an exact checksum of ``hidden`` (and the targets, shapes,
+    settings and shard layout, and whether each rank's backend can run) and raises on every rank
+    when they differ; ``ALIGNKERN_VALIDATE=0`` turns all of that off (see the module docstring).
+    An id outside ``[0, V)`` that is not ``ignore_index``: ``IndexError`` on every rank; NaN with
+    ``ALIGNKERN_VALIDATE=0``, as the single-process op gives.
+
     ``stats`` (the single-process op's statistics: entropy, log_sum_sq_probs, mean_logits,
     is_top1, max_logits) returns a ``LinearLogprobsStats`` of the full distribution, from each
     shard's statistics of the same local pass: one more all-reduce (max) of N·(1 + K) numbers and
@@ -454,7 +646,7 @@ def _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_sca
     fn = "linear_logprobs"
     checked = {}
     _checked_on_every_rank(fn, group, lambda: checked.update(
-        stats=_linear_op._check_stats(fn, stats)))
+        stats=_linear_op._check_stats(fn, stats)), vocab_start, vocab_size)
     stats = checked["stats"]
     make = _linear_setup(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
                          ignore_index, ("stats", *sorted(stats)))
@@ -535,7 +727,7 @@ def _options(fn, hidden, weight, options, bias, temperature, softcap, logit_scal
                              f"shape {tuple(options.shape)}")
         _checks.tensor(fn, "hidden", hidden)
 
-    _checked_on_every_rank(fn, process_group, check)
+    _checked_on_every_rank(fn, process_group, check, vocab_start, vocab_size)
     targets = options.expand(*hidden.shape[:-1], options.shape[0])
     return _linear(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, None,
                    vocab_start, vocab_size, process_group)[0]
@@ -547,7 +739,8 @@ def option_logprobs(hidden: torch.Tensor, weight: torch.Tensor, options: torch.T
                     softcap: float | None = None, logit_scale: float = 1.0) -> torch.Tensor:
     """``alignkern.option_logprobs`` with a vocabulary-parallel head (see ``linear_logprobs``):
     ``(..., K)`` log-probabilities of the same ``options (K,)`` global ids at every row. The
-    options may live on different ranks. A collective."""
+    options may live on different ranks. ``hidden`` must be the same on every rank (checked, with
+    the options, while validating; see ``linear_logprobs``). A collective."""
     return _options("option_logprobs", hidden, weight, options, bias, temperature, softcap,
                     logit_scale, vocab_start, vocab_size, process_group)
 
@@ -558,7 +751,8 @@ def self_eval_scores(hidden: torch.Tensor, weight: torch.Tensor, options: torch.
                      process_group=None, temperature: float = 1.0, softcap: float | None = None,
                      logit_scale: float = 1.0) -> alignkern.SelfEvalScores:
     """``alignkern.self_eval_scores`` with a vocabulary-parallel head (see ``linear_logprobs``);
-    ``values`` defaults to ``(+1, -1)`` for K = 2, as there. A collective."""
+    ``values`` defaults to ``(+1, -1)`` for K = 2, as there. ``hidden`` must be the same on every
+    rank (checked, with the options, while validating; see ``linear_logprobs``). A collective."""
     fn = "self_eval_scores"
 
     def check():
@@ -573,7 +767,7 @@ def self_eval_scores(hidden: torch.Tensor, weight: torch.Tensor, options: torch.
                 raise TypeError(f"{fn}: values must be a real tensor, got {values.dtype}")
             _checks.shape(fn, "values", values, (k,), "one value per option")
 
-    _checked_on_every_rank(fn, process_group, check)
+    _checked_on_every_rank(fn, process_group, check, vocab_start, vocab_size)
     if values is None:
         values = torch.tensor([1.0, -1.0], device=options.device)
     logprobs = _options(fn, hidden, weight, options, bias, temperature, softcap, logit_scale,
@@ -590,13 +784,15 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       temperature: float = 1.0, softcap: float | None = None,
                       logit_scale: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
     """``alignkern.sequence_logprobs`` with a vocabulary-parallel head (see ``linear_logprobs``):
-    ``(B,)`` sum (or mean) of the log-probabilities of the counted targets. A collective."""
+    ``(B,)`` sum (or mean) of the log-probabilities of the counted targets. ``hidden``,
+    ``targets`` and ``mask`` must be the same on every rank (checked while validating; see
+    ``linear_logprobs``). A collective."""
     fn = "sequence_logprobs"
 
     def check():
         _scoring.check_sequence_arguments(fn, hidden, targets, mask, reduction, ignore_index)
 
-    _checked_on_every_rank(fn, process_group, check)
+    _checked_on_every_rank(fn, process_group, check, vocab_start, vocab_size)
     targets, counted = _scoring.counted_targets(targets, mask, ignore_index)
     logprobs = _linear(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
                        ignore_index, vocab_start, vocab_size, process_group, (reduction,))[0]
@@ -617,7 +813,9 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``targets``, ``mask``, ``ref_logps``/``ref_hidden`` are replicated. ``dpo_options`` (``beta``,
     ``loss_type``, ``label_smoothing``, ``reduction``, ...) go to ``alignkern.losses.dpo_loss``
     unchanged, with the completion lengths taken from ``mask`` as the single-process function
-    does. The loss and metrics are the same on every rank. A collective."""
+    does. The loss and metrics are the same on every rank. ``hidden``/``ref_hidden``, ``targets``
+    and ``mask`` are checked to be the same on every rank while validating (see
+    ``linear_logprobs``); ``ref_logps`` is not compared. A collective."""
     name = "fused_linear_dpo_loss"
 
     def check():
@@ -627,7 +825,7 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         _losses.check_fused_dpo_arguments(name, hidden, ref_logps, ref_hidden, ref_weight,
                                           average_log_prob, logit_scale)
 
-    _checked_on_every_rank(name, process_group, check)
+    _checked_on_every_rank(name, process_group, check, vocab_start, vocab_size)
     kind = "mean" if average_log_prob else "sum"
     shard = dict(vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group)
     policy = sequence_logprobs(hidden, weight, targets, mask, reduction=kind,
@@ -704,7 +902,11 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     Cost: the single-process op's one pass over this rank's shard (both heads) in the forward and
     one in the backward, no extra pass (see ``_ShardedKL`` for the formula). Communication: the
     setup all-gather, an all-reduce (max) of 2·N and one all-reduce (sum) of 3·N numbers in the
-    forward, the all-reduce (sum) of ``dhidden`` (N·H) in the backward. A collective."""
+    forward, the all-reduce (sum) of ``dhidden`` (N·H) in the backward. A collective.
+
+    **Every rank must hold the same ``hidden``, ``ref_hidden`` and ``mask``**: the setup exchange
+    compares an exact checksum of them and raises on every rank when they differ, unless
+    ``ALIGNKERN_VALIDATE=0``, which turns every cross-rank check off (see the module docstring)."""
     fn = "linear_kl"
     from ..ops import linear_kl as _kl
 
@@ -716,7 +918,8 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
                       hidden.shape[-1], hidden.dtype,
                       _settings_code(*hidden.shape[:-1], ref_hidden.shape[-1]),
                       _settings_code(temperature_, logit_scale_, size, mask is not None),
-                      None, None)
+                      None, None, {"hidden": hidden, "ref_hidden": ref_hidden, "mask": mask},
+                      lambda: _backend.backend_for(fn, "auto", hidden.device))
 
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     _layout(fn, process_group, device, vocab_start, vocab_size, make)

@@ -21,6 +21,7 @@ def harmlessness_evaluator(model: nn.Module, tokenizer, *, template: str = HARML
                            **kwargs) -> ak_hf.SelfEvaluator:
     """``SelfEvaluator(model, tokenizer, template, options=("A", "B"), descriptions=...)``: the
     score is ``p(harmless) - p(harmful)`` in [-1, 1], both listing orders averaged (RAIN's
-    judge, its wording paraphrased). ``kwargs`` go to ``SelfEvaluator``."""
+    judge, its wording paraphrased); with ``score_rule="rain_vote"``, RAIN's own thresholded vote
+    in {-1, 0, 1}. ``kwargs`` go to ``SelfEvaluator``."""
     return ak_hf.SelfEvaluator(model, tokenizer, template, options=("A", "B"),
                                descriptions=descriptions, **kwargs)

@@ -11,7 +11,8 @@ similarity-weighted updates of siblings); then *rewind* to the root.
 Differences from RAIN's published code, all deliberate: new leaves are evaluated when they are
 created, all siblings in one batch (RAIN evaluates one selected leaf per iteration, unbatched),
 so each node's statistics are the mean and count of the evaluations in its subtree; the value is
-the continuous ``p_A - p_B``; the partial answer is evaluated as it stands (RAIN first samples a
+the continuous ``p_A - p_B`` by default (RAIN's thresholded vote with a ``SelfEvaluator`` built
+with ``score_rule="rain_vote"``); the partial answer is evaluated as it stands (RAIN first samples a
 continuation to the next punctuation mark); the iteration count restarts at 0 for each decision;
 RAIN's dynamic widening of a node whose children all look bad (``checkadd``) and its clamp of the
 greedy set's prior are not implemented.
@@ -19,6 +20,7 @@ greedy set's prior are not implemented.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -413,9 +415,13 @@ def rain_generate(
        under that top-k distribution. A set ends at EOS; a leaf ending in EOS or at
        ``max_new_tokens`` is terminal (selected again, it is re-counted with its own value).
     3. *Evaluate* every new leaf in one ``evaluator.score(prompt, partial_answers)`` call: with a
-       ``SelfEvaluator``, the continuous ``p_A - p_B`` (renormalised over the two options) averaged
-       over both option orders, in [-1, 1]. RAIN's code thresholds each order's comparison and
-       uses the average in {-1, 0, 1}; use an evaluator that thresholds to reproduce that.
+       ``SelfEvaluator``, by default the continuous ``p_A - p_B`` (renormalised over the two
+       options) averaged over both option orders, in [-1, 1]. RAIN's code thresholds each
+       order's comparison instead and uses the average vote in {-1, 0, 1}, a tie counting as
+       harmful: ``harmlessness_evaluator(model, tokenizer, score_rule="rain_vote")`` reproduces
+       it exactly. A ``SelfEvaluator``'s prefix KV cache is kept across the search's evaluator
+       calls (``reusing_prefix_across_calls()``: the search never changes the weights) and
+       dropped when ``rain_generate`` returns.
     4. *Backward*: each new leaf's value updates the visit count and running-mean value of every
        node on its path; with ``embed``, each path node's embedding (the running mean of the
        embeddings of the text from it down to the evaluated leaf) is compared with its siblings',
@@ -459,7 +465,7 @@ def rain_generate(
     _common.text(fn, "prompt", prompt)
     _common.check_evaluator(fn, evaluator, tokenizer)
     options = _check_options(fn, locals())
-    with _common.count_forwards(model) as counter:
+    with _common.count_forwards(model) as counter, _prefix_kept_for_the_search(evaluator):
         own_before = _evaluator_forwards(evaluator, model)
         search = _Search(model, tokenizer, prompt, evaluator, options)
         steps = []
@@ -468,6 +474,14 @@ def rain_generate(
         own = _evaluator_forwards(evaluator, model) - own_before
     return RainResult(_common.decode(tokenizer, search.answer), sum(s.iterations for s in steps),
                       search.evaluations, counter.forwards + own, list(search.answer), steps)
+
+
+def _prefix_kept_for_the_search(evaluator) -> contextlib.AbstractContextManager:
+    """A ``SelfEvaluator``'s ``reusing_prefix_across_calls()`` block (its judge prefix runs once
+    per search instead of once per expansion; the search only reads the weights, so the cache
+    cannot go stale inside it); nothing for other evaluators."""
+    keep = getattr(evaluator, "reusing_prefix_across_calls", None)
+    return keep() if callable(keep) else contextlib.nullcontext()
 
 
 def _evaluator_forwards(evaluator, model) -> int:

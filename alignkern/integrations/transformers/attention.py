@@ -28,10 +28,12 @@ Where the bias and ranks come from, in every layer:
 What ``reward_attention`` cannot express raises ``ValueError`` naming the setting, never a fallback:
 a 4-D (or other prepared) ``attention_mask``, sliding windows, chunked or block-wise attention,
 packed sequences, custom ``or``/``and`` mask functions, attention dropout while training, softcapped
-scores, attention sinks, position biases, ``output_attentions=True``, and caches whose queries are
-not the last keys (static caches). Packed sequences are what transformers detects (position_ids
-that restart, in a forward with neither cache nor attention_mask); under ``torch.compile`` it cannot
-check, so it always builds the packed mask there: pass an ``attention_mask`` when compiling.
+scores, attention sinks, position biases, and caches whose queries are not the last keys (static
+caches). Packed sequences are what transformers detects (position_ids that restart, in a forward
+with neither cache nor attention_mask); under ``torch.compile`` it cannot check, so it always
+builds the packed mask there: pass an ``attention_mask`` when compiling. ``output_attentions=True``
+changes no number, so it is treated as SDPA treats it: a warning (once), the same outputs, and no
+attention weights (``outputs.attentions == ()``).
 
 Importing this module imports transformers; ``import alignkern`` does not.
 """
@@ -50,10 +52,13 @@ from transformers.masking_utils import (
     bidirectional_mask_function,
     causal_mask_function,
 )
+from transformers.utils import logging as transformers_logging
 
 import alignkern
 
 DEFAULT_NAME = "alignkern"
+# A child of transformers' library logger: its handler, format and verbosity, like SDPA's warnings.
+_LOGGER = transformers_logging.get_logger(f"transformers.{__name__}")
 KEY_BIAS_KWARG = "alignkern_key_bias"
 KEY_RANK_KWARG = "alignkern_key_rank"
 QUERY_RANK_KWARG = "alignkern_query_rank"
@@ -89,13 +94,19 @@ class _Extras(NamedTuple):
 
 class _PromptBias:
     """What an ``attention_bias`` context holds: the prompt's ``(B, P)`` tensors, the thread that
-    entered it, and whether a layer has checked that the first forward covers exactly P tokens."""
+    entered it, and ``seen``: how many tokens of the sequence (the prompt, then the generated
+    ones) the forwards since the last prefill covered; a decode step may not start past them."""
 
     def __init__(self, extras: _Extras, prompt_length: int):
         self.extras = extras
         self.prompt_length = prompt_length
         self.thread = threading.get_ident()
-        self.checked = False
+        self.seen = 0
+
+    @property
+    def argument(self) -> str:
+        """The name of what the context was given, for error messages."""
+        return "key_bias" if self.extras.key_bias is not None else "key_rank/query_rank"
 
 
 class _Active:
@@ -169,10 +180,29 @@ def attention_bias(*, key_bias: torch.Tensor | None = None, key_rank: torch.Tens
     ``generate`` expanded (``num_beams``, ``num_return_sequences``: each row repeated n times)
     gets each row's tensors repeated n times.
 
-    The first forward inside the context must cover exactly the P prompt tokens (``generate``'s
-    prefill; so ``prefill_chunk_size`` is not supported). The context is process-wide and belongs
-    to the thread that entered it: a layer running in another thread while it is active raises.
-    Nested contexts: the inner one wins until it exits.
+    Every forward inside the context is checked against P, not only the first, so that a second
+    ``generate`` in the same context cannot run with the first one's bias:
+
+      * a forward whose queries include prompt tokens (a prefill: ``generate``'s first forward,
+        with or without a cached prefix of the prompt) must cover exactly the P prompt tokens
+        (so ``prefill_chunk_size`` is not supported);
+      * a forward whose queries all come after the prompt (a decode step, or candidate tokens
+        being verified) may not start past the tokens the forwards since the last prefill
+        covered: keys this context never saw come from a cache made elsewhere, for a prompt
+        the bias does not describe.
+
+    So ``generate`` may run several times in one context on prompts of P tokens (each as in a
+    fresh context); a prompt of another length raises ``ValueError``. A ``generate`` that
+    continues an earlier one of the same context from its cache (``cache=`` its
+    ``past_key_values``, the sequences so far plus new tokens as ``input_ids``) continues the
+    sequence: the tokens after the prompt, new ones included, get bias 0 and the last prompt
+    token's ranks, as generated tokens do. Assisted generation works with prompt lookup
+    (``prompt_lookup_num_tokens``), not with an ``assistant_model``: the main model's first
+    forward then reads the prompt and the assistant's candidate tokens at once, which no length
+    check can tell from a longer prompt, so it raises.
+
+    The context is process-wide and belongs to the thread that entered it: a layer running in
+    another thread while it is active raises. Nested contexts: the inner one wins until it exits.
 
     Args:
         key_bias: ``(B, P)`` float, added to the scores of each key (e.g. ``beta * reward``).
@@ -183,6 +213,8 @@ def attention_bias(*, key_bias: torch.Tensor | None = None, key_rank: torch.Tens
         TypeError: an argument that is not a tensor.
         ValueError: a tensor that is not 2-D, tensors whose shapes differ, only one of the ranks,
             another thread's context still active. (dtypes are checked by ``reward_attention``.)
+            Raised by the model's forward inside the context: a forward over a prompt that is not
+            P tokens long (see above), naming the argument, P and the length received.
 
     Example:
         >>> with attention_bias(key_bias=alignkern.segment_bias(rewards, segment_ids, beta=2.0)):
@@ -368,12 +400,13 @@ def reward_attention_forward(
             model's forward; everything else transformers passes (``position_ids``, ...).
 
     Returns:
-        ``(attn_output (B, Lq, Hq, D), None)``: no attention weights are ever materialised.
+        ``(attn_output (B, Lq, Hq, D), None)``: no attention weights are ever materialised; with
+        ``output_attentions=True`` a warning says so, once, as SDPA's does.
 
     Raises:
         ValueError: a setting reward_attention cannot express (named in the message), bias or
             ranks of the wrong shape, both forward kwargs and an ``attention_bias`` context, a
-            first forward in the context that does not cover exactly its prompt.
+            forward in the context over a prompt of another length than its tensors.
     """
     _check_supported(module, attention_mask, dropout, kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -404,11 +437,18 @@ def _check_supported(module: torch.nn.Module, attention_mask: Any, dropout: floa
         if kwargs.get(arg) is not None:
             raise ValueError(f"alignkern attention: {setting} ({arg}={kwargs[arg]!r}) is not "
                              "supported by reward_attention; use another attn_implementation")
-    config = getattr(module, "config", None)
-    if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
-        raise ValueError("alignkern attention: output_attentions=True is not supported: "
-                         "reward_attention never materialises the attention weights; use "
-                         "attn_implementation='eager' to inspect them")
+    if kwargs.get("output_attentions", False):
+        _warn_no_attention_weights()
+
+
+def _warn_no_attention_weights() -> None:
+    """What transformers' ``sdpa_attention_forward`` does with ``output_attentions=True``: warn
+    once and return no weights (the model's ``attentions`` is then an empty tuple). Through a
+    logger under transformers' own, so its verbosity settings silence both alike."""
+    _LOGGER.warning_once(
+        "`alignkern` attention does not support `output_attentions=True`: reward_attention never "
+        "materialises the attention weights, so none are returned. Please set your attention to "
+        "`eager` if you want them.")
 
 
 def _describe_tensor(x: Any) -> str:
@@ -456,14 +496,9 @@ def _extras_from_kwargs(extras: _Extras, batch: int, len_q: int, len_k: int) -> 
 def _extras_from_prompt(prompt: _PromptBias, batch: int, len_q: int, len_k: int) -> _Extras:
     """The context's ``(B0, P)`` tensors for a layer whose keys are the first ``Lk`` tokens of the
     sequence (prompt, then generated ones) and whose queries are the last ``Lq`` of them."""
-    if not prompt.checked:
-        if len_k != prompt.prompt_length:
-            raise ValueError(
-                f"alignkern attention: attention_bias was given for P = {prompt.prompt_length} "
-                f"prompt tokens, but the first forward in the context covers {len_k} tokens; give "
-                "key_bias/ranks of shape (B, input_ids.shape[1]) for the prompt passed to generate "
-                "(prefill_chunk_size is not supported with attention_bias)")
-        prompt.checked = True
+    if all(x is None for x in prompt.extras):  # an empty context: nothing to extend or check
+        return prompt.extras
+    _check_prompt_forward(prompt, len_q, len_k)
     key_bias, key_rank, query_rank = prompt.extras
     if key_bias is not None:
         key_bias = _extend(_expand_batch(key_bias, batch), len_k, zero=True)
@@ -471,6 +506,36 @@ def _extras_from_prompt(prompt: _PromptBias, batch: int, len_q: int, len_k: int)
         key_rank = _extend(_expand_batch(key_rank, batch), len_k, zero=False)
         query_rank = _extend(_expand_batch(query_rank, batch), len_k, zero=False)[:, len_k - len_q:]
     return _Extras(key_bias, key_rank, query_rank)
+
+
+def _check_prompt_forward(prompt: _PromptBias, len_q: int, len_k: int) -> None:
+    """Whether a layer call may use the context's prompt tensors (see ``attention_bias``): a
+    prefill covers exactly the P prompt tokens; a later step starts within the tokens seen since.
+    Every layer of one forward sees the same lengths, so checking each layer call is idempotent."""
+    length, first_query = prompt.prompt_length, len_k - len_q
+    if first_query < length:  # the queries include prompt tokens: a (possibly cached) prefill
+        if len_k != length:
+            hint = "" if len_k < length else (
+                " (or the prompt and an assistant model's candidate tokens at once: assisted "
+                "generation with an assistant_model is not supported with attention_bias)")
+            raise ValueError(_prompt_length_message(
+                prompt, f"a forward in the context runs a prompt of {len_k} tokens{hint}"))
+        prompt.seen = length
+    elif first_query > prompt.seen:
+        raise ValueError(_prompt_length_message(
+            prompt, f"a forward in the context runs a prompt of {len_k} tokens whose first "
+            f"{first_query} come from a cache; the context saw only {prompt.seen} tokens of its "
+            "sequence (a cache made outside the context, for another prompt)"))
+    else:  # a decode step (or candidates to verify) after the prompt
+        prompt.seen = max(prompt.seen, len_k)
+
+
+def _prompt_length_message(prompt: _PromptBias, received: str) -> str:
+    return (f"alignkern attention: attention_bias's {prompt.argument} was given for P = "
+            f"{prompt.prompt_length} prompt tokens, but {received}; give {prompt.argument} of "
+            "shape (B, input_ids.shape[1]) for the prompt passed to generate, one attention_bias "
+            "context per prompt length (prefill_chunk_size is not supported with "
+            "attention_bias)")
 
 
 def _expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -485,11 +550,11 @@ def _expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _extend(x: torch.Tensor, length: int, *, zero: bool) -> torch.Tensor:
-    """``(B, P)`` → ``(B, length)``: cut to ``length``, or extended with zeros (the bias of
-    generated tokens) or with the last column (their ranks)."""
+    """``(B, P)`` → ``(B, length)``, ``length >= P`` (``_check_prompt_forward``): extended with
+    zeros (the bias of generated tokens) or with the last column (their ranks)."""
     missing = length - x.shape[1]
-    if missing <= 0:
-        return x[:, :length]
+    if missing == 0:
+        return x
     tail = x.new_zeros(x.shape[0], missing) if zero else x[:, -1:].expand(-1, missing)
     return torch.cat([x, tail], dim=1)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import os
 from collections.abc import Sequence
 
 import torch
@@ -89,6 +90,18 @@ def _token_logprobs(head: LMHead, hidden, targets, temperature) -> torch.Tensor:
     return head.linear_logprobs(hidden.to(head.weight.dtype), targets, temperature)
 
 
+def _no_hidden_rows(head: LMHead) -> torch.Tensor:
+    """``(0, H)`` hidden rows for ``head``: scoring nothing still goes through the head, so that
+    an empty result is connected to its parameters like any other (a zero gradient)."""
+    width = getattr(head.weight, "ds_shape", head.weight.shape)[-1]  # ZeRO-3: the full shape
+    return torch.zeros(0, width, dtype=head.weight.dtype, device=head.weight.device)
+
+
+def _validating() -> bool:
+    """Whether checks that cost a device sync run (``ALIGNKERN_VALIDATE=0`` turns them off)."""
+    return os.environ.get("ALIGNKERN_VALIDATE", "1") != "0" and not torch.compiler.is_compiling()
+
+
 def _reduce(logprobs: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
     """Per-token ``logprobs (N,)`` at the true entries of ``counted (B, L)`` → ``(B, L)`` (zeros
     elsewhere) for ``"none"``, else their sum or mean per row ``(B,)``."""
@@ -138,8 +151,9 @@ def sequence_logprobs(
             pair); default: every real token after the first. Padding and each row's first real
             token (nothing predicts it) are never scored.
         reduction: ``"sum"`` or ``"mean"`` over the scored tokens → ``(B,)`` (0 for a row with
-            none); ``"none"`` → ``(B, T-1)``, entry ``t`` the log-probability of token ``t + 1``,
-            0 where not scored.
+            none: all padding, a single token, or ``T = 0``); ``"none"`` → ``(B, T-1)`` (``(B, 0)``
+            when ``T = 0``), entry ``t`` the log-probability of token ``t + 1``, 0 where not
+            scored.
         temperature: divides the logits (after the model's own scale and soft-cap).
         position_ids: ``(B, T)``; default ``positions_from_mask(attention_mask)`` (as ``generate``).
 
@@ -158,10 +172,12 @@ def sequence_logprobs(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     head = model_head(model)  # refuse an unreadable head before running the decoder
-    hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids)
     counted = _scored_positions(input_ids, attention_mask, completion_mask)
-    logprobs = _token_logprobs(head, hidden[:, :-1][counted], input_ids[:, 1:][counted],
-                               temperature)
+    if input_ids.numel() == 0:  # no token (T = 0) or no row: no decoder run, nothing scored
+        rows = _no_hidden_rows(head)
+    else:
+        rows = decoder_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1][counted]
+    logprobs = _token_logprobs(head, rows, input_ids[:, 1:][counted], temperature)
     return _reduce(logprobs, counted, reduction)
 
 
@@ -251,11 +267,12 @@ def score_generations(
         temperature: divides the logits after the model's own scale and soft-cap.
 
     Returns:
-        ``(B·n,)`` float32.
+        ``(B·n,)`` float32; 0 for a sequence with nothing generated (``prompt_length`` = its
+        length), empty for no sequences.
 
     Raises:
-        TypeError / ValueError: no sequences, a ``prompt_length`` outside ``[1, length]``, a bad
-            mask.
+        TypeError / ValueError: no sequences, sequences of no token (``T = 0``: not even a
+            prompt), a ``prompt_length`` outside ``[1, length]``, a bad mask.
         NotImplementedError: a model whose head ``model_head`` cannot read.
     """
     fn = "score_generations"
@@ -265,6 +282,9 @@ def score_generations(
                         f"returns (with .sequences) or a sequences tensor, got "
                         f"{type(output).__name__}")
     _check_ids(fn, "output.sequences", sequences)
+    if sequences.shape[1] == 0:
+        raise ValueError(f"{fn}: output.sequences must hold at least one token (the prompt, then "
+                         f"what was generated), got shape {tuple(sequences.shape)}")
     try:
         prompt_length = operator.index(prompt_length)
     except TypeError:
@@ -281,6 +301,9 @@ def score_generations(
         pad_token_id = generation_config.pad_token_id
     generated = sequences[:, prompt_length:]
     counted = _until_first_eos(generated, _token_ids(eos_token_id))
+    if sequences.shape[0] == 0:
+        logprobs = _token_logprobs(head, _no_hidden_rows(head), generated[counted], temperature)
+        return _reduce(logprobs, counted, "sum")
     hidden = None if isinstance(output, torch.Tensor) else \
         _generated_hidden_from_output(model, output, generated.shape[1])
     if hidden is None:
@@ -295,9 +318,25 @@ def score_generations(
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` index of each row's last real token (left or right padding)."""
+    """``(B,)`` index of each row's last real token (left or right padding); ``T - 1``, a padding
+    position, for a row with no real token (see ``_rows_without_tokens``)."""
     width = attention_mask.shape[-1]
     return width - 1 - attention_mask.to(torch.long).flip(-1).argmax(-1)
+
+
+def _rows_without_tokens(fn: str, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool, the rows of ``attention_mask (B, T)`` with no real token; raises
+    ``ValueError`` naming them unless validation is off (``ALIGNKERN_VALIDATE=0``: a device sync
+    saved, and the caller must give those rows NaN)."""
+    empty = ~attention_mask.any(-1)
+    if _validating() and bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        named = f"row {rows[0]} has" if len(rows) == 1 else \
+            f"rows {rows[:10]}{' ...' if len(rows) > 10 else ''} have"
+        raise ValueError(f"{fn}: attention_mask {named} no real token (all padding): the scores "
+                         "are read at each row's last real token, so there is none to read; drop "
+                         f"such rows (attention_mask of shape {tuple(attention_mask.shape)})")
+    return empty
 
 
 def option_scores(
@@ -323,7 +362,15 @@ def option_scores(
         ``alignkern.SelfEvalScores(score (B,), mass (B,))`` float32, as
         ``alignkern.self_eval_scores``: ``score = sum_k p_k values_k`` with ``p`` renormalised
         over the options, ``mass`` the probability the model puts on the options at all.
-        Differentiable into the model's parameters.
+        Differentiable into the model's parameters. Empty for ``B = 0``. A row with no real
+        token has no last token to read: with ``ALIGNKERN_VALIDATE=0`` its score and mass are
+        NaN (never a number read at a padding position).
+
+    Raises:
+        TypeError / ValueError: bad ids, mask or options; ``input_ids`` with rows of no token
+            (``T = 0``); an ``attention_mask`` row with no real token, named (a device sync;
+            ``ALIGNKERN_VALIDATE=0`` turns the check off).
+        NotImplementedError: a model whose head ``model_head`` cannot read.
     """
     fn = "option_scores"
     _check_ids(fn, "input_ids", input_ids)
@@ -333,10 +380,20 @@ def option_scores(
     options = torch.as_tensor(options, device=device)
     if values is not None:
         values = torch.as_tensor(values, dtype=torch.float32, device=device)
+    if input_ids.shape[0] == 0:
+        return head.self_eval_scores(_no_hidden_rows(head), options, values, temperature)
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"{fn}: input_ids must hold at least one token per row (the scores are "
+                         f"read at each row's last real token), got shape {tuple(input_ids.shape)}")
+    empty = None if attention_mask is None else _rows_without_tokens(fn, attention_mask)
     hidden = decoder_hidden_states(model, input_ids, attention_mask)
     if attention_mask is None:
         last = hidden[:, -1]
     else:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device),
                       last_token_index(attention_mask)]
-    return head.self_eval_scores(last.to(head.weight.dtype), options, values, temperature)
+    scores = head.self_eval_scores(last.to(head.weight.dtype), options, values, temperature)
+    if empty is None:
+        return scores
+    return alignkern.SelfEvalScores(*(x.masked_fill(empty.to(x.device), float("nan"))
+                                      for x in scores))

@@ -7,27 +7,37 @@ through the fused LM head, so no logits are built.
 
 Two things make it cheap: every candidate (and both option orders) is scored in one batched
 forward, and the template's shared prefix (the text before its first placeholder: instructions,
-few-shot examples) runs through the model once; its KV cache is copied for each batch and the
-candidates run on top of it.
+few-shot examples) runs through the model once per ``score`` call; its KV cache is copied for each
+batch and the candidates run on top of it. Across calls the prefix is recomputed unless the caller
+opts in (``reuse_prefix_across_calls=True`` or ``with evaluator.reusing_prefix_across_calls():``),
+promising that the model's weights and buffers do not change meanwhile: no cheap check sees every
+in-place change (``p.data.copy_``, a buffer, a PEFT adapter switch), and a stale cache would give
+silently wrong scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import math
+import numbers
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 import alignkern
+from alignkern import _checks
 
-from .head import model_head
+from .head import LMHead, model_head
 from .scoring import positions_from_mask
 
 _FIELDS = ("prompt", "response", "options")
+_NAME = "SelfEvaluator"
+SCORE_RULES = ("expected", "rain_vote")
 
 
 def _template_parts(template: str) -> tuple[set[str], str, str]:
@@ -54,8 +64,6 @@ def _template_parts(template: str) -> tuple[set[str], str, str]:
 
 def _option_token_id(tokenizer, option: str, context: str) -> int:
     """The single token id that ``option`` is when it follows ``context`` (the template's end)."""
-    if not isinstance(option, str):
-        raise TypeError(f"SelfEvaluator: each option must be a str, got {option!r}")
     before = tokenizer.encode(context, add_special_tokens=False)
     after = tokenizer.encode(context + option, add_special_tokens=False)
     if len(after) == len(before) + 1 and after[:len(before)] == before:
@@ -67,6 +75,108 @@ def _option_token_id(tokenizer, option: str, context: str) -> int:
         f"{context[-30:]!r} (it tokenizes as {tokens}); choose options that are one token there, "
         "e.g. with a leading space if the template ends without one"
     )
+
+
+def _distinct_strings(arg: str, value) -> tuple[str, ...]:
+    """A non-empty sequence of distinct str (a str itself is refused: it would split into
+    characters)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{_NAME}: {arg} must be a sequence of str, got "
+                        f"{_checks.describe(value)}")
+    items = tuple(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(f"{_NAME}: {arg}[{i}] must be a str, got {_checks.describe(item)}")
+    if not items:
+        raise ValueError(f"{_NAME}: {arg} must not be empty, got {items}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{_NAME}: {arg} must be distinct (two equal ones can never be told "
+                         f"apart, so the score would not depend on the answer), got {items}")
+    return items
+
+
+def _check_values(values, k: int) -> torch.Tensor:
+    """``(K,)`` finite float32 values, one per option; ``(+1, -1)`` by default for K = 2."""
+    if values is None:
+        if k != 2:
+            raise ValueError(f"{_NAME}: values must be given for {k} options (the default "
+                             "(+1, -1) is for two)")
+        return torch.tensor([1.0, -1.0])
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool or values.is_complex():
+            raise TypeError(f"{_NAME}: values must be real numbers, got {_checks.describe(values)}")
+        if values.dim() != 1:
+            raise ValueError(f"{_NAME}: values must be 1-D, one value per option ({k},), got "
+                             f"shape {tuple(values.shape)}")
+        values = values.detach().to("cpu", torch.float32)
+    else:
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{_NAME}: values must be a sequence of {k} real numbers or a tensor, "
+                            f"got {_checks.describe(values)}")
+        values = list(values)
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{_NAME}: values[{i}] must be a real number, got "
+                                f"{_checks.describe(v)}")
+        values = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    if values.shape[0] != k:
+        raise ValueError(f"{_NAME}: values must give one value per option ({k}), got "
+                         f"{values.shape[0]}")
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{_NAME}: values must be finite, got {values.tolist()}")
+    return values
+
+
+def _optional_str(arg: str, value, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise TypeError(f"{_NAME}: {arg} must be None or a str, got {_checks.describe(value)}")
+    return value
+
+
+def _check_option_format(option_format, described: bool) -> str:
+    """A format string with ``{option}``, and ``{description}`` exactly when there are
+    descriptions (else a listed option would lack its label, or the format would fail at the
+    first ``score``)."""
+    option_format = _optional_str("option_format", option_format, "")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(option_format)
+                  if name is not None}
+    except ValueError as error:
+        raise ValueError(f"{_NAME}: option_format is not a valid format string: {error}") from None
+    wanted = {"option", "description"} if described else {"option"}
+    if fields != wanted:
+        listed = " and ".join("{" + f + "}" for f in sorted(wanted))
+        got = ", ".join("{" + f + "}" for f in sorted(fields)) or "no field"
+        raise ValueError(f"{_NAME}: option_format must use {listed} "
+                         f"({'with' if described else 'without'} descriptions), got "
+                         f"{option_format!r} with {got}")
+    return option_format
+
+
+def _check_batch_size(batch_size) -> int | None:
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"{_NAME}: batch_size must be None or a positive int, got "
+                        f"{_checks.describe(batch_size)}")
+    if batch_size < 1:
+        raise ValueError(f"{_NAME}: batch_size must be None or a positive int, got {batch_size}")
+    return int(batch_size)
+
+
+def _option_token_ids(tokenizer, options: Sequence[str], context: str) -> torch.Tensor:
+    """``(K,)`` the distinct token ids the options are when they follow ``context``."""
+    ids = [_option_token_id(tokenizer, option, context) for option in options]
+    for i, token in enumerate(ids):
+        if token in ids[:i]:
+            first = options[ids.index(token)]
+            raise ValueError(
+                f"{_NAME}: options must be distinct tokens where the template ends, got "
+                f"{first!r} and {options[i]!r} both as token {token} "
+                f"({tokenizer.convert_ids_to_tokens([token])[0]!r})")
+    return torch.tensor(ids)
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -87,31 +197,54 @@ class SelfEvaluator:
         template: a ``str.format`` template with ``{prompt}``, ``{response}`` and optionally
             ``{options}`` (the listing of the options), ending where the model answers, e.g.
             ``"...{prompt}\\nAnswer: {response}\\nIs it harmless?\\n{options}\\nAnswer: ("``.
-        options: the K answer strings, each a single token where the template ends (else a
-            ``ValueError`` naming it); their order is the listing order.
-        values: ``(K,)`` the value of each option (of each description, if given); default
+        options: the K distinct answer strings (a sequence of str), each a single token where the
+            template ends and no two the same token (else a ``ValueError`` naming them); their
+            order is the listing order.
+        values: ``(K,)`` finite values, one per option (per description, if given); default
             ``(+1, -1)`` for K = 2, so that the score is ``p(first) - p(second)``.
         swap_options: also score with the options listed in reversed order and average the two
             passes (RAIN's cancellation of position bias); needs ``{options}`` in the template.
-        descriptions: optional K meanings of the options (RAIN: ``("harmless", "harmful")``). With
-            descriptions the option strings are positional labels: ``{options}`` lists
-            ``option_format.format(option=options[j], description=descriptions[s[j]])`` at
-            position j, where ``s`` is the identity in the first pass and the reversal in the
-            swapped one, and answering ``options[j]`` is worth ``values[s[j]]``: the score of a
-            meaning is read from the label at its new position. Without descriptions the option
-            strings are the answers themselves: position j lists ``options[s[j]]`` and answering
-            ``options[k]`` is worth ``values[k]`` in both passes.
+        descriptions: optional K distinct meanings of the options (RAIN: ``("harmless",
+            "harmful")``). With descriptions the option strings are positional labels:
+            ``{options}`` lists ``option_format.format(option=options[j], description=
+            descriptions[s[j]])`` at position j, where ``s`` is the identity in the first pass and
+            the reversal in the swapped one, and answering ``options[j]`` is worth
+            ``values[s[j]]``: the score of a meaning is read from the label at its new position.
+            Without descriptions the option strings are the answers themselves: position j lists
+            ``options[s[j]]`` and answering ``options[k]`` is worth ``values[k]`` in both passes.
         option_format: default ``"({option}) {description}"`` with descriptions, ``"{option}"``
-            without. option_separator: between listed options; default ``"\\n"`` with
+            without (it must use ``{option}``, and ``{description}`` exactly when descriptions
+            are given). option_separator: between listed options; default ``"\\n"`` with
             descriptions, ``", "`` without.
-        reuse_prefix: run the template's text before its first placeholder once and reuse its
-            KV cache (exact: the token sequences are the same; see ``score``).
-        batch_size: rows (candidates × passes) per forward; default all in one.
+        score_rule: how a pass turns the option probabilities into a score, the passes then
+            averaged. ``"expected"`` (default): the expected value ``sum_k p_k values_k`` under
+            the probabilities renormalised over the options (continuous; for RAIN's judge
+            ``p(harmless) - p(harmful)`` in [-1, 1]). ``"rain_vote"``: the value of the most
+            probable option, a tie taking the lowest of the tied values; with RAIN's judge (two
+            options, values (+1, -1), both orders) the score is exactly the vote of RAIN's
+            published code, ``A + B - 1`` in {-1, 0, 1} where A (B) is 1 when the harmless label
+            is strictly more probable in the first (swapped) listing, a tie counting as harmful.
+        reuse_prefix: run the template's text before its first placeholder once per ``score``
+            call and continue every row from its KV cache (exact: the token sequences are the
+            same; see ``score``).
+        reuse_prefix_across_calls: keep that KV cache from one ``score`` call to the next
+            (default False: it is dropped at the end of each call). Opt in only if the model's
+            weights and buffers stay fixed between the calls, or call ``clear_cache()`` after
+            changing them: in-place changes that do not bump a parameter's ``_version``
+            (``p.data.copy_``, as TRL's reference-model sync does; a buffer such as a rotary
+            ``inv_freq``; a PEFT adapter switch) are not detected, and the cached prefix would
+            then give silently stale scores. ``reusing_prefix_across_calls()`` opts in for a
+            block only.
+        batch_size: a positive int, rows (candidates × passes) per forward; default (None) all
+            in one.
 
     Attributes:
         forwards, tokens: decoder forwards run and token positions they processed (padding
-            included), cumulative; ``clear_cache()`` drops the prefix cache (it is also dropped
-            when any parameter of the model changes).
+            included), cumulative.
+
+    Raises:
+        TypeError / ValueError naming ``SelfEvaluator``, the argument, what was expected and what
+        came, for any bad argument.
     """
 
     def __init__(
@@ -126,55 +259,47 @@ class SelfEvaluator:
         descriptions: Sequence[str] | None = None,
         option_format: str | None = None,
         option_separator: str | None = None,
+        score_rule: str = "expected",
         reuse_prefix: bool = True,
+        reuse_prefix_across_calls: bool = False,
         batch_size: int | None = None,
     ) -> None:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         model_head(model)  # refuses an unreadable head now, not at the first score
         fields, prefix_text, tail = _template_parts(template)
-        self.options = tuple(options)
+        self.options = _distinct_strings("options", options)
         k = len(self.options)
-        if k == 0:
-            raise ValueError("SelfEvaluator: options must name at least one answer")
-        self.descriptions = None if descriptions is None else tuple(descriptions)
+        self.descriptions = (None if descriptions is None
+                             else _distinct_strings("descriptions", descriptions))
         if self.descriptions is not None and len(self.descriptions) != k:
-            raise ValueError(f"SelfEvaluator: descriptions must give one meaning per option "
+            raise ValueError(f"{_NAME}: descriptions must give one meaning per option "
                              f"({k}), got {len(self.descriptions)}")
-        self.values = self._check_values(values, k)
-        if swap_options and ("options" not in fields or k < 2):
-            raise ValueError("SelfEvaluator: swap_options=True lists the options in both orders, so "
+        self.values = _check_values(values, k)
+        self.swap_options = _checks.boolean(_NAME, "swap_options", swap_options)
+        if self.swap_options and ("options" not in fields or k < 2):
+            raise ValueError(f"{_NAME}: swap_options=True lists the options in both orders, so "
                              "the template needs {options} and at least two options; pass "
                              "swap_options=False otherwise")
-        self.swap_options = bool(swap_options)
         described = self.descriptions is not None
-        self.option_format = option_format or ("({option}) {description}" if described
-                                               else "{option}")
-        self.option_separator = option_separator if option_separator is not None else (
-            "\n" if described else ", ")
-        self.option_ids = torch.tensor([_option_token_id(tokenizer, o, tail) for o in self.options])
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"SelfEvaluator: batch_size must be a positive int, got {batch_size!r}")
-        self.batch_size = batch_size
-        self.reuse_prefix = bool(reuse_prefix)
+        self.option_format = _check_option_format(
+            option_format if option_format is not None
+            else "({option}) {description}" if described else "{option}", described)
+        self.option_separator = _optional_str("option_separator", option_separator,
+                                              "\n" if described else ", ")
+        self.option_ids = _option_token_ids(tokenizer, self.options, tail)
+        self.score_rule = _checks.choice(_NAME, "score_rule", score_rule, SCORE_RULES)
+        self.batch_size = _check_batch_size(batch_size)
+        self.reuse_prefix = _checks.boolean(_NAME, "reuse_prefix", reuse_prefix)
+        self.reuse_prefix_across_calls = _checks.boolean(
+            _NAME, "reuse_prefix_across_calls", reuse_prefix_across_calls)
         self._prefix_ids = (tokenizer(prefix_text, add_special_tokens=True)["input_ids"]
                             if prefix_text else [])
-        self._prefix_caches: dict[tuple[int, ...], object] = {}
+        self._prefix_caches: dict[tuple[int, ...], DynamicCache] = {}
+        self._cache_copyable: bool | None = None  # learnt from the first prefix forward
+        self._blocks_reusing = 0  # open ``reusing_prefix_across_calls()`` blocks
         self._fingerprint = None
         self.forwards = 0
         self.tokens = 0
-
-    @staticmethod
-    def _check_values(values, k: int) -> torch.Tensor:
-        if values is None:
-            if k != 2:
-                raise ValueError(f"SelfEvaluator: values must be given for {k} options (the "
-                                 "default (+1, -1) is for two)")
-            return torch.tensor([1.0, -1.0])
-        values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
-        if values.shape[0] != k:
-            raise ValueError(f"SelfEvaluator: values must give one value per option ({k}), got "
-                             f"{values.shape[0]}")
-        return values
 
     # ------------------------------------------------------------------------- the passes
 
@@ -212,11 +337,15 @@ class SelfEvaluator:
         begins every text's tokens, so the model sees exactly the token sequence of the
         unbatched, uncached computation. Rows with the cache are right-padded after the prefix
         (padding there is never attended by a real token); without it they are left-padded with
-        positions counted over the real tokens.
+        positions counted over the real tokens. The prefix's KV cache is computed in this call
+        and dropped at its end, unless the caller opted in to keeping it across calls
+        (``reuse_prefix_across_calls``, ``reusing_prefix_across_calls()``).
 
         Returns:
-            ``alignkern.SelfEvalScores(score (N,), mass (N,))`` float32, the means over the passes
-            of ``alignkern.self_eval_scores`` at the last token. No gradient (``torch.no_grad``).
+            ``alignkern.SelfEvalScores(score (N,), mass (N,))`` float32: the means over the passes
+            of each pass's score (``score_rule``: with ``"expected"``, that of
+            ``alignkern.self_eval_scores`` at the last token) and of its option mass (the
+            probability of answering with any option). No gradient (``torch.no_grad``).
         """
         prompts, responses = self._pairs(prompts, responses)
         n = len(prompts)
@@ -230,14 +359,24 @@ class SelfEvaluator:
         with torch.no_grad():
             ids = self.tokenizer(flat, add_special_tokens=True)["input_ids"]
             last = self._last_hidden_states(ids, device).to(head.weight.dtype)
-            results = [
-                head.self_eval_scores(last[p * n:(p + 1) * n], self.option_ids.to(device),
-                                      self._pass_values(order).to(device))
-                for p, order in enumerate(self._orders())
-            ]
+            results = [self._pass_scores(head, last[p * n:(p + 1) * n], order)
+                       for p, order in enumerate(self._orders())]
         score = torch.stack([r.score for r in results]).mean(0)
         mass = torch.stack([r.mass for r in results]).mean(0)
         return alignkern.SelfEvalScores(score, mass)
+
+    def _pass_scores(self, head: LMHead, last: torch.Tensor, order: list[int]
+                     ) -> alignkern.SelfEvalScores:
+        """One pass's ``(score (N,), mass (N,))`` from its last hidden states ``(N, H)``."""
+        options = self.option_ids.to(last.device)
+        values = self._pass_values(order).to(last.device)
+        if self.score_rule == "expected":
+            return head.self_eval_scores(last, options, values)
+        k = options.shape[0]
+        logprobs = head.linear_logprobs(last.repeat_interleave(k, 0),
+                                        options.repeat(last.shape[0])).view(-1, k)
+        return alignkern.SelfEvalScores(_most_probable_value(logprobs, values),
+                                        torch.logsumexp(logprobs, -1).exp())
 
     @staticmethod
     def _pairs(prompts, responses) -> tuple[list[str], list[str]]:
@@ -253,9 +392,46 @@ class SelfEvaluator:
                              f"{len(prompts)} prompts and {len(responses)} responses")
         return prompts, responses
 
+    # ------------------------------------------------------------------------- the prefix cache
+
     def clear_cache(self) -> None:
-        """Drop the cached prefix (it is rebuilt at the next ``score``)."""
+        """Drop the cached prefix (it is rebuilt at the next ``score``). Needed only when keeping
+        it across calls, after any change to the model's weights or buffers."""
         self._prefix_caches.clear()
+
+    @contextlib.contextmanager
+    def reusing_prefix_across_calls(self) -> Iterator[SelfEvaluator]:
+        """A block in which ``score`` calls share the prefix's KV cache (built by the first),
+        for a caller that keeps the model's weights and buffers fixed inside it (a search that
+        only reads the model, as ``rain_generate``). When the block ends the cache is dropped,
+        unless the evaluator keeps it anyway (``reuse_prefix_across_calls=True``). Blocks nest.
+
+        Example:
+            >>> with evaluator.reusing_prefix_across_calls():
+            ...     for batch in batches:  # the prefix runs once, not once per batch
+            ...         scores.append(evaluator.score(prompt, batch).score)
+        """
+        self._blocks_reusing += 1
+        try:
+            yield self
+        finally:
+            self._blocks_reusing -= 1
+            if not self._keeps_prefix_across_calls:
+                self.clear_cache()
+
+    @property
+    def _keeps_prefix_across_calls(self) -> bool:
+        return self.reuse_prefix_across_calls or self._blocks_reusing > 0
+
+    def _check_fingerprint(self) -> None:
+        """When the prefix is kept across calls: drop it if a parameter was replaced or bumped its
+        ``_version`` (an optimizer step, ``load_state_dict``) or the mode changed. A safety net
+        only: ``p.data`` updates, buffers and adapter switches escape it."""
+        fingerprint = (self.model.training, tuple((p.data_ptr(), p._version, p.dtype)
+                                                  for p in self.model.parameters()))
+        if fingerprint != self._fingerprint:
+            self._prefix_caches.clear()
+            self._fingerprint = fingerprint
 
     # ------------------------------------------------------------------------- forwards
 
@@ -264,18 +440,10 @@ class SelfEvaluator:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return 0 if pad is None else int(pad)
 
-    def _check_fingerprint(self) -> None:
-        """Drop cached prefixes when the model changed (an optimizer step bumps ``_version``)."""
-        fingerprint = (self.model.training, tuple((p.data_ptr(), p._version, p.dtype)
-                                                  for p in self.model.parameters()))
-        if fingerprint != self._fingerprint:
-            self._prefix_caches.clear()
-            self._fingerprint = fingerprint
-
     def _shared_prefix_length(self, ids: list[list[int]]) -> int:
         """How many leading tokens of the template prefix every row starts with (each row keeps
-        at least one token of its own)."""
-        if not self.reuse_prefix or not self._prefix_ids:
+        at least one token of its own); 0 when the prefix is not reused."""
+        if not self.reuse_prefix or not self._prefix_ids or self._cache_copyable is False:
             return 0
         length = len(self._prefix_ids)
         for row in ids:
@@ -284,29 +452,41 @@ class SelfEvaluator:
 
     def _last_hidden_states(self, ids: list[list[int]], device) -> torch.Tensor:
         """The final hidden state at each row's last token ``(R, H)``."""
-        self._check_fingerprint()
-        length = self._shared_prefix_length(ids)
-        cache = self._prefix_cache(tuple(ids[0][:length]), device) if length > 0 else None
-        step = self.batch_size or len(ids)
-        chunks = []
-        for start in range(0, len(ids), step):
-            rows = ids[start:start + step]
-            chunks.append(self._run_padded(rows, device) if cache is None
-                          else self._run_on_prefix(rows, length, cache, device))
-        return torch.cat(chunks)
+        keep = self._keeps_prefix_across_calls
+        if keep:
+            self._check_fingerprint()
+        else:
+            self.clear_cache()
+        try:
+            length = self._shared_prefix_length(ids)
+            cache = self._prefix_cache(tuple(ids[0][:length]), device) if length > 0 else None
+            step = self.batch_size or len(ids)
+            chunks = []
+            for start in range(0, len(ids), step):
+                rows = ids[start:start + step]
+                chunks.append(self._run_padded(rows, device) if cache is None
+                              else self._run_on_prefix(rows, length, cache, device))
+            return torch.cat(chunks)
+        finally:
+            if not keep:
+                self.clear_cache()  # frees its memory, and no later call can read it stale
 
     def _decoder(self, **kwargs):
         self.forwards += 1
         self.tokens += kwargs["input_ids"].numel()
         return self.model.get_decoder()(**kwargs)
 
-    def _prefix_cache(self, prefix: tuple[int, ...], device):
-        """The KV cache of ``prefix`` (batch 1), computed once; ``None`` if the model's cache
-        cannot be copied and batched (only plain and sliding-window KV layers can)."""
+    def _prefix_cache(self, prefix: tuple[int, ...], device) -> DynamicCache | None:
+        """The KV cache of ``prefix`` (batch 1), computed once while kept; ``None`` if the model's
+        cache cannot be copied and batched (only plain and sliding-window KV layers can: learnt
+        once, the prefix is then never tried again)."""
         if prefix not in self._prefix_caches:
             out = self._decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True)
             cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            self._prefix_caches[prefix] = cache if _batchable(cache) else None
+            self._cache_copyable = _batchable(cache)
+            if not self._cache_copyable:
+                return None
+            self._prefix_caches[prefix] = cache
         return self._prefix_caches[prefix]
 
     def _run_padded(self, rows: list[list[int]], device) -> torch.Tensor:
@@ -341,6 +521,23 @@ def _pad(rows: list[list[int]], pad_id: int, device, left: bool):
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids.to(device), mask.to(device)
+
+
+def _most_probable_value(logprobs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` the value of each row's most probable option (``logprobs (N, K)``); a tie takes
+    the lowest of the tied values, NaN log-probabilities give NaN.
+
+    With two options worth (+1, -1) this is the per-order judgement of RAIN's published
+    self-evaluation (``getv`` in SafeAILab/RAIN, HH/main.py): it reads the full-vocabulary
+    probabilities of the two label tokens in each listing order and counts the harmless label as
+    chosen only when it is strictly more probable, so a tie is harmful; its value
+    ``(A + B) / 2`` rescaled to ``A + B - 1`` is the mean of these votes over the two orders.
+    Comparing the log-probabilities orders the options as their probabilities do.
+    """
+    best = logprobs.amax(-1, keepdim=True)
+    tied = logprobs == best
+    vote = torch.where(tied, values, torch.full_like(values, math.inf)).amin(-1)
+    return vote.masked_fill(logprobs.isnan().any(-1), math.nan)
 
 
 def _batchable(cache) -> bool:
