@@ -10,6 +10,7 @@ runs them in order and raises on the first mismatch, which fails the spawn. Each
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import traceback
 
@@ -314,6 +315,64 @@ def _check_linear_kl(rank, world, dtype):
             assert bool((got[~mask] == 0).all()), f"{name}: masked positions not 0"
 
 
+def _check_near_the_maximum(rank, world):
+    """Three tied top logits, two in the first shard and one in the last, at T = 2^-17 (|z| ~ 1e6):
+    each is log 1/3 on every rank, as float64 log_softmax says (the first shard's log-sum-exp,
+    max + log 2 rounded to one float, lost every bit below its spacing of 1/16), and the entropy
+    is log 3; linear_kl of logits shifted by a constant per row is 0."""
+    import alignkern.distributed as akd
+
+    sizes = SHARDS[world]
+    vocab = sum(sizes)
+    start, size = _bounds(rank, sizes)
+    gen = torch.Generator().manual_seed(53)
+    hidden = torch.randint(-3, 4, (4, 12), generator=gen).float() / 4
+    weight = torch.randint(-3, 4, (vocab, 12), generator=gen).float() / 4
+    tied = (0, 1, vocab - 1)  # two in the first shard, one in the last
+    weight[list(tied)] = torch.sign(hidden[0]) * 3 / 4  # row 0's maximum, exact in any order
+    targets = torch.tensor([list(tied)] * 4)
+    temperature = 2.0**-17
+    shard = slice(start, start + size)
+    got = akd.linear_logprobs(hidden, weight[shard], targets, temperature=temperature,
+                              stats=("entropy",))
+    log_p = torch.log_softmax(hidden.double() @ weight.double().T / temperature, -1)
+    torch.testing.assert_close(got.logprobs.double(), log_p.gather(-1, targets), rtol=1e-6,
+                               atol=1e-6)
+    assert (got.logprobs[0] + math.log(3)).abs().max() < 1e-6, got.logprobs[0]
+    torch.testing.assert_close(got.entropy.double(), -(log_p.exp() * log_p).sum(-1), rtol=1e-6,
+                               atol=1e-6)
+    logits = hidden @ weight[shard].T
+    tokens = akd.token_logprobs(logits, targets, temperature=temperature)
+    torch.testing.assert_close(tokens.double(), log_p.gather(-1, targets), rtol=1e-6, atol=1e-6)
+    shift = torch.arange(1.0, 5.0)[:, None] / 4
+    ref_hidden = torch.cat([hidden, shift], 1)
+    ref_weight = torch.cat([weight, torch.full((vocab, 1), 2.0)], 1)
+    kl = akd.linear_kl(hidden, weight[shard], ref_hidden, ref_weight[shard],
+                       temperature=temperature)
+    assert float(kl.abs().max()) < 1e-6, kl
+
+
+def _check_compiled(rank, world):
+    """torch.compile (inductor) of linear_logprobs and linear_kl gives the eager values on every
+    rank (linear_kl's forward once reduced a stacked tensor in place, which inductor got wrong)."""
+    import alignkern.distributed as akd
+
+    sizes = SHARDS[world]
+    start, size = _bounds(rank, sizes)
+    gen = torch.Generator().manual_seed(59)
+    vocab, weight, _ = _head(gen, world, torch.float32, bias=False)
+    hidden = torch.randn(3, weight.shape[1], generator=gen)
+    targets = torch.randint(0, vocab, (3,), generator=gen)
+    shard = weight[start:start + size]
+    torch._dynamo.reset()
+    compiled_logprobs = torch.compile(lambda h, w: akd.linear_logprobs(h, w, targets))
+    compiled_kl = torch.compile(lambda h, w: akd.linear_kl(h, w, 0.5 * h, w))
+    _close("compiled linear_logprobs", compiled_logprobs(hidden, shard),
+           akd.linear_logprobs(hidden, shard, targets), torch.float32)
+    _close("compiled linear_kl", compiled_kl(hidden, shard),
+           akd.linear_kl(hidden, shard, 0.5 * hidden, shard), torch.float32)
+
+
 def _expect_error(rank, name, kinds, words, call):
     """``call()`` must raise one of ``kinds`` whose message contains every one of ``words``."""
     try:
@@ -442,8 +501,9 @@ def test_vocab_parallel_matches_single_process(world, tmp_path):
     gradients (hidden, weight and bias shards, logits shard), fp32 within 1e-5, fp64 1e-11; then
     every bad setup raises the same kind of error on every rank."""
     checks = list(CORRECTNESS) if world == 4 else CORRECTNESS[:6] + [
-        ("_check_scoring", (torch.float64,)), ("_check_linear_kl", (torch.float64,))]
-    _spawn(world, tmp_path, checks + [("_check_bad_setups", ())])
+        ("_check_scoring", (torch.float64,)), ("_check_linear_kl", (torch.float64,)),
+        ("_check_compiled", ())]
+    _spawn(world, tmp_path, checks + [("_check_near_the_maximum", ()), ("_check_bad_setups", ())])
 
 
 def test_not_initialised_is_a_clear_error():

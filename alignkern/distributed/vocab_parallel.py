@@ -48,7 +48,7 @@ What is communicated, per call with N rows and K targets per row
   each rank then knows its shard and ``V`` without asking, checks nothing across ranks, and a rank
   whose own checks or backend fail raises alone while the others wait in their next collective
   until the group's timeout (``shard_layout`` checks a layout once, as a collective);
-* forward: an all-reduce (max) of N numbers (each shard's log-sum-exp), then one all-reduce (sum)
+* forward: an all-reduce (max) of N numbers (each shard's row maximum), then one all-reduce (sum)
   of N·(K + 1) numbers (the rescaled sum-exp of each shard and the target logits, each owned by
   exactly one rank, zero elsewhere). The ``(N, V)`` logits are never gathered.
 * backward: nothing for ``token_logprobs`` (each rank's ``dlogits`` is local); for the
@@ -141,6 +141,13 @@ class _CopyToShards(torch.autograd.Function):
 def _all_reduce_max(value: torch.Tensor, group) -> torch.Tensor:
     out = value.detach().contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
+    """The sum over ranks, in a fresh tensor (no gradient: inside an autograd Function)."""
+    out = value.detach().contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
 
@@ -493,21 +500,59 @@ def _localise(targets: torch.Tensor, layout: ShardLayout, ignore_index: int | No
     return local_ids, inside | outside, ignored
 
 
-def _combine(local_logprobs, local_lse, owned, ignored, has_k: bool, group):
-    """Global ``(logprobs, lse)`` from this shard's: ``local_logprobs = z_t - lse_r`` at the owned
-    slots, ``local_lse = lse_r``. With ``M = max_r lse_r`` (a constant, no gradient):
-    ``S = sum_r exp(lse_r - M)``, ``z_t - M = sum_r [owned] (local_logprobs + lse_r - M)``,
-    ``logprobs = (z_t - M) - log S`` and ``lse = M + log S``."""
-    m = _all_reduce_max(local_lse, group)
-    scaled = torch.exp(local_lse - m)
-    shift = (local_lse - m)[..., None] if has_k else (local_lse - m)
-    partial = torch.where(owned, local_logprobs + shift, 0.0)
-    packed = torch.cat([scaled[..., None], partial if has_k else partial[..., None]], dim=-1)
+def _global_max(row_max: torch.Tensor, log_sum: torch.Tensor, group) -> torch.Tensor:
+    """The largest of the ranks' row maxima (constants, no gradient) among the shards that hold
+    some mass (``log_sum > -inf``); 0 where none does (``_logit_stats.merge_parts``' rule)."""
+    top = _all_reduce_max(torch.where(log_sum > -math.inf, row_max.detach(), -math.inf), group)
+    return torch.where(torch.isfinite(top), top, 0.0)
+
+
+def _combine(local, owned, ignored, has_k: bool, group):
+    """Global ``(logprobs, row_max, log_sum)`` from this shard's ``local`` op outputs: the
+    log-probabilities ``(z_t - c_r) - l_r`` at the owned slots and the shard's log-sum-exp in two
+    parts ``(c_r, l_r)`` (ops/token_logprobs.py). With ``C = max_r c_r`` (a constant) and
+    ``d_r = (c_r - C) + l_r`` (small: a log-sum-exp is never formed as one float, whose rounding
+    would lose every bit below the spacing of ``|z|``): ``S = sum_r exp(d_r)``, ``z_t - C =
+    sum_r [owned] (local_logprobs + d_r)``, ``logprobs = (z_t - C) - log S`` and the row's
+    ``lse = C + log S``. The gradient reaches each shard through ``local_logprobs`` and ``l_r``."""
+    top = _global_max(local.row_max, local.log_sum, group)
+    relative = (local.row_max - top) + local.log_sum
+    shift = relative[..., None] if has_k else relative
+    partial = torch.where(owned, local.logprobs + shift, 0.0)
+    packed = torch.cat([torch.exp(relative)[..., None],
+                        partial if has_k else partial[..., None]], dim=-1)
     total = _ReduceFromShards.apply(packed, group)
     log_s = torch.log(total[..., 0])
     target = total[..., 1:] if has_k else total[..., 1]
     logprobs = torch.where(ignored, 0.0, target - (log_s[..., None] if has_k else log_s))
-    return logprobs, m + log_s
+    return logprobs, top, log_s
+
+
+class _Local(NamedTuple):
+    """One shard's op outputs: log-probabilities, the log-sum-exp's two parts, and the
+    statistics (those not asked for are 0-element tensors)."""
+
+    logprobs: torch.Tensor
+    row_max: torch.Tensor
+    log_sum: torch.Tensor
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    max_logits: torch.Tensor | None = None
+
+
+def _local_linear(fn, hidden, weight, local_ids, bias, temperature, softcap, logit_scale,
+                  group, stats=None) -> _Local:
+    """This shard's ``linear_logprobs`` through the registered op (the public function would add
+    the log-sum-exp's parts into one float), with ``hidden`` entering as replicated."""
+    from ..ops import linear_logprobs as _linear_op
+
+    with _tokens.ids_already_checked():
+        outputs = _linear_op._call(fn, _CopyToShards.apply(hidden, group), weight, local_ids,
+                                   bias, temperature, softcap, logit_scale, _LOCAL_IGNORE,
+                                   check_ids=False, stats=stats)
+    return _Local(*outputs)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -546,12 +591,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: 
     device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
     layout = _layout(fn, process_group, device, vocab_start, vocab_size, make)
     local_ids, owned, ignored = _localise(targets, layout, ignore_index)
+    backend = "auto" if torch.compiler.is_compiling() else _tokens._check_backend("auto", logits)
     with _tokens.ids_already_checked():
-        local = alignkern.token_logprobs(logits, local_ids, temperature=temperature,
-                                         ignore_index=_LOCAL_IGNORE, return_lse=True)
-    logprobs, lse = _combine(local.logprobs, local.lse, owned, ignored,
-                             targets.dim() == logits.dim(), process_group)
-    return alignkern.TokenLogprobs(logprobs, lse) if return_lse else logprobs
+        local = _Local(*_tokens._token_logprobs_op(logits, local_ids, float(temperature),
+                                                   _LOCAL_IGNORE, backend))
+    logprobs, row_max, log_sum = _combine(local, owned, ignored, targets.dim() == logits.dim(),
+                                          process_group)
+    return alignkern.TokenLogprobs(logprobs, row_max + log_sum) if return_lse else logprobs
 
 
 def _linear_setup(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
@@ -585,14 +631,11 @@ def _linear(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     layout = _layout(fn, process_group, device, vocab_start, vocab_size, make)
     local_ids, owned, ignored = _localise(targets, layout, ignore_index)
-    replicated = _CopyToShards.apply(hidden, process_group)
-    with _tokens.ids_already_checked():
-        local = alignkern.linear_logprobs(replicated, weight, local_ids, bias=bias,
-                                          temperature=temperature, softcap=softcap,
-                                          logit_scale=logit_scale, ignore_index=_LOCAL_IGNORE,
-                                          return_lse=True)
-    return _combine(local.logprobs, local.lse, owned, ignored, targets.dim() == hidden.dim(),
-                    process_group)
+    local = _local_linear(fn, hidden, weight, local_ids, bias, temperature, softcap, logit_scale,
+                          process_group)
+    logprobs, row_max, log_sum = _combine(local, owned, ignored, targets.dim() == hidden.dim(),
+                                          process_group)
+    return logprobs, row_max + log_sum
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -635,12 +678,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 def _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
                   vocab_start, vocab_size, group, stats):
-    """``linear_logprobs(..., stats=...)`` over the shards. With the row's global LSE as the
-    reference ``M`` (a constant) and each shard's ``a_r = exp(lse_r - M)``: ``A = sum_r a_r``,
-    entropy ``= sum_r a_r (H_r - lse_r) / A + M + log A``, ``log sum p^2 = log sum_r
-    exp(2 (lse_r - M) + lss_r) - 2 log A``, mean ``= sum_r V_r mean_r / V``. The target is the
-    first maximum where its shard says so locally (its ``z_t`` is then that shard's maximum), no
-    shard before it reaches ``z_t`` and none after it exceeds it."""
+    """``linear_logprobs(..., stats=...)`` over the shards. With the row's global log-sum-exp as
+    the reference ``M = C + log S`` (``_combine``; a constant here) and each shard's
+    ``e_r = lse_r - M = (c_r - C) + l_r - log S`` (never formed from one-float log-sum-exps) and
+    ``a_r = exp(e_r)``: ``A = sum_r a_r``, entropy ``= sum_r a_r (H_r - e_r) / A + log A``,
+    ``log sum p^2 = log sum_r exp(2 e_r + lss_r) - 2 log A``, mean ``= sum_r V_r mean_r / V``.
+    The target is the first maximum where its shard says so locally (its ``z_t`` is then that
+    shard's maximum), no shard before it reaches ``z_t`` and none after it exceeds it."""
     from ..ops import linear_logprobs as _linear_op
 
     fn = "linear_logprobs"
@@ -655,12 +699,9 @@ def _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_sca
     local_ids, owned, ignored = _localise(targets, layout, ignore_index)
     has_k = targets.dim() == hidden.dim()
     wanted = set(stats) | ({"is_top1", "max_logits"} if "is_top1" in stats else set())
-    with _tokens.ids_already_checked():
-        local = alignkern.linear_logprobs(_CopyToShards.apply(hidden, group), weight, local_ids,
-                                          bias=bias, temperature=temperature, softcap=softcap,
-                                          logit_scale=logit_scale, ignore_index=_LOCAL_IGNORE,
-                                          stats=tuple(sorted(wanted)))
-    logprobs, lse = _combine(local.logprobs, local.lse, owned, ignored, has_k, group)
+    local = _local_linear(fn, hidden, weight, local_ids, bias, temperature, softcap, logit_scale,
+                          group, frozenset(wanted))
+    logprobs, top, log_s = _combine(local, owned, ignored, has_k, group)
     row_max = z_t = beaten = None
     if "is_top1" in wanted:
         # with a K dimension throughout: (..., K) slots
@@ -669,13 +710,13 @@ def _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_sca
                                               as_slots(targets), as_slots(owned), layout, group)
     elif "max_logits" in wanted:
         row_max = _all_reduce_max(local.max_logits.detach(), group)
-    reference_point = lse.detach()
-    a = torch.exp(local.lse - reference_point)
+    relative = (local.row_max - top) + local.log_sum - log_s.detach()  # e_r
+    a = torch.exp(relative)
     rows = {"a": a}
     if "entropy" in stats:
-        rows["entropy"] = a * (local.entropy - local.lse)
+        rows["entropy"] = a * (local.entropy - relative)
     if "log_sum_sq_probs" in stats:
-        rows["sq"] = torch.exp(2 * (local.lse - reference_point) + local.log_sum_sq_probs)
+        rows["sq"] = torch.exp(2 * relative + local.log_sum_sq_probs)
     if "mean_logits" in stats:
         rows["mean"] = local.mean_logits * layout.vocab_local
         rows["vocab"] = torch.full_like(a, layout.vocab_local)
@@ -686,8 +727,8 @@ def _linear_stats(hidden, weight, targets, bias, temperature, softcap, logit_sca
         is_top1 = (z_t > -math.inf) & (beaten == 0)
         is_top1 = is_top1 if has_k else is_top1[..., 0]
     return alignkern.LinearLogprobsStats(
-        logprobs, lse,
-        total["entropy"] / total["a"] + reference_point + log_a if "entropy" in stats else None,
+        logprobs, top + log_s,
+        total["entropy"] / total["a"] + log_a if "entropy" in stats else None,
         (torch.log(total["sq"]) - 2 * log_a).detach() if "log_sum_sq_probs" in stats else None,
         (total["mean"] / total["vocab"]).detach() if "mean_logits" in stats else None,
         is_top1, row_max if "max_logits" in stats else None)
@@ -845,44 +886,49 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 class _ShardedKL(torch.autograd.Function):
     """Global per-row ``KL(pi || pi_ref)`` from this rank's shard of both heads, in the one pass
     over the shard that the single-process op makes. The registered ``alignkern::linear_kl`` gives,
-    per shard ``r``: ``KL_r``, ``lse_r`` and ``E_r = sum_{v in r} p^r_v (z_v - y_v)`` (``p^r``: the
-    softmax of the shard's logits), hence ``lse'_r = KL_r - E_r + lse_r``. With ``M``, ``M'`` the
-    maxima over ranks of ``lse_r``, ``lse'_r`` (constants) and one all-reduce (sum) of
-    ``(exp(lse_r - M), exp(lse_r - M) E_r, exp(lse'_r - M'))``:
-    ``lse = M + log S``, ``w_r = exp(lse_r - M) / S``, ``E = sum_r w_r E_r = E_pi[z - y]``,
-    ``lse' = M' + log S'`` and ``KL = E - lse + lse'``.
+    per shard ``r``: each side's log-sum-exp in two parts, ``(c_r, l_r)`` for the policy and
+    ``(c'_r, l'_r)`` for the reference (ops/token_logprobs.py says why they stay apart), and
+    ``E_r = sum_{v in r} p^r_v (z_v - y_v)`` (``p^r``: the softmax of the shard's logits). With
+    ``C``, ``C'`` the maxima over ranks of ``c_r``, ``c'_r`` (constants), ``d_r = (c_r - C) + l_r``,
+    ``d'_r = (c'_r - C') + l'_r`` and one all-reduce (sum) of ``(exp(d_r), exp(d_r) E_r,
+    exp(d'_r))``: ``lse = C + log S``, ``w_r = exp(d_r) / S``, ``E = sum_r w_r E_r = E_pi[z - y]``,
+    ``lse' = C' + log S'`` and ``KL = (E - (C - C')) - (log S - log S')``.
 
     Backward: ``dKL/dz_v = p_v (z_v - y_v - E)`` with ``p_v = w_r p^r_v``, which is exactly what
     ``alignkern::linear_kl_backward`` computes on the shard when handed ``grad * w_r`` and the
-    global ``E`` in place of ``E_r`` (it forms ``grad exp(z - lse_r) (z - y - expect)``). So the
-    backward is one local pass too; ``dweight`` is this shard's part of the full gradient and
+    global ``E`` in place of ``E_r`` (it forms ``grad exp((z - c_r) - l_r) (z - y - expect)``). So
+    the backward is one local pass too; ``dweight`` is this shard's part of the full gradient and
     ``dhidden`` this shard's contribution, summed over ranks by ``_CopyToShards``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend,
                 group):
-        kl_r, lse_r, expect_r = torch.ops.alignkern.linear_kl(
+        from ..ops.linear_kl import kl_from_parts
+
+        _, row_max, log_sum, expect_r, ref_row_max, ref_log_sum = torch.ops.alignkern.linear_kl(
             hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend)
-        ref_lse_r = kl_r - expect_r + lse_r
-        m = _all_reduce_max(torch.stack([lse_r, ref_lse_r]), group)
-        scaled = torch.exp(lse_r - m[0])
-        total = torch.stack([scaled, scaled * expect_r, torch.exp(ref_lse_r - m[1])])
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        top, ref_top = _global_max(torch.stack([row_max, ref_row_max]),
+                                   torch.stack([log_sum, ref_log_sum]), group)
+        scaled = torch.exp((row_max - top) + log_sum)
+        ref_scaled = torch.exp((ref_row_max - ref_top) + ref_log_sum)
+        total = _all_reduce_sum(torch.stack([scaled, scaled * expect_r, ref_scaled]), group)
         weight_r = scaled / total[0]
         expect = total[1] / total[0]
-        kl = expect - (m[0] + torch.log(total[0])) + (m[1] + torch.log(total[2]))
-        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, lse_r, expect, weight_r)
+        kl = kl_from_parts(expect, top, torch.log(total[0]), ref_top, torch.log(total[2]))
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect,
+                              weight_r)
         ctx.scalars = (temperature, logit_scale, backend)
         return kl
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, ref_hidden, ref_weight, lse_r, expect, weight_r = ctx.saved_tensors
+        hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect, weight_r = \
+            ctx.saved_tensors
         temperature, logit_scale, backend = ctx.scalars
         need_weight = ctx.needs_input_grad[1]
         grad_hidden, grad_weight = torch.ops.alignkern.linear_kl_backward(
-            grad * weight_r, hidden, weight, ref_hidden, ref_weight, lse_r, expect, temperature,
-            logit_scale, need_weight, backend)
+            grad * weight_r, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect,
+            temperature, logit_scale, need_weight, backend)
         return (grad_hidden, grad_weight if need_weight else None, None, None, None, None, None,
                 None)
 
