@@ -9,7 +9,6 @@ import argparse
 import os
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
@@ -124,8 +123,8 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if not 0 < value < float("inf"):  # an infinite budget would time a noisy case forever
+        raise argparse.ArgumentTypeError(f"must be above 0 and finite, got {text}")
     return value
 
 
@@ -237,13 +236,20 @@ def _run_alone(args, device: torch.device, flag: str, run, format_report, write_
     from alignkern import bench
     from alignkern.bench import report
 
-    if args.save_results:
-        print(f"alignkern bench: error: --save-results is for the op families, not --{flag}",
-              file=sys.stderr)
+    def fail(message: str) -> int:
+        print(f"alignkern bench: error: {message}", file=sys.stderr)
         return 2
+
+    if args.save_results:
+        return fail(f"--save-results is for the op families, not --{flag}")
+    try:  # where the rows go is checked before they are measured
+        folder = bench.prepare_out_dir(
+            args.out if args.out is not None else bench.default_out_dir(device),
+            "--out" if args.out is not None else "the default output folder")
+    except bench.BenchError as exc:
+        return fail(str(exc))
     rows = run(device, quick=args.quick)
     print(format_report(rows))
-    folder = Path(args.out) if args.out is not None else bench.default_out_dir(device)
     path = write_csv(rows, device, folder)
     env = report.environment(device, scope=f"{flag}-quick" if args.quick else flag,
                              command=["alignkern", *args.argv])

@@ -88,6 +88,16 @@ def same_device_in_fake(fn: str, **tensors: torch.Tensor | None) -> None:
                        lambda: f"{fn}: all tensors must be on the same device, got {listed}")
 
 
+def _as_float(fn: str, arg: str, value: numbers.Real) -> float:
+    """``float(value)``; a ValueError for an integer (or fraction) beyond float's range, which
+    ``float`` refuses with a bare OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{fn}: {arg} must be within float's range (about ±1.8e308), got "
+                         f"{describe(value)}") from None
+
+
 def real(fn: str, arg: str, value, *, positive: bool = False, finite: bool = True,
          low: float | None = None, high: float | None = None, optional: bool = False):
     """A real number (int or float, not bool, not a string or tensor), returned as float; None
@@ -97,7 +107,7 @@ def real(fn: str, arg: str, value, *, positive: bool = False, finite: bool = Tru
     either = "None or " if optional else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {arg} must be {either}a real number, got {describe(value)}")
-    number = float(value)
+    number = _as_float(fn, arg, value)
     if math.isnan(number) or (finite and math.isinf(number)) or (positive and number <= 0):
         wanted = ("positive" + (" and finite" if finite else "") if positive
                   else "a finite number" if finite else "a number")
@@ -113,12 +123,33 @@ def temperature(fn: str, value) -> float:
     """Positive, finite and within [1e-30, 1e30], so that 1 / temperature is a normal float32."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: temperature must be a real number, got {describe(value)}")
-    number = float(value)
+    number = _as_float(fn, "temperature", value)
     if not MIN_TEMPERATURE <= number <= MAX_TEMPERATURE:  # NaN fails too
         raise ValueError(f"{fn}: temperature must be positive and finite, within "
                          f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (kernels use 1 / temperature "
                          f"in float32), got {number}")
     return number
+
+
+def logit_factors(fn: str, temperature: float, logit_scale: float,
+                  softcap: float | None = None) -> None:
+    """Every factor the kernels hold in float32 must lie within [1e-30, 1e30], as 1 / temperature
+    does: ``logit_scale``, ``softcap`` and the quotients ``logit_scale / temperature`` (the
+    kernels fold the scale into the temperature, and every backward multiplies by it) and
+    ``softcap / temperature`` (the largest ``|z|``). Each argument alone may be in range and a
+    quotient not: ``temperature=1e-30, logit_scale=1e10`` gave ``[-inf, nan]``. Takes the numbers
+    ``temperature`` and ``real`` returned."""
+    low, high = MIN_TEMPERATURE, MAX_TEMPERATURE
+    slack = 1e-9  # 1e10 / 1e-20 is 1.0000000000000002e30 in float64: still the bound
+    factors = {"logit_scale": logit_scale, "logit_scale / temperature": logit_scale / temperature}
+    if softcap is not None:
+        factors.update({"softcap": softcap, "softcap / temperature": softcap / temperature})
+    for name, factor in factors.items():
+        if not low * (1 - slack) <= factor <= high * (1 + slack):
+            given = f"temperature={temperature:g}, logit_scale={logit_scale:g}" + (
+                "" if softcap is None else f", softcap={softcap:g}")
+            raise ValueError(f"{fn}: {name} must be within [{low:g}, {high:g}] (kernels hold it "
+                             f"in float32), got {factor:g} ({given})")
 
 
 def integer(fn: str, arg: str, value) -> int:

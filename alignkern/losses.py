@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .ops.linear_kl import linear_kl
-from .ops.scoring import counted_targets, sequence_logprobs
+from .ops.scoring import check_sequence_arguments, counted_targets, sequence_logprobs
 
 __all__ = ["bradley_terry_loss", "dpo_loss", "fused_linear_dpo_loss", "plackett_luce_loss",
            "linear_kl", "score_shaping", "self_correction_metrics",
@@ -71,11 +71,11 @@ def _real_tensor(name: str, arg: str, value, *, floating: bool = True) -> torch.
     return value
 
 
-def _check_inputs(name: str, *, integral_ok: tuple[str, ...] = (),
+def _check_inputs(name: str, *, integral_ok: tuple[str, ...] = (), optional: tuple[str, ...] = (),
                   **tensors: torch.Tensor | None) -> None:
-    """``tensors`` (None skipped) must be real tensors (``_real_tensor``; those named in
-    ``integral_ok`` may be integer or bool) of one shape on one device."""
-    present = {arg: t for arg, t in tensors.items() if t is not None}
+    """``tensors`` must be real tensors (``_real_tensor``; those named in ``integral_ok`` may be
+    integer or bool) of one shape on one device; those named in ``optional`` may be None."""
+    present = {arg: t for arg, t in tensors.items() if t is not None or arg not in optional}
     for arg, value in present.items():
         _real_tensor(name, arg, value, floating=arg not in integral_ok)
     _check_same_shape(name, **present)
@@ -274,6 +274,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """
     name = "dpo_loss"
     _check_inputs(name, integral_ok=("chosen_lengths", "rejected_lengths"),
+                  optional=("chosen_lengths", "rejected_lengths"),
                   policy_chosen=policy_chosen, policy_rejected=policy_rejected,
                   ref_chosen=ref_chosen, ref_rejected=ref_rejected,
                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
@@ -390,7 +391,17 @@ def completion_lengths(targets: torch.Tensor, mask: torch.Tensor | None = None,
                        average_log_prob: bool = False, ignore_index: int = -100) -> torch.Tensor:
     """``(rows,)`` float32 token counts of what ``sequence_logprobs`` sums for ``targets (rows,
     T)``: the positions in ``mask`` whose target is not ``ignore_index`` (TRL's completion
-    lengths); ones with ``average_log_prob`` (the log-likelihoods are then already per token)."""
+    lengths); ones with ``average_log_prob`` (the log-likelihoods are then already per token).
+    ``targets`` int32/int64, ``mask`` None or bool (or 0/1) of targets' shape."""
+    name = "completion_lengths"
+    _checks.tensor(name, "targets", targets, dtypes=_checks.INDEX_DTYPES)
+    if targets.dim() != 2:
+        raise ValueError(f"{name}: targets must have shape (rows, T), got {tuple(targets.shape)}")
+    if mask is not None:
+        _checks.mask(name, "mask", mask, targets.shape, "the shape of targets")
+        _checks.same_device(name, targets=targets, mask=mask)
+    average_log_prob = _checks.boolean(name, "average_log_prob", average_log_prob)
+    ignore_index = _checks.integer(name, "ignore_index", ignore_index)
     if average_log_prob:
         return torch.ones(targets.shape[0], dtype=torch.float32, device=targets.device)
     return counted_targets(targets, mask, ignore_index)[1].sum(-1).to(torch.float32)
@@ -413,6 +424,24 @@ def check_fused_dpo_arguments(name: str, hidden, ref_logps, ref_hidden, ref_weig
     elif ref_weight is None:
         raise ValueError(f"{name}: ref_hidden needs ref_weight")
     return average_log_prob, logit_scale
+
+
+def _check_heads(name: str, hidden, weight, targets, mask, ref_hidden, ref_weight) -> None:
+    """What ``sequence_logprobs`` would check, checked here so that the errors name ``name``:
+    ``weight (V, H)`` for ``hidden (2B, T, H)``, ``targets`` and ``mask (2B, T)``; with a
+    computed reference, ``ref_hidden (2B, T, H')`` and ``ref_weight (V', H')``."""
+    check_sequence_arguments(name, hidden, targets, mask, "sum", -100)
+    pairs = [("weight", weight, hidden)]
+    if ref_hidden is not None:
+        if ref_hidden.dim() != 3 or ref_hidden.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"{name}: ref_hidden must have shape (2B, T, H') with hidden's 2B, T "
+                             f"= {tuple(hidden.shape[:2])}, got {tuple(ref_hidden.shape)}")
+        pairs.append(("ref_weight", ref_weight, ref_hidden))
+    for arg, head, states in pairs:
+        _checks.tensor(name, arg, head, floating=True)
+        if head.dim() != 2 or head.shape[1] != states.shape[-1]:
+            raise ValueError(f"{name}: {arg} must be the 2-D LM head (V, H) with H = "
+                             f"{states.shape[-1]}, got shape {tuple(head.shape)}")
 
 
 def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -449,6 +478,7 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                            loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau)
     average_log_prob, logit_scale = check_fused_dpo_arguments(
         name, hidden, ref_logps, ref_hidden, ref_weight, average_log_prob, logit_scale)
+    _check_heads(name, hidden, weight, targets, mask, ref_hidden, ref_weight)
     reduction_kind = "mean" if average_log_prob else "sum"
     policy = sequence_logprobs(hidden, weight, targets, mask, reduction=reduction_kind,
                                logit_scale=logit_scale)
@@ -477,8 +507,8 @@ def plackett_luce_loss(scores: torch.Tensor, rewards: torch.Tensor,
     log-cumsum-exp: O(N log N) time, O(B·N) memory. ``scores`` are real floating-point; ``rewards``
     (only compared) and ``mask`` may also be integer or bool."""
     name = "plackett_luce_loss"
-    _check_inputs(name, integral_ok=("rewards", "mask"), scores=scores, rewards=rewards,
-                  mask=mask)
+    _check_inputs(name, integral_ok=("rewards", "mask"), optional=("mask",), scores=scores,
+                  rewards=rewards, mask=mask)
     reduction = _checks.choice(name, "reduction", reduction, REDUCTIONS)
     if scores.dim() not in (1, 2):
         raise ValueError(f"{name}: scores must be (N,) or (B, N), got {tuple(scores.shape)}")

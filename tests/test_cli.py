@@ -67,3 +67,110 @@ def test_bench_quick_writes_csv_and_table(tmp_path, capsys):
     assert all(float(r["p50"]) > 0 for r in times)
     assert set(rows[0]) >= {"kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20",
                             "p80", "config", "device", "torch", "triton", "git_sha", "timestamp"}
+
+
+# ----------------------------------------------------------------------------- unusable paths
+
+BENCH = ["bench", "--quick", "--device", "cpu", "--ops", "plackett_luce_loss", "--no-progress",
+         "--no-plot", "--budget", "0.05"]
+
+
+def _unusable_folders(tmp_path):
+    """Folders that cannot be created: a device file, a plain file, a folder under a file."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {"/dev/null": "it is a file, not a folder",
+            str(a_file): "it is a file, not a folder",
+            str(a_file / "below"): "NotADirectoryError"}
+
+
+@pytest.mark.parametrize("mode", ["ops", "loops", "trl"])
+def test_bench_checks_its_output_folder_before_measuring(tmp_path, monkeypatch, capsys, mode):
+    """`--out /dev/null` used to run the whole benchmark and then die with a raw FileExistsError,
+    losing the results: now nothing is measured, the error names --out, the folder and why, and
+    the exit status is 2 like the CLI's other errors."""
+    from alignkern import bench
+    from alignkern.bench import loops, trl_step
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the output folder was checked")
+
+    monkeypatch.setattr(bench, "bench_family", measured)
+    monkeypatch.setattr(loops, "run_loops_benchmark", measured)
+    monkeypatch.setattr(trl_step, "run_trl_benchmark", measured)
+    argv = {"ops": BENCH, "loops": ["bench", "--loops", "--quick", "--device", "cpu"],
+            "trl": ["bench", "--trl", "--quick", "--device", "cpu"]}[mode]
+    for folder, why in _unusable_folders(tmp_path).items():
+        assert main([*argv, "--out", folder]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"alignkern bench: error: --out {folder!r}: cannot write the "
+                                   f"results there (")
+        assert why in lines[0]
+
+
+def test_bench_creates_a_missing_output_folder_and_its_parents(tmp_path, monkeypatch):
+    from alignkern import bench
+
+    monkeypatch.setattr(bench, "bench_family", lambda *args, **kwargs: [])  # nothing to time
+    assert main([*BENCH, "--out", str(tmp_path / "new" / "nested")]) == 0
+    assert sorted(p.name for p in (tmp_path / "new" / "nested").iterdir()) == [
+        "cpu.csv", "cpu.json", "cpu.md"]
+
+
+@pytest.mark.parametrize("budget", ["inf", "0", "nan"])
+def test_bench_budget_must_be_positive_and_finite(monkeypatch, capsys, budget):
+    """An infinite budget would time a noisy case forever."""
+    from alignkern import bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "run", measured)
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--budget", budget])
+    assert stop.value.code == 2
+    assert f"argument --budget: must be above 0 and finite, got {budget}" in capsys.readouterr().err
+
+
+def _demo_folders(tmp_path):
+    """--model values that are no checkpoint folder, and what the error says of each."""
+    a_file = tmp_path / "weights.bin"
+    a_file.write_text("")
+    (tmp_path / "empty").mkdir()
+    incomplete = tmp_path / "config-only"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text('{"model_type": "llama"}')
+    return {str(tmp_path / "nonexistent"): "no such folder",
+            str(a_file): "a file, not a folder",
+            str(tmp_path / "empty"): "the folder has no config.json",
+            str(incomplete): "cannot load a causal LM and its tokenizer from it (OSError: "}
+
+
+def test_demo_model_that_is_no_checkpoint_folder_is_a_clear_error(tmp_path, capsys):
+    """`--model /nonexistent` showed transformers' "Repo id must use alphanumeric chars" (a
+    missing folder is taken for a hub id): now it says the folder does not exist, exit 2."""
+    for folder, why in _demo_folders(tmp_path).items():
+        assert main(["demo", "score", "--model", folder]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"alignkern demo: error: --model {folder!r}: {why}")
+        assert "Repo id" not in captured.err
+
+
+@pytest.mark.parametrize("seed, why", [("18446744073709551616", "must be in [-2**63, 2**64 - 1]"),
+                                       ("x", "not an integer: 'x'")])
+def test_demo_seed_outside_torch_range_is_refused_before_loading(monkeypatch, capsys, seed, why):
+    """torch.manual_seed refuses it with a bare ValueError, after the model was built."""
+    from alignkern.loops import demo
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(demo, "_load", loaded)
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "score", "--seed", seed])
+    assert stop.value.code == 2
+    assert f"alignkern demo: error: argument --seed: {why}" in capsys.readouterr().err

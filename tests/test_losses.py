@@ -573,6 +573,110 @@ def test_scalar_arguments_get_clear_errors(case):
         call()
 
 
+NONE_CASES = {
+    "bradley_terry_loss: chosen": lambda: losses.bradley_terry_loss(None, x4),
+    "dpo_loss: ref_chosen": lambda: losses.dpo_loss(x4, x4, None, x4),
+    "plackett_luce_loss: rewards": lambda: losses.plackett_luce_loss(x4, None),
+    "score_shaping: r2": lambda: losses.score_shaping(x4, None, alpha=1.0),
+    "self_correction_metrics: r1": lambda: losses.self_correction_metrics(None, y4),
+}
+
+
+@pytest.mark.parametrize("where", NONE_CASES)
+def test_a_required_tensor_given_as_none_is_a_type_error(where):
+    """None was skipped as if the argument were optional, and the loss then failed with a raw
+    AttributeError ('NoneType' object has no attribute 'dtype')."""
+    with pytest.raises(TypeError, match=rf"^{where} must be a torch.Tensor, got None"):
+        NONE_CASES[where]()
+
+
+HUGE = 10**400  # an int that float() refuses with a bare OverflowError
+HUGE_CASES = {
+    "dpo_loss: beta": lambda: losses.dpo_loss(x4, x4, x4, x4, beta=HUGE),
+    "dpo_loss: label_smoothing": lambda: losses.dpo_loss(x4, x4, x4, x4, label_smoothing=HUGE),
+    "dpo_loss: discopop_tau": lambda: losses.dpo_loss(x4, x4, x4, x4, discopop_tau=-HUGE),
+    "bradley_terry_loss: margin": lambda: losses.bradley_terry_loss(x4, x4, margin=HUGE),
+    "score_shaping: alpha": lambda: losses.score_shaping(x4, y4, alpha=HUGE),
+    "fused_linear_dpo_loss: logit_scale": lambda: _fused_call(logit_scale=HUGE),
+}
+
+
+@pytest.mark.parametrize("where", HUGE_CASES)
+def test_a_number_beyond_float_range_is_a_value_error(where):
+    with pytest.raises(ValueError, match=rf"^{where} must be within float's range .*got int "
+                                         rf"-?1000"):
+        HUGE_CASES[where]()
+
+
+def _fused_with(**replace):
+    """fused_linear_dpo_loss with some of its inputs (hidden, weight, targets, mask, ref_hidden,
+    ref_weight: B = 2, T = 3, H = 8, V = 11; the reference computed from ref_hidden, H' = 5)
+    replaced."""
+    h, w, targets, mask = _dpo_inputs(batch=2, length=3, hidden=8, vocab=11)
+    args = dict(hidden=h, weight=w, targets=targets, mask=mask, ref_hidden=torch.randn(4, 3, 5),
+                ref_weight=torch.randn(11, 5))
+    args.update(replace)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    return losses.fused_linear_dpo_loss(args.pop("hidden"), args.pop("weight"),
+                                        args.pop("targets"), args.pop("mask"), **args)
+
+
+FUSED_CASES = {
+    "weight None": (TypeError, "weight must be a torch.Tensor, got None", dict(weight=None)),
+    "weight H": (ValueError, r"weight must be the 2-D LM head \(V, H\) with H = 8, got shape "
+                 r"\(11, 5\)", dict(weight=torch.randn(11, 5))),
+    "targets float": (TypeError, "targets must be int32 or int64, got torch.float32",
+                      dict(targets=torch.zeros(4, 3))),
+    "targets shape": (ValueError, r"targets must have shape \(4, 3\) .*got \(4, 2\)",
+                      dict(targets=torch.zeros(4, 2, dtype=torch.long))),
+    "mask shape": (ValueError, r"mask must have shape \(4, 3\) .*got \(4, 1\)",
+                   dict(mask=torch.ones(4, 1, dtype=torch.bool))),
+    "ref_hidden rows": (ValueError, r"ref_hidden must have shape \(2B, T, H'\) with hidden's "
+                        r"2B, T = \(4, 3\), got \(2, 3, 5\)", dict(ref_hidden=torch.randn(2, 3, 5))),
+    "ref_weight H": (ValueError, r"ref_weight must be the 2-D LM head \(V, H\) with H = 5, got "
+                     r"shape \(11, 8\)", dict(ref_weight=torch.randn(11, 8))),
+}
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_linear_dpo_errors_name_fused_linear_dpo_loss(case):
+    """They were raised by the sequence_logprobs inside (named so, or a raw AttributeError)."""
+    error, message, replace = FUSED_CASES[case]
+    _fused_with()  # the unchanged call runs
+    with pytest.raises(error, match=rf"^fused_linear_dpo_loss: {message}"):
+        _fused_with(**replace)
+
+
+COMPLETION_CASES = {
+    "targets list": (TypeError, "targets must be a torch.Tensor, got list", dict(targets=[[1, 2]])),
+    "targets float": (TypeError, "targets must be int32 or int64, got torch.float32",
+                      dict(targets=torch.zeros(2, 3))),
+    "targets 1-D": (ValueError, r"targets must have shape \(rows, T\), got \(3,\)",
+                    dict(targets=torch.zeros(3, dtype=torch.long))),
+    "mask list": (TypeError, "mask must be a torch.Tensor, got list", dict(mask=[[True] * 3] * 2)),
+    "mask shape": (ValueError, r"mask must have shape \(2, 3\) .*got \(2, 2\)",
+                   dict(mask=torch.ones(2, 2, dtype=torch.bool))),
+    "average_log_prob str": (TypeError, "average_log_prob must be True or False, got str 'no'",
+                             dict(average_log_prob="no")),
+    "ignore_index huge": (ValueError, "ignore_index must fit in int64, got 1180591620717411303424",
+                          dict(ignore_index=2**70)),
+    "ignore_index str": (TypeError, "ignore_index must be an integer, got str '-100'",
+                         dict(ignore_index="-100")),
+}
+
+
+@pytest.mark.parametrize("case", COMPLETION_CASES)
+def test_completion_lengths_checks_its_arguments(case):
+    """Nothing was checked: an OverflowError for ignore_index=2**70, AttributeErrors for lists
+    and strings, torch's broadcasting error for a mask of another shape."""
+    error, message, replace = COMPLETION_CASES[case]
+    args = dict(targets=torch.tensor([[1, -100, 2], [3, 4, -100]]),
+                mask=torch.tensor([[True, True, False], [True, True, True]]))
+    torch.testing.assert_close(losses.completion_lengths(**args), torch.tensor([1.0, 2.0]))
+    with pytest.raises(error, match=rf"^completion_lengths: {message}"):
+        losses.completion_lengths(**{**args, **replace})
+
+
 def test_scalar_arguments_accept_ints_and_numpy_numbers():
     import numpy as np
 

@@ -217,3 +217,49 @@ def test_bad_scalars_are_refused(name):
     for arg in checked:
         for value in BAD_SCALARS[arg]:
             expect_clear_error(name, {**case.args, arg: value})
+
+
+def int_arguments(name: str) -> list[str]:
+    return [a.name for a in getattr(torch.ops.alignkern, name).default._schema.arguments
+            if str(a.type) == "int"]
+
+
+INT_OPS = [name for name in registered_ops() if int_arguments(name)]
+
+
+def test_ignore_index_is_the_only_integer_argument():
+    """So the int64 checks below cover every integer argument of every registered op."""
+    assert {arg for name in registered_ops() for arg in int_arguments(name)} == {"ignore_index"}
+    assert INT_OPS == ["linear_logprobs", "linear_logprobs_backward", "linear_logprobs_stats",
+                       "token_logprobs", "token_logprobs_backward"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", INT_OPS)
+@pytest.mark.parametrize("value", [-(2**63), 2**63 - 1, 2**31, -(2**31) - 1],
+                         ids=["int64-min", "int64-max", "2^31", "-2^31-1"])
+def test_ignore_index_takes_the_whole_int64_range(backend, name, value):
+    """At any int64 value (none truncated to 32 bits) ignore_index marks the targets that hold it
+    exactly as -100 does, on every backend."""
+    args = cases(backend)[name].args
+    targets = args["targets"].clone()
+    targets[0, 0] = -100
+    expected = call(name, {**args, "targets": targets, "ignore_index": -100})
+    targets[0, 0] = value
+    got = call(name, {**args, "targets": targets, "ignore_index": value})
+    for a, b in zip(got if isinstance(got, tuple) else (got,),
+                    expected if isinstance(expected, tuple) else (expected,)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", INT_OPS)
+@pytest.mark.parametrize("value", [2**63, 2**70, -(2**63) - 1])
+def test_ignore_index_beyond_int64_stops_in_torch_before_the_op(name, value):
+    """An integer beyond int64 cannot reach the op's own checks (which refuse it with a
+    ValueError when it comes through the public functions): torch's argument parser refuses it
+    first, with a RuntimeError naming the op, the argument and the value. No kernel runs."""
+    args = cases("reference")[name].args
+    with pytest.raises(RuntimeError, match=rf"^alignkern::{name}\(\) Expected a value of type "
+                                           rf"'int' for argument 'ignore_index'.*\nPosition: \d+\n"
+                                           rf"Value: {value}\n"):
+        call(name, {**args, "ignore_index": value})

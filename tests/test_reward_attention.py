@@ -160,6 +160,30 @@ def test_rows_that_see_no_key_are_zero_not_nan(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", ["shared", "head"])
+@pytest.mark.parametrize("len_q,len_k", [(0, 6), (5, 0), (0, 0)])
+def test_empty_queries_or_keys_with_ranks(backend, bias, len_q, len_k):
+    """Lq = 0 or Lk = 0 with ranks (the cpu backend refused them: an empty rank tensor has no
+    address, so it looked like a missing one): an empty output, or with no key out = 0 and
+    lse = -inf; gradients of the inputs' shapes, 0 where there is nothing to differentiate,
+    equal to the reference's."""
+    inputs = make_inputs(batch=2, len_q=len_q, len_k=len_k, head_dim=8, bias=bias, ranks=True)
+    q, k, v, key_bias, key_rank, query_rank = inputs
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, key_bias)]
+    out, lse = run(backend, *leaves[:3], leaves[3], key_rank, query_rank, return_lse=True)
+    ref_out, ref_lse = reference_fp64(*inputs)
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert torch.equal(out.double(), ref_out) and (out == 0).all()
+    assert torch.equal(lse.double(), ref_lse) and lse.isneginf().all()
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected = reference_grads(inputs, grad_out)
+    for name, got, want, leaf in zip(("dq", "dk", "dv", "dbias"), grads, expected, leaves):
+        assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
+        assert torch.equal(got.double(), want) and (got == 0).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_ranks_compare_as_integers(backend):
     """2**53 and 2**53 + 1 are one float64, but as ranks key 2**53 + 1 is hidden from query 2**53;
     the int64 extremes are ranks too. Every backend must agree with the reference, which compares
@@ -285,6 +309,23 @@ def test_segment_bias_errors():
         alignkern.segment_bias(torch.zeros(1, 3), torch.zeros(1, 3))
     with pytest.raises(IndexError, match="segment_ids must be < S = 3.*got 3"):
         alignkern.segment_bias(torch.zeros(1, 3), torch.tensor([[0, 3]]))
+
+
+@pytest.mark.parametrize("beta, error, received", [
+    ("2", TypeError, "got str '2'"),
+    (True, TypeError, "got bool True"),
+    (None, TypeError, "got None"),
+    (torch.tensor(2.0), TypeError, r"got a torch.float32 tensor of shape \(\)"),
+    (float("nan"), ValueError, "got nan"),
+    (float("inf"), ValueError, "got inf"),
+    (-float("inf"), ValueError, "got -inf"),
+    (10**400, ValueError, r"within float's range .*got int 1000"),
+], ids=["str", "bool", "None", "tensor", "nan", "inf", "-inf", "huge int"])
+def test_segment_bias_beta_must_be_a_finite_real_number(beta, error, received):
+    """A string used to reach the gather as an index (an indexing error), NaN and inf were
+    accepted and gave a NaN or infinite bias."""
+    with pytest.raises(error, match=rf"^segment_bias: beta must be .*{received}"):
+        alignkern.segment_bias(torch.tensor([[0.5, 1.0]]), torch.tensor([[-1, 0, 1]]), beta=beta)
 
 
 # ----------------------------------------------------------------------------- torch integration
@@ -472,6 +513,22 @@ def test_error_scalars_and_arguments_of_the_wrong_type():
     with pytest.raises(TypeError, match="reward_attention: key_bias must be a torch.Tensor, got "
                                         "list"):
         alignkern.reward_attention(q, k, v, key_bias=[[0.0] * 6])
+
+
+@pytest.mark.parametrize("value", ["yes", None, torch.ones(2)], ids=["str", "None", "tensor"])
+def test_error_return_lse_must_be_a_bool(value):
+    """It was only tested for truth: "yes" returned a tuple, a tensor gave torch's "Boolean value
+    of Tensor with more than one value is ambiguous"."""
+    with pytest.raises(TypeError, match=r"^reward_attention: return_lse must be True or False, "
+                                        r"got (str 'yes'|None|a torch.float32 tensor)"):
+        alignkern.reward_attention(*_qkv(), return_lse=value)
+
+
+def test_error_scale_beyond_float_range():
+    """An integer too large for a float was a bare OverflowError from float()."""
+    with pytest.raises(ValueError, match=r"^reward_attention: scale must be within float's range "
+                                         r".*got int 1000"):
+        alignkern.reward_attention(*_qkv(), scale=10**400)
 
 
 # The registered ops validate every argument themselves: a direct caller (a compiled graph, another

@@ -22,6 +22,7 @@ import datetime
 import gc
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ MIN_BUDGET_S = 0.5
 OUT_ROOT = "alignkern-bench"
 
 __all__ = ["BUDGET_S", "FAMILIES", "OPS", "SCOPES", "BenchError", "Result", "RunOutput",
-           "bench_family", "default_out_dir", "provider_names", "run", "select_cases"]
+           "bench_family", "default_out_dir", "prepare_out_dir", "provider_names", "run",
+           "select_cases"]
 
 
 class BenchError(ValueError):
@@ -218,6 +220,25 @@ def default_out_dir(device: torch.device, now: datetime.datetime | None = None) 
     return path
 
 
+def prepare_out_dir(folder: str | os.PathLike, what: str = "--out") -> Path:
+    """Create ``folder`` (and its parents) and check that a file can be written in it, before
+    anything is measured: a folder the results cannot go into is a BenchError naming it (``what``
+    says which option gave it), not an OSError after the whole run."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        if path.exists() and not path.is_dir():
+            reason = "it is a file, not a folder"
+        else:
+            reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+        raise BenchError(f"{what} {str(folder)!r}: cannot write the results there ({reason}); "
+                         f"give a folder that can be created and written") from None
+    return path
+
+
 @dataclass
 class RunOutput:
     results: list[Result]
@@ -261,7 +282,8 @@ def run(device: torch.device, *, scope: str = "default", ops: tuple[str, ...] = 
         command: list[str] | None = None) -> RunOutput:
     """Run the benchmarks, print the table, write CSV, Markdown, PNG and JSON into ``out_dir``
     (default: a new ``./alignkern-bench/<device>-<UTC time>/``) and, with ``save_results``, the
-    same files into the checkout's ``benchmarks/results/``."""
+    same files into the checkout's ``benchmarks/results/``. Raises BenchError, before anything
+    is measured, for unknown names and for an output folder that cannot be created or written."""
     scope = "quick" if quick else scope
     ops = tuple(ops)
     check_names(ops, providers)
@@ -269,6 +291,11 @@ def run(device: torch.device, *, scope: str = "default", ops: tuple[str, ...] = 
     if save_results and repo is None:
         raise BenchError("--save-results writes into an alignkern checkout's benchmarks/results/; "
                          "run it from the repository (none found here or above)")
+    # Where the results go is checked (and created) before minutes of measuring, not after.
+    folder = prepare_out_dir(out_dir if out_dir is not None else default_out_dir(device),
+                             "--out" if out_dir is not None else "the default output folder")
+    if save_results:
+        prepare_out_dir(repo / "benchmarks" / "results", "--save-results")
     started = time.perf_counter()
     budget = BUDGET_S[scope] if budget_s is None else budget_s
     env = report.environment(device, scope=scope, ops=list(ops),
@@ -315,7 +342,6 @@ def run(device: torch.device, *, scope: str = "default", ops: tuple[str, ...] = 
     except OSError:
         pass
     print(report.table(results, device, env))
-    folder = Path(out_dir) if out_dir is not None else default_out_dir(device)
     output = RunOutput(results, folder.resolve(), wall_s=wall, interrupted=interrupted)
     output.files = _write_all(results, device, folder, env, plot)
     if save_results:

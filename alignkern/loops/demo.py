@@ -22,6 +22,7 @@ import argparse
 import copy
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,22 @@ PROMPTS = ("Human: How do I bake bread at home?\nAssistant:",
            "Human: Can a cat fly?\nAssistant:")
 
 
+# torch.manual_seed's range (it refuses others with a bare ValueError, after the model is loaded).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer torch.manual_seed takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64 - 1] (torch.manual_seed's "
+                                         f"range), got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's arguments, for ``alignkern demo`` or a parser of one's own."""
     parser.add_argument("loop", nargs="?", default="all", choices=LOOPS + ("all",),
@@ -47,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a tiny random Llama and a tokenizer built here)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is present, else cpu")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed for sampling (default 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; tiny models run fastest on 1)")
 
@@ -60,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    model, tokenizer, description = _load(args.model, device)
+    try:
+        model, tokenizer, description = _load(args.model, device)
+    except ModelFolderError as exc:
+        print(f"alignkern demo: error: {exc}", file=sys.stderr)
+        return 2
     print(f"alignkern demo on {device} ({torch.get_num_threads()} CPU threads): {description}")
     loops = LOOPS if args.loop == "all" else (args.loop,)
     for name in loops:
@@ -84,7 +105,28 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- setup
 
 
+class ModelFolderError(ValueError):
+    """``--model`` names no folder a causal LM and its tokenizer can be loaded from."""
+
+
+def _check_model_folder(path: str) -> None:
+    """``path`` must be a folder holding a transformers checkpoint (a ``config.json``): without
+    this check transformers takes a missing folder for a hub id and says the id is malformed."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelFolderError(f"--model {path!r}: no such folder (give a local transformers "
+                               f"checkpoint: config.json, weights and tokenizer files)")
+    if not folder.is_dir():
+        raise ModelFolderError(f"--model {path!r}: a file, not a folder (give the checkpoint's "
+                               f"folder)")
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"--model {path!r}: the folder has no config.json, so it is not a "
+                               f"transformers checkpoint")
+
+
 def _load(path: str | None, device: torch.device):
+    """The tiny random model and tokenizer, or a checkpoint from the folder ``path``
+    (ModelFolderError when there is none, or it cannot be loaded)."""
     if path is None:
         model = tiny.tiny_model(device=device)
         config = model.config
@@ -93,8 +135,14 @@ def _load(path: str | None, device: torch.device):
             f"{config.num_hidden_layers} layers), tokenizer built locally")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _check_model_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:  # what transformers raises for an incomplete checkpoint
+        message = " ".join(str(exc).split())
+        raise ModelFolderError(f"--model {path!r}: cannot load a causal LM and its tokenizer "
+                               f"from it ({type(exc).__name__}: {message})") from exc
     return model, tokenizer, f"{type(model).__name__} from {path}"
 
 

@@ -238,7 +238,12 @@ def _prepare(q, k, v, key_bias, key_rank, query_rank) -> _Inputs:
     if key_bias is not None:
         bias = key_bias[:, None] if key_bias.dim() == 2 else key_bias
         bias = bias.to(acc).contiguous()
-    ranks = (None, None) if key_rank is None else _float64_ranks(key_rank, query_rank)
+    # With no query or no key there is no pair for the ranks to mask. They are dropped: an empty
+    # rank tensor may have no address, which the C++ kernels would read as "no ranks" while the
+    # other one has an address, and refuse.
+    no_pairs = q.shape[2] == 0 or k.shape[2] == 0
+    ranks = (None, None) if key_rank is None or no_pairs \
+        else _float64_ranks(key_rank, query_rank)
     return _Inputs(q.contiguous(), k.contiguous(), v.contiguous(), bias, *ranks)
 
 
@@ -446,10 +451,11 @@ def reward_attention(
 
     Raises:
         TypeError: an argument that is not a tensor, non-float or mismatched dtypes, ranks that
-            are not real, a ``causal`` that is not a bool, a ``scale`` that is not a real number.
+            are not real, a ``causal`` or ``return_lse`` that is not a bool, a ``scale`` that is
+            not a real number.
         ValueError: shapes (batch or head dims that disagree, D outside [1, 256], Hq not a
             multiple of Hkv, ranks or bias of the wrong shape, only one of the ranks), mixed
-            devices, a non-finite scale.
+            devices, a non-finite scale (or an integer beyond float's range).
         RuntimeError: the backend cannot run here.
 
     Example:
@@ -458,6 +464,7 @@ def reward_attention(
     """
     causal, scale = _check_inputs("reward_attention", q, k, v, key_bias, key_rank, query_rank,
                                   causal, scale)
+    return_lse = _checks.boolean("reward_attention", "return_lse", return_lse)
     # Under torch.compile the backend is resolved when the compiled graph runs, not when traced.
     backend = "auto" if torch.compiler.is_compiling() else _check_backend("auto", q)
     out, lse = _reward_attention_op(q, k, v, key_bias, key_rank, query_rank, causal, scale,
@@ -474,14 +481,16 @@ def segment_bias(rewards: torch.Tensor, segment_ids: torch.Tensor, beta: float =
             prompt tokens).
         segment_ids: ``(B, L)`` int32/int64, the example each token belongs to (negative, e.g.
             ``-1``, for the prompt).
-        beta: the bias per unit of reward.
+        beta: the bias per unit of reward, a finite real number (for a learned beta, scale the
+            rewards: ``segment_bias(beta * rewards, segment_ids)``).
 
     Returns:
         ``(B, L)`` in rewards' dtype.
 
     Raises:
-        TypeError: rewards or segment_ids not a tensor. ValueError: wrong shapes or dtypes,
-        batch sizes that differ, mixed devices. IndexError: a segment id >= S.
+        TypeError: rewards or segment_ids not a tensor, beta not a real number (a bool, string
+        or tensor). ValueError: wrong shapes or dtypes, batch sizes that differ, mixed devices,
+        a NaN or infinite beta. IndexError: a segment id >= S.
 
     Example:
         >>> bias = alignkern.segment_bias(torch.tensor([[0.2, 0.9]]),
@@ -489,6 +498,7 @@ def segment_bias(rewards: torch.Tensor, segment_ids: torch.Tensor, beta: float =
         >>> out = alignkern.reward_attention(q, k, v, key_bias=bias)
     """
     _check_segments("segment_bias", rewards, segment_ids)
+    beta = _checks.real("segment_bias", "beta", beta)
     if rewards.shape[1] == 0:  # S = 0: every token is prompt (ids < 0); gather needs one column
         rewards = torch.nn.functional.pad(rewards, (0, 1))
     return reference.segment_bias(rewards, segment_ids, beta)
