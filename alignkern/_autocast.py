@@ -51,6 +51,21 @@ def register(name: str, cast: Sequence[str] = ()) -> None:
         _LIBRARY.impl(name, kernel, str(key).split(".")[-1], with_keyset=True)
 
 
+def cast_operands(*values):
+    """``values`` as the op's autocast kernel will see them: under ``torch.autocast`` for a
+    tensor's device, its floating-point tensors (float64 excepted) in the autocast dtype, else
+    unchanged. The public functions call this before validating, so that what they check (equal
+    dtypes, say) is what the op will get; the cast is recorded by autograd like the op's own."""
+    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if first is None or first.device.type not in DEVICE_TYPES:
+        return values
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return values
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(_cast(value, device_type, dtype) for value in values)
+
+
 def _cast(value, device_type: str, dtype: torch.dtype):
     eligible = (isinstance(value, torch.Tensor) and value.is_floating_point()
                 and value.device.type == device_type and value.dtype != torch.float64)

@@ -490,6 +490,9 @@ def test_opcheck(backend):
                           (*leaves[:2], targets, None, 1.3, None, 2.5, IGNORE, backend))
     torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
                           (h, w, targets, None, 1.0, None, 1.0, IGNORE, backend))
+    torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,  # a lower-precision head
+                          (leaves[0], w.bfloat16().requires_grad_(True), targets,
+                           b.bfloat16(), 1.3, 2.0, 0.4, IGNORE, backend))
     for softcap, scale, needs in [(2.0, 0.4, (True, True, True)), (2.0, 0.4, (True, False, False)),
                                   (None, 2.5, (False, True, True))]:
         out, row_max, log_sum = torch.ops.alignkern.linear_logprobs(h, w, targets, b, 1.3, softcap,
@@ -816,6 +819,23 @@ def test_autocast_gradient_is_the_gradient_of_the_forward(backend):
         assert_close_scaled(got, want, GRAD_TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden_dtype, head_dtype", [
+    (torch.float16, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_autocast_takes_any_mix_of_dtypes(backend, hidden_dtype, head_dtype):
+    """A direct call under torch.autocast casts hidden, weight and bias to the autocast dtype
+    before checking them (TRL's test_train_model_dtype: float32 hidden states and a float16 head
+    under bfloat16 autocast raised "weight must have the dtype of hidden")."""
+    h, w, b, targets = make_inputs((7,), 300, 2, torch.float32, bias=True)
+    h, w, b = h.to(hidden_dtype), w.to(head_dtype), b.to(head_dtype)
+    with alignkern.use_backend(backend), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = alignkern.linear_logprobs(h, w, targets, bias=b, temperature=0.9)
+    cast = [x.to(torch.bfloat16) for x in (h, w, b)]
+    with alignkern.use_backend(backend):
+        assert torch.equal(out, alignkern.linear_logprobs(*cast[:2], targets, bias=cast[2],
+                                                          temperature=0.9))
+
+
 def test_autocast_under_torch_compile():
     torch._dynamo.reset()
     h, w, _, targets = make_inputs((8,), 200, 2, torch.float32)
@@ -834,6 +854,53 @@ def test_autocast_under_torch_compile():
     assert torch.equal(out, by_hand)
     for got, hand in zip(grads, torch.autograd.grad(by_hand, cast, grad_out)):
         assert torch.equal(got, hand.float())
+
+
+# ----------------------------------------------------------------------------- a lower-precision head
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden_dtype, head_dtype", [
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.float64, torch.float32), (torch.float64, torch.bfloat16)])
+@pytest.mark.parametrize("stats", [None, ("entropy",)])
+def test_a_head_of_lower_precision_than_the_hidden_states(backend, hidden_dtype, head_dtype,
+                                                          stats):
+    """TRL's cast_lm_head_to_fp32 on a bf16 model: float32 hidden states and a bf16 head (and
+    bias). The kernels convert each tile (the head is never copied); the result is float64
+    log_softmax of the same values at the hidden states' precision, and each gradient comes back
+    in its input's dtype."""
+    if backend == "cuda" and hidden_dtype == torch.float64:
+        pytest.skip("the cuda backend takes no float64")
+    h, w, b, targets = make_inputs((3, 7), 1029, 2, hidden_dtype, bias=True)
+    w, b = w.to(head_dtype), b.to(head_dtype)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    kw = dict(temperature=0.8, softcap=6.0)
+    with alignkern.use_backend(backend):
+        result = alignkern.linear_logprobs(*leaves[:2], targets, bias=leaves[2], stats=stats,
+                                           return_lse=True, **kw)
+    out = result.logprobs
+    want, want_lse = reference_fp64(h, w, targets, b, **kw)
+    tol = 1e-10 if hidden_dtype == torch.float64 else 5e-5
+    torch.testing.assert_close(out.double().cpu(), want.cpu(), rtol=tol, atol=tol)
+    torch.testing.assert_close(result.lse.double().cpu(), want_lse.cpu(), rtol=tol, atol=tol)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    for got, leaf, want_grad in zip(grads, leaves, reference_grads(h, w, b, targets, grad_out,
+                                                                   **kw)):
+        assert got.dtype == leaf.dtype
+        assert_close_scaled(got, want_grad, GRAD_TOL[leaf.dtype] if leaf.dtype != hidden_dtype
+                            else GRAD_TOL[hidden_dtype])
+
+
+@pytest.mark.parametrize("hidden_dtype, head_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+    (torch.float32, torch.float64)])
+def test_a_head_of_higher_or_other_precision_is_refused(hidden_dtype, head_dtype):
+    h, w, _, targets = make_inputs((3,), 50, None, torch.float32)
+    with pytest.raises(TypeError, match=r"^linear_logprobs: weight must have the dtype of hidden "
+                                        r"or a lower precision that it holds exactly"):
+        alignkern.linear_logprobs(h.to(hidden_dtype), w.to(head_dtype), targets)
 
 
 # ----------------------------------------------------------------------------- memory

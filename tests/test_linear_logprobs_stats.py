@@ -291,6 +291,25 @@ def test_bad_stats_are_refused():
         alignkern.linear_logprobs(h, w, targets, stats=("entropie",))
     with pytest.raises(TypeError, match=r"linear_logprobs: stats must be a tuple of names"):
         alignkern.linear_logprobs(h, w, targets, stats="entropy")
+    for bad in (5, 2.0, ("entropy", 3)):  # 5 once said "'int' object is not iterable"
+        with pytest.raises(TypeError, match=r"^linear_logprobs: stats must be a tuple of names "
+                                            r".* got (int 5|float 2.0|tuple)"):
+            alignkern.linear_logprobs(h, w, targets, stats=bad)
+    # An iterator is read once: its statistics are computed, not consumed by the check.
+    result = alignkern.linear_logprobs(h, w, targets, stats=iter(["entropy"]))
+    assert result.entropy is not None and result.log_sum_sq_probs is None
+
+
+@pytest.mark.parametrize("call", ["linear_logprobs", "linear_kl"])
+def test_a_scale_over_temperature_beyond_float32_is_refused(call):
+    """temperature = 1e-30 and logit_scale = 1e10 are each in range, their ratio (the factor the
+    kernels hold in float32) is not: it gave [-inf, nan]."""
+    h, w, _, targets = make_inputs((3,), 20, None, torch.float32)
+    with pytest.raises(ValueError, match=rf"^{call}: logit_scale / temperature must be within"):
+        if call == "linear_logprobs":
+            alignkern.linear_logprobs(h, w, targets, temperature=1e-30, logit_scale=1e10)
+        else:
+            alignkern.losses.linear_kl(h, w, h, w, temperature=1e-30, logit_scale=1e10)
 
 
 def test_backward_op_refuses_an_entropy_gradient_without_the_entropy():

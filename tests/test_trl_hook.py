@@ -101,6 +101,28 @@ def test_cast_lm_head_to_fp32_with_a_bfloat16_model():
     _assert_same(got, want, atol=1e-5, grad_rtol=2e-2)
 
 
+def test_cast_lm_head_to_fp32_never_copies_the_head(monkeypatch):
+    """float32 hidden states and a bf16 head go to linear_logprobs as they are: the kernels convert
+    each tile, so the V x H head is not copied to float32 (2.5 GB at V = 152k, H = 4096)."""
+    import alignkern.integrations.trl as hook
+
+    seen = {}
+    original = hook.linear_logprobs
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen["weight"] = weight
+        return original(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(hook, "linear_logprobs", spy)
+    copies = []  # _run hooks a copy of the model
+    _run(tiny_model("llama", dtype=torch.bfloat16).train(), ALL, True, prepare=copies.append,
+         cast_lm_head_to_fp32=True)
+    assert seen["weight"] is copies[0].lm_head.weight
+    hidden = torch.randn(3, 8)
+    weight = torch.randn(5, 8, dtype=torch.bfloat16)
+    assert hook.projection_operands(hidden, weight, None)[1] is weight
+
+
 def test_bfloat16_autocast_is_at_least_as_exact_as_trl():
     """Under bf16 autocast both project the bf16 operands (TRL's rule). TRL rounds each logits tile
     to bf16 before folding it, alignkern keeps the products in float32: against the float64

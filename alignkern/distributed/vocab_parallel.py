@@ -972,13 +972,10 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     temperature, logit_scale = float(temperature), float(logit_scale)
     backend = "auto" if torch.compiler.is_compiling() else _backend.resolve_backend(hidden.device)
     ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
-    device_type = hidden.device.type
-    if device_type in _autocast.DEVICE_TYPES and torch.is_autocast_enabled(device_type):
-        # The op's own autocast policy, applied here so that autograd records the casts and the
-        # backward sees the operands the forward used.
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight, ref_hidden, ref_weight = (
-            _autocast._cast(t, device_type, dtype) for t in (hidden, weight, ref_hidden, ref_weight))
+    # The op's own autocast policy, applied here so that autograd records the casts and the
+    # backward sees the operands the forward used.
+    hidden, weight, ref_hidden, ref_weight = _autocast.cast_operands(hidden, weight, ref_hidden,
+                                                                     ref_weight)
     replicated = _CopyToShards.apply(hidden, process_group)
     kl = _ShardedKL.apply(replicated, weight, ref_hidden, ref_weight, temperature, logit_scale,
                           backend, process_group)

@@ -106,34 +106,26 @@ _RANK = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2
 
 def projection_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or None in the one dtype the projection
-    runs in, cast the way autograd records (gradients reach each input in its own dtype):
+    """``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or None as ``linear_logprobs`` takes
+    them, cast the way autograd records (gradients reach each input in its own dtype):
 
     * under autocast, the autocast dtype: alignkern's autocast policy (``alignkern._autocast``:
-      float64 is left as it is), applied here, before ``linear_logprobs`` checks that the
-      dtypes agree; TRL's kernel casts each of its tiles to the same dtype;
-    * otherwise ``hidden``'s dtype (TRL's rule: with ``cast_lm_head_to_fp32`` TRL passes float32
-      hidden states and a head of the model's dtype), except that hidden states of lower
-      precision than the head are cast up to the head's dtype instead of the head down: exact,
-      and a copy of N x H elements rather than V x H (TRL would round the head to the hidden
-      states' dtype, so alignkern is the more exact there).
+      float64 is left as it is); TRL's kernel casts each of its tiles to the same dtype;
+    * otherwise the projection runs at ``hidden``'s precision (TRL's rule: with
+      ``cast_lm_head_to_fp32`` TRL passes float32 hidden states and a head of the model's dtype).
+      A head of lower precision is passed as it is (``linear_logprobs`` converts each tile in the
+      kernel: the head is never copied); hidden states of lower precision than the head are cast
+      up to the head's dtype instead of the head down: exact, and a copy of N x H elements rather
+      than V x H (TRL would round the head to the hidden states' dtype, so alignkern is the more
+      exact there); float16 against bfloat16 (neither holds the other) casts the head.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight, bias = (_autocast._cast(value, device_type, dtype)
-                                for value in (hidden, weight, bias))
+    hidden, weight, bias = _autocast.cast_operands(hidden, weight, bias)
     if _RANK[hidden.dtype] < _RANK[weight.dtype]:
         hidden = hidden.to(weight.dtype)
-    elif weight.dtype != hidden.dtype:
-        # TODO(lead): mixed-dtype kernels. Once linear_logprobs takes a head of lower precision
-        # than hidden (upcasting each tile), skip this cast when
-        # _RANK[weight.dtype] < _RANK[hidden.dtype] (TRL's cast_lm_head_to_fp32 on a bf16/fp16
-        # model: float32 hidden, half-precision head): today it copies the whole head (V x H) to
-        # hidden's dtype for the call (and keeps it for the backward). float16 against bfloat16
-        # stays a cast (neither holds the other).
+    elif _RANK[hidden.dtype] == _RANK[weight.dtype] and weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    bias = None if bias is None else bias.to(weight.dtype)
+    if bias is not None and bias.dtype not in (hidden.dtype, weight.dtype):
+        bias = bias.to(weight.dtype)
     return hidden, weight, bias
 
 

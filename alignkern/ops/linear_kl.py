@@ -62,8 +62,10 @@ def _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature, logit
 
 
 def _check_scalars(fn, temperature, logit_scale):
-    return (_checks.temperature(fn, temperature),
-            _checks.real(fn, "logit_scale", logit_scale, positive=True))
+    temperature = _checks.temperature(fn, temperature)
+    logit_scale = _checks.real(fn, "logit_scale", logit_scale, positive=True)
+    _checks.logit_factors(fn, temperature, logit_scale)
+    return temperature, logit_scale
 
 
 def _check_saved(fn, hidden, **saved) -> None:
@@ -329,6 +331,8 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
         temperature, logit_scale = _check_scalars(fn, temperature, logit_scale)
         backend = "auto"
     else:
+        hidden, weight, ref_hidden, ref_weight = _autocast.cast_operands(hidden, weight,
+                                                                         ref_hidden, ref_weight)
         temperature, logit_scale = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight,
                                                  temperature, logit_scale)
         _check_mask(fn, mask, hidden)

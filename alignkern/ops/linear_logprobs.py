@@ -29,7 +29,7 @@ the log-sum-exp and the dense part of the gradient; the K target logits are one 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -97,10 +97,7 @@ def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, logit
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"{fn}: weight must have a non-empty vocabulary and hidden size, got "
                          f"shape {tuple(weight.shape)}")
-    for arg, value in (("weight", weight), ("bias", bias)):
-        if value is not None and value.dtype != hidden.dtype:
-            raise TypeError(f"{fn}: {arg} must have the dtype of hidden ({hidden.dtype}), got "
-                            f"{value.dtype}")
+    _check_head_dtypes(fn, hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
     shape = tuple(targets.shape)
     if not (shape == lead or (len(shape) == len(lead) + 1 and shape[:-1] == lead)):
@@ -114,14 +111,45 @@ def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, logit
     return _check_scalars(fn, temperature, softcap, logit_scale, ignore_index)
 
 
+# The dtypes a head may have below the hidden states' (each holds the head's values exactly).
+LOWER_PRECISION_HEADS = {
+    torch.float32: (torch.float16, torch.bfloat16),
+    torch.float64: (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def head_dtype_ok(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """The head has the hidden states' dtype, or a lower precision that theirs holds exactly."""
+    return weight_dtype == hidden_dtype or weight_dtype in LOWER_PRECISION_HEADS.get(hidden_dtype,
+                                                                                      ())
+
+
+def _check_head_dtypes(fn, hidden, weight, bias) -> None:
+    """``weight`` has hidden's dtype or a lower precision (a bfloat16 head under float32 hidden
+    states: each tile is converted in the kernel, the head never copied); ``bias`` has the dtype
+    of hidden or of weight."""
+    if not head_dtype_ok(hidden.dtype, weight.dtype):
+        lower = LOWER_PRECISION_HEADS.get(hidden.dtype, ())
+        allowed = str(hidden.dtype).removeprefix("torch.") + "".join(
+            f" or {str(d).removeprefix('torch.')}" for d in lower)
+        raise TypeError(f"{fn}: weight must have the dtype of hidden or a lower precision that it "
+                        f"holds exactly ({allowed}), got {weight.dtype} (cast the hidden states, "
+                        f"not the head, to mix them the other way)")
+    if bias is not None and bias.dtype not in (hidden.dtype, weight.dtype):
+        raise TypeError(f"{fn}: bias must have the dtype of hidden ({hidden.dtype}) or of weight "
+                        f"({weight.dtype}), got {bias.dtype}")
+
+
 def _check_scalars(fn, temperature, softcap, logit_scale, ignore_index):
-    return (_checks.temperature(fn, temperature),
-            _checks.real(fn, "softcap", softcap, positive=True, optional=True),
-            _checks.real(fn, "logit_scale", logit_scale, positive=True),
-            _checks.integer(fn, "ignore_index", ignore_index))
+    temperature = _checks.temperature(fn, temperature)
+    softcap = _checks.real(fn, "softcap", softcap, positive=True, optional=True)
+    logit_scale = _checks.real(fn, "logit_scale", logit_scale, positive=True)
+    _checks.logit_factors(fn, temperature, logit_scale, softcap)
+    return temperature, softcap, logit_scale, _checks.integer(fn, "ignore_index", ignore_index)
 
 
 def _check_backend(backend: str, hidden: torch.Tensor, fn: str = "linear_logprobs") -> str:
+    """The backend to run (see alignkern._backend); the cuda kernels take no float64."""
     backend = _backend.backend_for(fn, backend, hidden.device)
     if backend == "cuda" and hidden.dtype == torch.float64:
         raise TypeError(
@@ -184,7 +212,8 @@ def _gpu_forward(hidden, weight, bias, temperature, softcap, logit_scale, backen
     """Each row's log-sum-exp (row maximum and log-sum) and the requested statistics' partials,
     by the CUDA kernel (one part) or the Triton kernel (one part per vocabulary split)."""
     stats = _logit_stats.kernel_stats(stats)
-    if backend == "cuda":
+    same_dtypes = weight.dtype == hidden.dtype and (bias is None or bias.dtype == hidden.dtype)
+    if backend == "cuda" and same_dtypes:  # a lower-precision head: the Triton kernel converts it
         return _cuda_forward(hidden, weight, bias, temperature, softcap, logit_scale, acc, stats)
     from ..triton_kernels import linear_logprobs as kernels
 
@@ -244,13 +273,32 @@ def _triton_backward(g, coef, hidden, weight, ids, valid, bias, row_max, log_sum
                                       capped[rows] * inv_t - row_max[rows, None], log_sum[rows],
                                       inv_t * logit_scale,
                                       None if squash is None else squash[rows], entropy_rows)
-        if need_hidden:
-            torch.mm(dlogits, weight, out=grad_hidden[rows])
-        if need_weight:
-            grad_weight.addmm_(dlogits.T, h)
+        _dlogits_gemms(dlogits, h, weight, grad_hidden, rows, grad_weight)
         if grad_bias is not None:
             grad_bias += dlogits.sum(0, dtype=acc)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _dlogits_gemms(dlogits, h, weight, grad_hidden, rows, grad_weight) -> None:
+    """``grad_hidden[rows] = dlogits @ weight`` and ``grad_weight += dlogits.T @ h`` (either may
+    be None). A head of lower precision than ``dlogits`` (hidden's dtype) is converted block by
+    block, at most ``TARGET_CHUNK_BYTES`` at a time, never as a whole."""
+    if weight.dtype == dlogits.dtype:
+        if grad_hidden is not None:
+            torch.mm(dlogits, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            grad_weight.addmm_(dlogits.T, h)
+        return
+    vocab, hidden_size = weight.shape
+    if grad_hidden is not None:
+        grad_hidden[rows] = 0
+    step = max(1, TARGET_CHUNK_BYTES // (hidden_size * dlogits.element_size()))
+    for start in range(0, vocab, step):
+        block = slice(start, start + step)
+        if grad_hidden is not None:
+            grad_hidden[rows] += dlogits[:, block] @ weight[block].to(dlogits.dtype)
+        if grad_weight is not None:
+            grad_weight[block] += (dlogits[:, block].T @ h).to(grad_weight.dtype)
 
 
 # ----------------------------------------------------------------------------- reference backend
@@ -395,7 +443,8 @@ def _fake_checks(fn, hidden, weight, targets, **others) -> None:
         lambda: f"{fn}: hidden size mismatch, hidden {tuple(hidden.shape)} vs weight "
         f"{tuple(weight.shape)}",
     )
-    torch._check(hidden.dtype == weight.dtype, lambda: f"{fn}: dtypes must match")
+    torch._check(head_dtype_ok(hidden.dtype, weight.dtype),
+                 lambda: f"{fn}: weight must have hidden's dtype or a lower precision")
     torch._check(
         targets.dtype in _tokens.TARGET_DTYPES,
         lambda: f"{fn}: targets must be int32 or int64, got {targets.dtype}",
@@ -638,6 +687,7 @@ def _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale
         # backend is resolved then too.
         scalars = _check_scalars(name, temperature, softcap, logit_scale, ignore_index)
         return op(hidden, weight, targets, bias, *scalars, *flags, "auto")
+    hidden, weight, bias = _autocast.cast_operands(hidden, weight, bias)
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         name, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     backend = _check_backend("auto", hidden, name)
@@ -649,13 +699,16 @@ def _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale
 
 
 def _check_stats(fn: str, stats) -> frozenset[str]:
-    if isinstance(stats, str) or not all(isinstance(name, str) for name in stats):
+    """``stats`` as a set of names; a string, a non-iterable or non-string names are a
+    ``TypeError``, unknown names a ``ValueError`` (an iterator is read once)."""
+    names = tuple(stats) if isinstance(stats, Iterable) and not isinstance(stats, str) else None
+    if names is None or not all(isinstance(name, str) for name in names):
         raise TypeError(f"{fn}: stats must be a tuple of names among {_logit_stats.STATS}, got "
-                        f"{stats!r}")
-    unknown = sorted(set(stats) - set(_logit_stats.STATS))
+                        f"{_checks.describe(stats)}")
+    unknown = sorted(set(names) - set(_logit_stats.STATS))
     if unknown:
         raise ValueError(f"{fn}: stats must be among {_logit_stats.STATS}, got {unknown}")
-    return frozenset(stats)
+    return frozenset(names)
 
 
 def linear_logprobs(
@@ -678,10 +731,13 @@ def linear_logprobs(
 
     Args:
         hidden: ``(..., H)`` float32, float16, bfloat16 (or float64) hidden states; any strides.
-        weight: ``(V, H)`` LM head, same dtype.
+        weight: ``(V, H)`` LM head, in hidden's dtype or a lower precision that it holds exactly
+            (a float16/bfloat16 head under float32 hidden states, as with TRL's
+            ``cast_lm_head_to_fp32``): each tile is converted in the kernel, the head is never
+            copied, and its gradient comes back in its own dtype.
         targets: ``(...)`` token ids, or ``(..., K)`` for K tokens per row; int32 or int64.
             Entries equal to ``ignore_index`` give 0.
-        bias: optional ``(V,)`` LM-head bias, same dtype.
+        bias: optional ``(V,)`` LM-head bias, in hidden's or weight's dtype.
         temperature: positive divisor applied after the softcap.
         softcap: if given, logits are squashed to ``(-softcap, softcap)`` first (Gemma 2).
         logit_scale: positive factor on the logits before the softcap: Cohere's
@@ -705,11 +761,16 @@ def linear_logprobs(
         ``weight`` and ``bias`` for any upstream gradient.
 
     Raises:
-        TypeError: non-float hidden, mismatched dtypes, float targets, a scalar that is not a
-            real number (a bool, a string, a tensor).
+        TypeError: non-float hidden, a head of higher precision than hidden (or float16 against
+            bfloat16), float targets, a scalar that is not a real number (a bool, a string, a
+            tensor), ``stats`` that are not names.
         ValueError: a weight that is not 2-D, a hidden size that does not match, bad target or
             bias shapes, mixed devices, a temperature, softcap or logit_scale that is not
-            positive and finite.
+            positive and finite, or whose quotients leave [1e-30, 1e30] (the kernels hold
+            ``logit_scale / temperature`` and ``softcap / temperature`` in float32).
+
+    Autocast: under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype
+    first (alignkern/_autocast.py), so any mix of their dtypes is accepted there.
         IndexError: a target id outside ``[0, V)`` that is not ``ignore_index`` (checked unless
             ``ALIGNKERN_VALIDATE=0``; kernels then return NaN for that element).
         RuntimeError: the requested backend cannot run here.

@@ -267,11 +267,16 @@ def tile_space(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype,
     return _SPACE_TENSOR_CORE
 
 
-def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
+def _flags(hidden: torch.Tensor, bias, softcap, weight: torch.Tensor | None = None) -> dict:
+    """The constexpr flags of the logits tile. UPCAST converts both operands to the accumulation
+    dtype after loading: under the interpreter for float16/bfloat16 (whose tl.dot it gets wrong),
+    and for a head of lower precision than the hidden states (a float32 tile of a bfloat16 head
+    is exact, and only a tile is ever converted)."""
+    mixed = weight is not None and weight.dtype != hidden.dtype
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
-        UPCAST=_interpreting() and hidden.dtype in (torch.float16, torch.bfloat16),
+        UPCAST=mixed or (_interpreting() and hidden.dtype in (torch.float16, torch.bfloat16)),
         IEEE=hidden.dtype in (torch.float32, torch.float64),
     )
 
@@ -347,7 +352,7 @@ def _fwd_plan(hidden, weight, bias, temperature, softcap, logit_scale, stats=fro
         (hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
          out.row_max, out.log_sum, *stat_ptrs, n_rows, vocab, hidden_size, split_size,
          1.0 / temperature, softcap or 1.0, logit_scale),
-        {**_flags(hidden, bias, softcap), **flags},
+        {**_flags(hidden, bias, softcap, weight), **flags},
         tile_space(n_rows, vocab, hidden_size, hidden.dtype, stats=any(flags.values())), KEY,
         dict(enable_fp_fusion=False),
     )
@@ -367,7 +372,7 @@ def _dlogits_plan(hidden, weight, bias, coef, row_max, log_sum, dlogits, tempera
          coef, row_max, log_sum, dlogits, coef if entropy_grad is None else entropy_grad, n_rows,
          vocab,
          hidden_size, 1.0 / temperature, softcap or 1.0, logit_scale),
-        {**_flags(hidden, bias, softcap), "HAS_ENTROPY_GRAD": entropy_grad is not None},
+        {**_flags(hidden, bias, softcap, weight), "HAS_ENTROPY_GRAD": entropy_grad is not None},
         tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY, dict(enable_fp_fusion=False),
     )
 
