@@ -160,6 +160,10 @@ class _Recording:
         self.asked.append((prompts, responses))
         return self.inner.score(prompts, responses)
 
+    def reusing_prefix_across_calls(self):
+        """The inner evaluator's block (RAIN opens it for one search)."""
+        return self.inner.reusing_prefix_across_calls()
+
 
 def _cost_row(label: str, fn: Callable[[], object], models, device, seed: int,
               evaluations: int | None = None, repeats: int = 3) -> dict:
