@@ -306,3 +306,11 @@ def count_forwards(model: nn.Module) -> Iterator[ForwardCounter]:
 
 
 Scorer = Callable[[list[str], list[str]], object]
+
+
+def prefix_kept_for_the_loop(evaluator) -> contextlib.AbstractContextManager:
+    """A ``SelfEvaluator``'s ``reusing_prefix_across_calls()`` block, for a loop that only reads
+    the weights while it runs (its judge prefix then runs once per loop instead of once per
+    evaluator call, and the cache cannot go stale inside it); nothing for other evaluators."""
+    keep = getattr(evaluator, "reusing_prefix_across_calls", None)
+    return keep() if callable(keep) else contextlib.nullcontext()

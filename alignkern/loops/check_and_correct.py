@@ -163,8 +163,9 @@ def check_and_correct(
     Args:
         model, tokenizer: a transformers causal LM and its tokenizer.
         query: the question.
-        evaluator: a ``SelfEvaluator`` (options single tokens) or any object whose
-            ``score(query, [response])`` returns one score.
+        evaluator: a ``SelfEvaluator`` (options single tokens; its judge prefix is kept across
+            the rounds, ``reusing_prefix_across_calls()``, and dropped at the end) or any object
+            whose ``score(query, [response])`` returns one score.
         rounds: answers to generate, >= 1.
         template: a ``ContextTemplate``; default ``DEFAULT_TEMPLATE``.
         reward_bias: ``beta``, a finite number, or None.
@@ -196,13 +197,15 @@ def check_and_correct(
     on_alignkern = reward_bias is not None or rank_mask
     runner = _Rounds(model, tokenizer, kwargs, reward_bias, rank_mask, reuse_prefix)
     responses, rewards, contexts = [], [], []
-    for _ in range(rounds):
-        context = build_context(tokenizer, query, responses, rewards, template)
-        with _alignkern_attention(model, on_alignkern):
-            response = runner.answer(context, rewards)
-        responses.append(response)
-        contexts.append(context.text)
-        rewards.append(float(_common.scores_of(fn, evaluator.score(query, [response]), 1)[0]))
+    with _common.prefix_kept_for_the_loop(evaluator):
+        for _ in range(rounds):
+            context = build_context(tokenizer, query, responses, rewards, template)
+            with _alignkern_attention(model, on_alignkern):
+                response = runner.answer(context, rewards)
+            responses.append(response)
+            contexts.append(context.text)
+            score = evaluator.score(query, [response])
+            rewards.append(float(_common.scores_of(fn, score, 1)[0]))
     values = torch.tensor(rewards, dtype=torch.float32)
     best = int(torch.nan_to_num(values, nan=float("-inf")).argmax())
     return CheckAndCorrect(responses, values, responses[best], contexts)

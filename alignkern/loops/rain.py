@@ -20,7 +20,6 @@ greedy set's prior are not implemented.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -465,7 +464,7 @@ def rain_generate(
     _common.text(fn, "prompt", prompt)
     _common.check_evaluator(fn, evaluator, tokenizer)
     options = _check_options(fn, locals())
-    with _common.count_forwards(model) as counter, _prefix_kept_for_the_search(evaluator):
+    with _common.count_forwards(model) as counter, _common.prefix_kept_for_the_loop(evaluator):
         own_before = _evaluator_forwards(evaluator, model)
         search = _Search(model, tokenizer, prompt, evaluator, options)
         steps = []
@@ -474,14 +473,6 @@ def rain_generate(
         own = _evaluator_forwards(evaluator, model) - own_before
     return RainResult(_common.decode(tokenizer, search.answer), sum(s.iterations for s in steps),
                       search.evaluations, counter.forwards + own, list(search.answer), steps)
-
-
-def _prefix_kept_for_the_search(evaluator) -> contextlib.AbstractContextManager:
-    """A ``SelfEvaluator``'s ``reusing_prefix_across_calls()`` block (its judge prefix runs once
-    per search instead of once per expansion; the search only reads the weights, so the cache
-    cannot go stale inside it); nothing for other evaluators."""
-    keep = getattr(evaluator, "reusing_prefix_across_calls", None)
-    return keep() if callable(keep) else contextlib.nullcontext()
 
 
 def _evaluator_forwards(evaluator, model) -> int:
