@@ -629,8 +629,11 @@ def test_error_weight_not_2d(shape):
 
 
 def test_error_mismatched_dtypes():
-    with pytest.raises(TypeError, match="weight must have the dtype of hidden.*float32.*bfloat16"):
-        alignkern.linear_logprobs(torch.randn(3, 8), _head(dtype=torch.bfloat16), torch.zeros(3).long())
+    # A head of lower precision is taken (test_a_head_of_lower_precision_than_the_hidden_states);
+    # of higher precision it is not.
+    with pytest.raises(TypeError, match="weight must have the dtype of hidden or a lower precision"
+                                        ".*bfloat16.*got torch.float32"):
+        alignkern.linear_logprobs(torch.randn(3, 8).bfloat16(), _head(), torch.zeros(3).long())
     with pytest.raises(TypeError, match="bias must have the dtype of hidden"):
         alignkern.linear_logprobs(torch.randn(3, 8), _head(), torch.zeros(3).long(),
                                   bias=torch.zeros(20, dtype=torch.float64))
