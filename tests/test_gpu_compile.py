@@ -68,9 +68,12 @@ def _triton_version(python: str) -> str:
         import triton
 
         return f"triton-{triton.__version__}"
-    done = subprocess.run(
-        [python, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True
-    )
+    try:
+        done = subprocess.run(
+            [python, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True
+        )
+    except OSError:  # no such interpreter: the fixture fails with the reason
+        return python
     return f"triton-{done.stdout.strip()}" if done.returncode == 0 else python
 
 
