@@ -53,6 +53,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -499,7 +500,8 @@ def _job_key(plan, cfg, arch: int) -> str:
 
 
 # Bumped when a record's fields or their meaning change (old cached records are then ignored).
-RECORD_VERSION = 2
+# 3: a failed compile's error ends with the exception that caused it.
+RECORD_VERSION = 3
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
@@ -548,6 +550,25 @@ def _ptxas_log(kernel, arch: int, plan) -> str:
     return done.stdout + done.stderr
 
 
+def _error_text(exc: BaseException) -> str:
+    """The error, its last line the reason: Triton's CompilationError names the kernel's source
+    line; the exception that caused it (often a bare ``assert`` in triton.language) says why, so
+    it ends the text with the assertion's own source line."""
+    text = f"{type(exc).__name__}: {exc}"[-1500:]
+    root, seen = exc, {id(exc)}
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+        if id(root) in seen:
+            break
+        seen.add(id(root))
+    if root is not exc:
+        where = traceback.extract_tb(root.__traceback__)
+        line = f" ({where[-1].filename}:{where[-1].lineno}: {where[-1].line})" if where else ""
+        message = (str(root).strip().splitlines() or [""])[0][:300]
+        text += f"\ncaused by {type(root).__name__}: {message}{line}"
+    return text
+
+
 def compile_job(job: Job) -> dict:
     plan = _plans(job.case)[job.plan]
     cfg = plan.configs[job.config]
@@ -583,8 +604,7 @@ def compile_job(job: Job) -> dict:
                 *plan.args, grid=(1,), **plan.constexprs, **cfg.all_kwargs(), **plan.options
             )
     except Exception as exc:  # a compile error is a result, not a crash
-        text = f"{type(exc).__name__}: {exc}"
-        result = dict(ok=False, error=text[-2000:])
+        result = dict(ok=False, error=_error_text(exc))
     else:
         ptxas = log.getvalue()
         if not _PTXAS_REGS.search(ptxas):

@@ -3,8 +3,15 @@
 Triton: ``tests/gpu_compile.py`` (run here in a subprocess without TRITON_INTERPRET, which the
 rest of the suite sets) compiles the core tier of every ``@triton.jit`` kernel with the bundled
 ptxas; see its docstring for what the tier holds and ``python tests/gpu_compile.py --all`` for
-the whole product. Compiles are cached per kernel source and specialisation under
+the whole product. Compiles are cached per kernel source, specialisation and Triton version under
 ``$ALIGNKERN_COMPILE_CACHE`` (default ``~/.cache/alignkern/gpu-compile``).
+
+Each Triton version compiles differently (registers, spills, what ``tl.dot`` accepts), so the
+compile tests run once per interpreter: this one, and each Python named in
+``$ALIGNKERN_GPU_COMPILE_PYTHONS`` (``os.pathsep``-separated; it needs torch and triton, and gets
+this tree first on its PYTHONPATH, so alignkern need not be installed there). CI names one with
+the GPU machines' Triton 3.6 (``.ci/triton36``), so a kernel that only the newer Triton compiles,
+or that spills only under the older one, fails.
 
 CUDA: the cubins of the built ``alignkern._C`` are read with ``cuobjdump -res-usage``.
 """
@@ -47,15 +54,48 @@ KNOWN_KERNELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict:
-    """The core tier's records (one subprocess; cached compiles come back at once)."""
-    out = tmp_path_factory.mktemp("gpu-compile") / "records.json"
+def _pythons() -> list[str]:
+    """The interpreters that compile the core tier: this one, then those of
+    ``$ALIGNKERN_GPU_COMPILE_PYTHONS``."""
+    extra = os.environ.get("ALIGNKERN_GPU_COMPILE_PYTHONS", "").split(os.pathsep)
+    return [sys.executable, *(p for p in extra if p.strip())]
+
+
+def _triton_version(python: str) -> str:
+    """``triton-3.9.0``: the test id of the interpreter's compiles (``python``'s path when its
+    triton does not import; the fixture then fails with the reason)."""
+    if python == sys.executable:
+        import triton
+
+        return f"triton-{triton.__version__}"
+    try:
+        done = subprocess.run(
+            [python, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True
+        )
+    except OSError:  # no such interpreter: the fixture fails with the reason
+        return python
+    return f"triton-{done.stdout.strip()}" if done.returncode == 0 else python
+
+
+PYTHONS = _pythons()
+
+
+def _subprocess_env() -> dict:
+    """The compile runs without the interpreter and imports alignkern from this tree."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.fixture(scope="module", params=PYTHONS, ids=[_triton_version(p) for p in PYTHONS])
+def compiled(request, tmp_path_factory) -> dict:
+    """The core tier's records under one interpreter's Triton (one subprocess; cached compiles
+    come back at once)."""
+    out = tmp_path_factory.mktemp("gpu-compile") / "records.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "gpu_compile.py"), "--json", str(out), "--report"],
+        [request.param, str(ROOT / "tests" / "gpu_compile.py"), "--json", str(out), "--report"],
         cwd=ROOT,
-        env=env,
+        env=_subprocess_env(),
         capture_output=True,
         text=True,
         timeout=3600,
@@ -107,7 +147,7 @@ def test_half_precision_dots_on_sm90_are_recorded(compiled, capsys):
     # The counting works: the logits-tile product of linear_logprobs lowers to wgmma.
     assert any(r["wgmma"] for r in sm90 if r["kernel"] == "_linear_logprobs_fwd_kernel")
     # And the sm_80 compiles never contain wgmma.
-    assert not any(r["wgmma"] for r in compiled["records"] if r["arch"] == 80)
+    assert not any(r.get("wgmma") for r in compiled["records"] if r["arch"] == 80)
     with capsys.disabled():
         for r in gpu_compile.not_wgmma(compiled):
             print(
@@ -232,6 +272,27 @@ def test_problems_catches_spills_and_shared_memory():
     assert any("spills 8 B" in f for f in found)
     assert any("does not compile" in f for f in found)
     assert "no compile case for other" in found
+
+
+def test_compile_errors_end_with_their_cause():
+    """Triton's CompilationError ends with a caret under the kernel's line; the reported line is
+    the exception that caused it, with the source line that raised it (Triton 3.6 rejects a
+    float64 accumulator in ``tl.dot`` with a bare ``assert``)."""
+
+    def tl_dot():
+        raise AssertionError  # what a bare assert in triton.language raises
+
+    try:
+        try:
+            tl_dot()
+        except AssertionError as cause:
+            raise RuntimeError("at 18:15:\n    z, y = _both_tiles(...)\n           ^") from cause
+    except RuntimeError as exc:
+        error = gpu_compile._error_text(exc)
+    record = dict(kernel="k", case="c", config="x", arch=80, ok=False, error=error)
+    (found,) = gpu_compile.problems(dict(records=[record], kernels=["k"]))
+    assert found.startswith("does not compile: k sm_80 [x] c: caused by AssertionError")
+    assert "test_gpu_compile.py:" in found and "raise AssertionError" in found
 
 
 def _built_module() -> Path | None:

@@ -253,16 +253,23 @@ _c = _tuning.config
 # GPU tuning spaces: {(kernel, operands, padded head dimension): configurations}, the first the
 # untuned default. "tc" is float16/bfloat16 (tensor cores), "fp32" (IEEE, FMA units) and "fp64".
 # BLOCK_M is the query tile, BLOCK_N the key tile. Sized by compiling them
-# (tests/gpu_compile.py): dK/dV holds two (BLOCK_N, D) fp32 accumulators and spills on sm_80 with
-# 64-query tiles or 4 warps; the FMA dot of float32/float64 holds whole D-long rows per thread, so
-# their tiles shrink as D grows. Head dimensions under 64 use the 64 spaces. Known exceptions
-# (python tests/gpu_compile.py --all): with a head dimension padded to 256 (e.g. D = 200) and
-# every optional input, the float16/bfloat16 dK/dV and dQ kernels spill on one arch or both for
-# every tile tried; so does float64 dQ at D = 256 on sm_80 (24 B).
+# (tests/gpu_compile.py) under Triton 3.6 (the GPU machines') and 3.9 alike: dK/dV holds two
+# (BLOCK_N, D) fp32 accumulators and spills on sm_80 with 64-query tiles or 4 warps; the FMA dot of
+# float32/float64 holds whole D-long rows per thread, so their tiles shrink as D grows. Head
+# dimensions under 64 use the 64 spaces. Dropped because they spill under Triton 3.6 on sm_80 with
+# every optional input (per-head bias and its gradient, ranks, causal): float16/bfloat16 dK/dV
+# 32 x 64 tiles at D = 64 (32-36 B with 2 or 3 stages, 1 stage too), hence 32 x 32 and 16 x 64;
+# float32 dK/dV 32 x 32 with 4 warps at D = 64 (656 B; it took the forward's tile, which also
+# spills 400-560 B on sm_90 without the optional inputs under Triton 3.9), hence a 16 x 16 tile of
+# its own, the one tried that spills in no flag combination at D = 64 under either version (32 x 32
+# and 16 x 32, 16 x 16 with 4 warps or 1 stage spill 4-20 B in one or two of them).
+# Known exceptions (python tests/gpu_compile.py --all): with a head dimension padded to 256 (e.g.
+# D = 200) and every optional input, the float16/bfloat16 dK/dV and dQ kernels spill on one arch
+# or both for every tile tried; so does float64 dQ at D = 256 on sm_80 (24 B).
 _SPACES = {
     ("fwd", "tc", 64): (_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64)),
     ("dq", "tc", 64): (_c(8, 3, BLOCK_M=128, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=64)),
-    ("dkdv", "tc", 64): (_c(8, 2, BLOCK_M=32, BLOCK_N=64), _c(8, 3, BLOCK_M=32, BLOCK_N=64)),
+    ("dkdv", "tc", 64): (_c(8, 2, BLOCK_M=32, BLOCK_N=32), _c(8, 2, BLOCK_M=16, BLOCK_N=64)),
     ("fwd", "tc", 128): (_c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 3, BLOCK_M=64, BLOCK_N=32)),
     ("dq", "tc", 128): (_c(8, 3, BLOCK_M=64, BLOCK_N=64), _c(8, 3, BLOCK_M=128, BLOCK_N=32)),
     ("dkdv", "tc", 128): (_c(8, 2, BLOCK_M=32, BLOCK_N=64), _c(8, 2, BLOCK_M=32, BLOCK_N=32)),
@@ -275,6 +282,7 @@ _SPACES = {
     ("fwd", "fp64", 64): (_c(4, 1, BLOCK_M=32, BLOCK_N=32),),
     ("fwd", "fp64", 128): (_c(4, 1, BLOCK_M=16, BLOCK_N=16),),
     ("fwd", "fp64", 256): (_c(4, 1, BLOCK_M=16, BLOCK_N=16),),
+    ("dkdv", "fp32", 64): (_c(8, 2, BLOCK_M=16, BLOCK_N=16),),
     ("dkdv", "fp32", 128): (_c(8, 1, BLOCK_M=16, BLOCK_N=32),),
     ("dkdv", "fp64", 256): (_c(8, 1, BLOCK_M=16, BLOCK_N=16),),
     # Spills 24 B on sm_80 (2 and 16 warps spill more); float64 at D > 128 is a precision path.
