@@ -223,11 +223,13 @@ def test_demo_help_mentions_ica(capsys):
     (["--threads", "0"], "--threads: must be at least 1, got 0"),
     (["--route", "sideways"], "--route: invalid choice"),
     (["--steps", "many"], "--steps: not an integer"),
-    (["--out", "FILE"], "exists and is not a folder"),
+    (["--out", "FILE"], "cannot write the results there (it is a file, not a folder)"),
+    # a folder under a file: refused before training, not with an OSError after it
+    (["--out", "FILE/sub"], "cannot write the results there (NotADirectoryError"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "FILE").write_text("")
-    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    argv = [str(tmp_path / a) if a.startswith("FILE") else a for a in argv]
     with pytest.raises(SystemExit) as exit_:
         ica.main(argv)
     err = capsys.readouterr().err

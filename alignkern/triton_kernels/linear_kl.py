@@ -134,8 +134,8 @@ _SPACE_FP32 = {
         _tuning.config(8, 2, BLOCK_N=32, BLOCK_V=32, BLOCK_H=32),
     ),
 }
-_SPACE_FP64 = (
-    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),
+_SPACE_FP64 = (  # 2 stages of 64 x 64 x 16 spill 148 B in the forward on sm_90 under Triton 3.6
+    _tuning.config(8, 1, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),
     _tuning.config(4, 2, BLOCK_N=32, BLOCK_V=64, BLOCK_H=16),
 )
 KEY = ("vocab", "hidden_size", "ref_hidden_size")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} exists and is not a folder")
+    try:  # before training: a folder the results cannot go into must not cost the run
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        reason = ("it is a file, not a folder" if out.exists() and not out.is_dir()
+                  else f"{type(exc).__name__}: {exc.strerror or exc}")
+        parser.error(f"--out {str(out)!r}: cannot write the results there ({reason})")
     config = QUICK if args.quick else FULL
     config = config._replace(**{name: value for name, value in
                                 (("route", args.route), ("steps", args.steps)) if value is not None})
