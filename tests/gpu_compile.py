@@ -151,6 +151,8 @@ def _token_bwd(case: Case):
 
 
 def _linear_inputs(case: Case, ref: bool = False):
+    """Hidden states and the LM head; the flag ``head`` gives the head a lower precision than the
+    hidden states (TRL's cast_lm_head_to_fp32: float32 hidden states, a bf16 head)."""
     dtype = DTYPES[case.dtype]
     if case.shape == "aligned":
         n, hidden_size, vocab = 256, 4096, 128256
@@ -158,14 +160,14 @@ def _linear_inputs(case: Case, ref: bool = False):
     else:  # a row stride that is not a multiple of 16 elements, odd sizes
         n, hidden_size, vocab = 37, 1000, 50257
         hidden = _meta(n, hidden_size + 1, dtype=dtype)[:, :hidden_size]
-    weight = _meta(vocab, hidden_size, dtype=dtype)
+    weight = _meta(vocab, hidden_size, dtype=DTYPES[dict(case.flags).get("head", case.dtype)])
     return hidden, weight, n, vocab
 
 
 def _linear_fwd(case: Case):
     hidden, weight, n, vocab = _linear_inputs(case)
     flags = dict(case.flags)
-    bias = _meta(vocab, dtype=hidden.dtype) if flags["bias"] else None
+    bias = _meta(vocab, dtype=weight.dtype) if flags["bias"] else None
     softcap = 30.0 if flags["softcap"] else None
     stats = flags.get("stats", "none")
     stats = {"all": frozenset(linear_kernels.STATS), "none": frozenset()}.get(
@@ -178,7 +180,7 @@ def _linear_fwd(case: Case):
 def _linear_dlogits(case: Case):
     hidden, weight, n, vocab = _linear_inputs(case)
     flags = dict(case.flags)
-    bias = _meta(vocab, dtype=hidden.dtype) if flags["bias"] else None
+    bias = _meta(vocab, dtype=weight.dtype) if flags["bias"] else None
     softcap = 30.0 if flags["softcap"] else None
     acc = _acc(hidden.dtype)
     yield linear_kernels._dlogits_plan(
@@ -333,6 +335,11 @@ def cases() -> list[Case]:
             out.append(Case("linear_fwd", dtype, flags, shape))
         for flags in _flag_product(bias=(True, False), softcap=(True, False), entropy_grad=(True, False)):
             out.append(Case("linear_dlogits", dtype, flags, shape))
+        if dtype == "fp32":  # a bf16 head under float32 hidden states, converted tile by tile
+            for flags in _flag_product(bias=(True,), softcap=(True,), stats=("all", "none")):
+                out.append(Case("linear_fwd", dtype, flags + (("head", "bf16"),), shape))
+            for flags in _flag_product(bias=(True,), softcap=(True,), entropy_grad=(True, False)):
+                out.append(Case("linear_dlogits", dtype, flags + (("head", "bf16"),), shape))
         # D = 16, 32, 64, 128, 256 are the BLOCK_D variants; odd shapes pad 80 and 200.
         dims = (16, 32, 64, 128, 256) if shape == "aligned" else (80, 200)
         for flags in _flag_product(

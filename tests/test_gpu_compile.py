@@ -180,31 +180,33 @@ def test_launchers_launch_the_plans_the_compile_test_builds(monkeypatch):
             _launched(
                 monkeypatch,
                 lambda: token_kernels.token_logprobs_fwd(
-                    logits, offsets, vocab, targets, out, lse, 0.7, -100
+                    logits, offsets, vocab, targets, out, lse, lse, 0.7, -100
                 ),
             ),
-            token_kernels._fwd_plan(logits, offsets, vocab, targets, out, lse, 0.7, -100),
+            token_kernels._fwd_plan(logits, offsets, vocab, targets, out, lse, lse, 0.7, -100),
         )
     ]
     h, w = _meta(n, hidden, dtype=torch.bfloat16), _meta(vocab, hidden, dtype=torch.bfloat16)
-    parts = _meta(1, n)
-    pairs.append(
-        (
-            _launched(
-                monkeypatch,
-                lambda: linear_kernels.linear_logprobs_fwd(h, w, None, lambda s: parts, 0.7, 30.0, 0.5),
-            ),
-            linear_kernels._fwd_plan(h, w, None, lambda s: parts, 0.7, 30.0, 0.5)[0],
+    for stats in (frozenset(), frozenset(linear_kernels.STATS)):
+        pairs.append(
+            (
+                _launched(
+                    monkeypatch,
+                    lambda stats=stats: linear_kernels.linear_logprobs_fwd(
+                        h, w, None, 0.7, 30.0, 0.5, stats
+                    ),
+                ),
+                linear_kernels._fwd_plan(h, w, None, 0.7, 30.0, 0.5, stats)[0],
+            )
         )
-    )
-    stats = frozenset(linear_kernels.STATS)
+    # a head of lower precision than the hidden states (its tiles converted in the kernel)
+    h32 = _meta(n, hidden)
     pairs.append(
         (
             _launched(
-                monkeypatch,
-                lambda: linear_kernels.linear_logprobs_fwd_stats(h, w, None, 0.7, 30.0, 0.5, stats),
+                monkeypatch, lambda: linear_kernels.linear_logprobs_fwd(h32, w, None, 0.7, 30.0, 0.5)
             ),
-            linear_kernels._fwd_plan(h, w, None, lambda s: parts, 0.7, 30.0, 0.5, stats)[0],
+            linear_kernels._fwd_plan(h32, w, None, 0.7, 30.0, 0.5)[0],
         )
     )
     dlogits = _meta(n, vocab, dtype=torch.bfloat16)
@@ -213,16 +215,17 @@ def test_launchers_launch_the_plans_the_compile_test_builds(monkeypatch):
             _launched(
                 monkeypatch,
                 lambda: linear_kernels.linear_logprobs_dlogits(
-                    h, w, None, lse, lse, dlogits, 0.7, 30.0, 0.5, entropy_grad=lse
+                    h, w, None, lse, lse, lse, dlogits, 0.7, 30.0, 0.5, entropy_grad=lse
                 ),
             ),
-            linear_kernels._dlogits_plan(h, w, None, lse, lse, dlogits, 0.7, 30.0, 0.5, lse),
+            linear_kernels._dlogits_plan(h, w, None, lse, lse, lse, dlogits, 0.7, 30.0, 0.5, lse),
         )
     )
+    kl_rows = [lse] * 6
     pairs.append(
         (
-            _launched(monkeypatch, lambda: kl_kernels.linear_kl_fwd(h, w, h, w, lse, lse, lse, 0.7)),
-            kl_kernels._fwd_plan(h, w, h, w, lse, lse, lse, 0.7),
+            _launched(monkeypatch, lambda: kl_kernels.linear_kl_fwd(h, w, h, w, *kl_rows, 0.7)),
+            kl_kernels._fwd_plan(h, w, h, w, *kl_rows, 0.7),
         )
     )
     q = _meta(1, 2, 64, 64, dtype=torch.bfloat16)

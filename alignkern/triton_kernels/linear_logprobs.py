@@ -220,44 +220,50 @@ def _interpreting() -> bool:
 # each is the untuned default. float16/bfloat16 go to the tensor cores (wgmma on sm_90, mma on
 # sm_80); float32 (IEEE) and float64 run on the FMA units, so their tiles are smaller.
 _SPACE_TENSOR_CORE = (
-    _tuning.config(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_H=32),
-    _tuning.config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=16),
+    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_H=32),
     _tuning.config(8, 3, BLOCK_N=64, BLOCK_V=64, BLOCK_H=64),
 )
-_SPACE_FP32 = (
-    _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_H=16),
-    _tuning.config(8, 2, BLOCK_N=128, BLOCK_V=64, BLOCK_H=16),
+_SPACE_FP32 = (_tuning.config(8, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_H=16),)
+# float32 hidden states and a float16/bfloat16 head: the weight tile's conversion takes registers
+# of its own, and every 64- or 128-row or 128-column tile spills 4-12 B in one Triton or the other.
+_SPACE_FP32_HALF_HEAD = (
+    _tuning.config(8, 2, BLOCK_N=32, BLOCK_V=64, BLOCK_H=16),
+    _tuning.config(4, 2, BLOCK_N=32, BLOCK_V=64, BLOCK_H=16),
 )
 _SPACE_FP64 = (
     _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),
     _tuning.config(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32),
 )
-# Dropped because they spill (tests/gpu_compile.py; bias and softcap given, aligned or odd sizes):
-# float16/bfloat16 64 x 128 x 64 (float16 on sm_80), 128 x 128 x 64, 64 x 256 x 64, 128 x 256 x 32,
-# and 64 x 128 x 32 with 4 warps; float32 64 x 64 x 32 and 32 x 64 x 32 with odd sizes on sm_80,
-# 64 x 64 x 16 on sm_90; float64 32 x 64 x 16 with odd sizes on sm_90.
 # The forward with fused statistics carries up to four more per-row accumulators (on the FMA path
-# each thread holds 8 rows of the tile: 32-64 more registers). With odd sizes these spill: float32
-# 64 x 128 x 16 and 128 x 64 x 16 with 2 stages on sm_80; float64 64 x 64 x 32 (sm_80, sm_90),
-# 64 x 64 x 16 with 2 stages (sm_90, some statistics), 32 x 64 x 16 and 32 x 64 x 32 (some
-# statistics). Hence spaces of their own for these dtypes; the tensor-core space compiles without
-# spills as it is. Under Triton 3.6 (the GPU machines'; its ptxas allocates registers less
-# aggressively) 128 x 64 x 32 float16 spills 16 B on sm_80 (now 128 x 64 x 16) and the statistics'
-# 64 x 64 x 16 float32 tile with 2 stages 24-32 B with odd sizes (now 1 stage).
+# each thread holds 8 rows of the tile: 32-64 more registers), hence spaces of their own for
+# float32 and float64; the tensor-core space compiles without spills with them as it is.
 _SPACE_FP32_STATS = (
-    _tuning.config(8, 1, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),
     _tuning.config(8, 1, BLOCK_N=64, BLOCK_V=128, BLOCK_H=16),
+    _tuning.config(8, 1, BLOCK_N=32, BLOCK_V=128, BLOCK_H=16),
 )
-_SPACE_FP64_STATS = (_tuning.config(8, 1, BLOCK_N=64, BLOCK_V=64, BLOCK_H=16),)
+_SPACE_FP64_STATS = (
+    _tuning.config(8, 1, BLOCK_N=32, BLOCK_V=64, BLOCK_H=16),
+    _tuning.config(8, 1, BLOCK_N=32, BLOCK_V=128, BLOCK_H=16),
+)
+# Every entry compiles without spills for sm_80 and sm_90 under Triton 3.9 and 3.6 (the GPU
+# machines'), every dtype, bias and softcap given, aligned and odd sizes (tests/gpu_compile.py).
+# Dropped because they spill in one of those (8-44 B; ptxas allocates registers differently in
+# each Triton): float16/bfloat16 64 x 128 x 64, 128 x 128 x 64, 64 x 256 x 64, 128 x 256 x 32,
+# 64 x 128 x 32 with 4 warps or 3 stages, 128 x 64 x 16 and 128 x 64 x 32 (2 or 3 stages) and
+# 64 x 64 x 32 with 3 stages; float32 128 x 64 x 16 and 64 x 64 x 16 (1 or 2 stages), 64 x 128 x 16
+# with 1 stage, 64 x 64 x 32 and 32 x 64 x 32 with odd sizes; float64 32 x 64 x 16 with odd sizes
+# on sm_90; with the statistics, float32 64 x 64 x 16 and 128 x 64 x 16 (1 or 2 stages) and float64
+# 64 x 64 x 16/32 and 32 x 64 x 16 with 4 warps.
 KEY = ("vocab", "hidden_size")
 
 
 def tile_space(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype,
-               stats: bool = False) -> tuple:
+               stats: bool = False, head_dtype: torch.dtype | None = None) -> tuple:
     """The configurations the logits-tile kernels (these and linear_kl's) may run with. GPU: the
-    tuning space of the dtype (``stats``: of the forward with fused statistics); under the
-    interpreter one configuration fitted to the sizes (larger vocabulary tiles mean fewer, slow,
-    interpreted loop iterations)."""
+    tuning space of the dtype (``stats``: of the forward with fused statistics; a ``head_dtype``
+    of lower precision than ``dtype`` converts each weight tile, which takes registers of its
+    own); under the interpreter one configuration fitted to the sizes (larger vocabulary tiles
+    mean fewer, slow, interpreted loop iterations)."""
     if _interpreting():
         block_v = min(1024, max(16, triton.next_power_of_2(vocab)))
         block_h = min(128, max(16, triton.next_power_of_2(hidden_size)))
@@ -266,6 +272,8 @@ def tile_space(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype,
     if dtype == torch.float64:
         return _SPACE_FP64_STATS if stats else _SPACE_FP64
     if dtype == torch.float32:
+        if head_dtype not in (None, dtype):
+            return _SPACE_FP32_STATS if stats else _SPACE_FP32_HALF_HEAD
         return _SPACE_FP32_STATS if stats else _SPACE_FP32
     return _SPACE_TENSOR_CORE
 
@@ -356,7 +364,8 @@ def _fwd_plan(hidden, weight, bias, temperature, softcap, logit_scale, stats=fro
          out.row_max, out.log_sum, *stat_ptrs, n_rows, vocab, hidden_size, split_size,
          1.0 / temperature, softcap or 1.0, logit_scale),
         {**_flags(hidden, bias, softcap, weight), **flags},
-        tile_space(n_rows, vocab, hidden_size, hidden.dtype, stats=any(flags.values())), KEY,
+        tile_space(n_rows, vocab, hidden_size, hidden.dtype, stats=any(flags.values()),
+                   head_dtype=weight.dtype), KEY,
         dict(enable_fp_fusion=False),
     )
     return plan, out
@@ -376,7 +385,8 @@ def _dlogits_plan(hidden, weight, bias, coef, row_max, log_sum, dlogits, tempera
          vocab,
          hidden_size, 1.0 / temperature, softcap or 1.0, logit_scale),
         {**_flags(hidden, bias, softcap, weight), "HAS_ENTROPY_GRAD": entropy_grad is not None},
-        tile_space(n_rows, vocab, hidden_size, hidden.dtype), KEY, dict(enable_fp_fusion=False),
+        tile_space(n_rows, vocab, hidden_size, hidden.dtype, head_dtype=weight.dtype), KEY,
+        dict(enable_fp_fusion=False),
     )
 
 
