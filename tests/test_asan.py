@@ -16,8 +16,9 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("ALIGNKERN_ASAN") != "1", reason="AddressSanitizer build only (bash .ci/asan)"
 )
 
-# token_logprobs_fwd_cpu(logits, dtype, n_rows, vocab, row_offsets, targets, k, out, lse,
-# temperature, ignore_index) writes n_rows * k float32 values to `out` (dtype 0 = float32).
+# token_logprobs_fwd_cpu(logits, dtype, n_rows, vocab, row_offsets, targets, k, out, row_max,
+# log_sum, temperature, ignore_index) writes n_rows * k float32 values to `out` (dtype 0 =
+# float32).
 _FORWARD = """
 import sys
 import torch
@@ -28,10 +29,11 @@ logits = torch.randn(n_rows, vocab)
 row_offsets = torch.arange(n_rows, dtype=torch.int64) * vocab
 targets = torch.zeros(n_rows, k, dtype=torch.int64)
 out = torch.empty(n_rows * k - short)  # its own heap allocation, `short` elements too few
-lse = torch.empty(n_rows)
+row_max, log_sum = torch.empty(n_rows), torch.empty(n_rows)
 print("module:", _C.__file__, file=sys.stderr, flush=True)
 _C.token_logprobs_fwd_cpu(logits.data_ptr(), 0, n_rows, vocab, row_offsets.data_ptr(),
-                          targets.data_ptr(), k, out.data_ptr(), lse.data_ptr(), 1.0, -100)
+                          targets.data_ptr(), k, out.data_ptr(), row_max.data_ptr(),
+                          log_sum.data_ptr(), 1.0, -100)
 print("returned", flush=True)
 """
 
