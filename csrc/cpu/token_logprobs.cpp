@@ -38,49 +38,52 @@ constexpr int64_t kChunk = 2048;
 // Helpers must be inlined into each clone to be compiled for its instruction set.
 #define ALIGNKERN_INLINE inline __attribute__((always_inline))
 
-// Eight floats; GCC lowers the arithmetic to AVX-512/AVX2 or pairs of SSE registers depending on
-// the clone (explicit vectors: the auto-vectoriser would not take the polynomial loop reliably).
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
+// Sixteen floats: one AVX-512 register, two AVX2 ones or four SSE ones, depending on the clone
+// (explicit vectors: the auto-vectoriser would not take the polynomial loop reliably).
+typedef float floats __attribute__((vector_size(64)));
+typedef uint32_t uints __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
 
-ALIGNKERN_INLINE f32x8 splat(float v) { return f32x8{v, v, v, v, v, v, v, v}; }
+ALIGNKERN_INLINE floats splat(float v) { return floats{} + v; }
 
-ALIGNKERN_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
+ALIGNKERN_INLINE floats load(const float* p) {
+  floats v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-// n < 8 values, the rest filled with `pad`.
-ALIGNKERN_INLINE f32x8 load_partial(const float* p, int64_t n, float pad) {
-  f32x8 v = splat(pad);
+// n < kLanes values, the rest filled with `pad`.
+ALIGNKERN_INLINE floats load_partial(const float* p, int64_t n, float pad) {
+  floats v = splat(pad);
   for (int64_t i = 0; i < n; ++i) v[i] = p[i];
   return v;
 }
 
-// exp(x) for x <= 0 to ~1 ulp (Cephes' expf polynomial); 0 below -87.3, where exp leaves the
-// normal range and every caller adds the result to a sum that is at least 1. NaN stays NaN.
-// Positive x only arrives when the row maximum is +inf; it returns +inf above 88.
-ALIGNKERN_INLINE f32x8 exp_nonpositive(f32x8 x) {
-  f32x8 clamped = x < splat(-87.3f) ? splat(-87.3f) : x;
-  clamped = clamped > splat(88.0f) ? splat(88.0f) : clamped;
-  const f32x8 fx = clamped * splat(1.44269504088896341f) + splat(0.5f);
-  const f32x8 truncated = __builtin_convertvector(__builtin_convertvector(fx, i32x8), f32x8);
-  const f32x8 n = truncated > fx ? truncated - splat(1.0f) : truncated;  // floor(fx)
-  const f32x8 r = clamped - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
-  f32x8 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  const f32x8 poly = p * r * r + r + splat(1.0f);
-  const i32x8 exponent_bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
-  f32x8 y = poly * (f32x8)exponent_bits;  // a vector cast reinterprets the bits
-  y = x < splat(-87.3f) ? splat(0.0f) : y;
-  y = x > splat(88.0f) ? splat(std::numeric_limits<float>::infinity()) : y;
-  return y;
+ALIGNKERN_INLINE float lane_sum(floats v) {
+  float result = 0.0f;
+  for (int j = 0; j < kLanes; ++j) result += v[j];
+  return result;
+}
+
+// exp(x) for x <= 0 to ~2 ulp: n = round(x / ln 2) by the 1.5 * 2^23 rounding trick, r = x - n ln 2
+// in [-ln 2 / 2, ln 2 / 2], e^r by a degree-5 polynomial 1 + r + c2 r^2 + ... + c5 r^5 fitted for
+// relative error (1.1e-7; 1.8e-7 evaluated in float32; exp(0) is exactly 1), and 2^n added to the
+// result's exponent bits (k's low mantissa bits hold n). Exactly 0 below
+// -87.3, where exp leaves float's normal range (-inf included); NaN stays NaN. Positive x is the
+// callers' to avoid: a row whose maximum is +inf takes the scalar path.
+ALIGNKERN_INLINE floats exp_nonpositive(floats x) {
+  const floats magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const floats k = x * splat(1.44269504088896341f) + magic;
+  const floats n = k - magic;
+  const floats r = x - n * splat(0.693147180559945309f);
+  floats p = splat(8.3127e-3f);
+  p = p * r + splat(4.189008e-2f);
+  p = p * r + splat(1.6667113e-1f);
+  p = p * r + splat(4.9999232e-1f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const floats y = (floats)((uints)p + ((uints)k << 23));  // vector casts reinterpret the bits
+  return x < splat(-87.3f) ? splat(0.0f) : y;
 }
 
 inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
@@ -103,50 +106,81 @@ ALIGNKERN_INLINE V scaled(V x, S inv_t) {
 #endif
 }
 
+// x * inv_t - shift; at the usual T = 1 the product is skipped (it is exact then).
+template <bool kUnscaled>
+ALIGNKERN_INLINE floats shifted(floats x, float inv_t, float shift) {
+  if constexpr (kUnscaled) {
+    return x - shift;
+  } else {
+    return scaled(x, inv_t) - shift;
+  }
+}
+
 ALIGNKERN_MULTIVERSION
 float chunk_max(const float* x, int64_t n) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  f32x8 m = splat(neg_inf);
+  floats m = splat(neg_inf);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const f32x8 v = load8(x + i);
+    const floats v = load(x + i);
     m = v > m ? v : m;  // NaN is caught later by the sum
   }
-  const f32x8 tail = load_partial(x + i, n - i, neg_inf);
+  const floats tail = load_partial(x + i, n - i, neg_inf);
   m = tail > m ? tail : m;
   float result = m[0];
   for (int j = 1; j < kLanes; ++j) result = m[j] > result ? m[j] : result;
   return result;
 }
 
-// sum_i exp(x_i * inv_t - shift)
-ALIGNKERN_MULTIVERSION
-float chunk_sum_exp(const float* x, int64_t n, float inv_t, float shift) {
-  f32x8 s = splat(0.0f);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) s += exp_nonpositive(scaled(load8(x + i), inv_t) - shift);
-  if (i < n) {
-    const f32x8 tail = load_partial(x + i, n - i, -std::numeric_limits<float>::infinity());
-    s += exp_nonpositive(scaled(tail, inv_t) - shift);  // padding adds exp(-inf) = 0
-  }
-  float result = 0.0f;
-  for (int j = 0; j < kLanes; ++j) result += s[j];
-  return result;
-}
-
-// out_i = coef * exp((x_i * inv_t - shift) - log_sum)
-ALIGNKERN_MULTIVERSION
-void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float shift, float log_sum,
-                          float coef, float* out) {
+// sum_i exp(x_i * inv_t - shift), every term at most 1 (shift >= the chunk's max of x * inv_t)
+template <bool kUnscaled>
+ALIGNKERN_INLINE float sum_exp(const float* x, int64_t n, float inv_t, float shift) {
+  floats s = splat(0.0f);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const f32x8 v = coef * exp_nonpositive((scaled(load8(x + i), inv_t) - shift) - log_sum);
+    // The next chunk's line, so that memory is read while this chunk (in L1 after chunk_max) is
+    // in the exp: one line per vector of 16 floats.
+    __builtin_prefetch(x + i + 2 * kChunk);
+    s += exp_nonpositive(shifted<kUnscaled>(load(x + i), inv_t, shift));
+  }
+  if (i < n) {  // padding adds exp(-inf) = 0
+    const floats tail = load_partial(x + i, n - i, -std::numeric_limits<float>::infinity());
+    s += exp_nonpositive(shifted<kUnscaled>(tail, inv_t, shift));
+  }
+  return lane_sum(s);
+}
+
+ALIGNKERN_MULTIVERSION
+float chunk_sum_exp(const float* x, int64_t n, float inv_t, float shift) {
+  return inv_t == 1.0f ? sum_exp<true>(x, n, inv_t, shift) : sum_exp<false>(x, n, inv_t, shift);
+}
+
+// out_i = coef * exp((x_i * inv_t - shift) - log_sum) = (coef / s) * exp(x_i * inv_t - shift)
+template <bool kUnscaled>
+ALIGNKERN_INLINE void scaled_softmax(const float* x, int64_t n, float inv_t, float shift,
+                                     float factor, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const floats v = factor * exp_nonpositive(shifted<kUnscaled>(load(x + i), inv_t, shift));
     std::memcpy(out + i, &v, sizeof(v));
   }
   if (i < n) {
-    const f32x8 v = coef * exp_nonpositive(
-        (scaled(load_partial(x + i, n - i, 0.0f), inv_t) - shift) - log_sum);
+    const floats tail = load_partial(x + i, n - i, -std::numeric_limits<float>::infinity());
+    const floats v = factor * exp_nonpositive(shifted<kUnscaled>(tail, inv_t, shift));
     for (int64_t j = 0; i + j < n; ++j) out[i + j] = v[j];
+  }
+}
+
+ALIGNKERN_MULTIVERSION
+void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float shift, float log_sum,
+                          float coef, float* out) {
+  // coef * exp(-log_sum) = coef / s: one multiply per element instead of a subtraction in the
+  // exponent; the product rounds once more (at most an ulp of p).
+  const float factor = coef * std::exp(-log_sum);
+  if (inv_t == 1.0f) {
+    scaled_softmax<true>(x, n, inv_t, shift, factor, out);
+  } else {
+    scaled_softmax<false>(x, n, inv_t, shift, factor, out);
   }
 }
 
@@ -166,6 +200,21 @@ double chunk_sum_exp(const double* x, int64_t n, double inv_t, double shift) {
 
 void chunk_scaled_softmax(const double* x, int64_t n, double inv_t, double shift, double log_sum,
                           double coef, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp((scaled(x[i], inv_t) - shift) - log_sum);
+}
+
+// The slow, exact path for a row whose maximum is +inf (its sum is kept relative to 0, so terms
+// can be positive) or whose log-sum is not finite: libm's exp, element by element.
+template <typename Acc>
+Acc scalar_sum_exp(const Acc* x, int64_t n, Acc inv_t, Acc shift) {
+  Acc s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(scaled(x[i], inv_t) - shift);
+  return s;
+}
+
+template <typename Acc>
+void scalar_scaled_softmax(const Acc* x, int64_t n, Acc inv_t, Acc shift, Acc log_sum, Acc coef,
+                           Acc* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp((scaled(x[i], inv_t) - shift) - log_sum);
 }
 
@@ -206,7 +255,8 @@ ShiftedLse<Acc> row_logsumexp(const T* row, int64_t vocab, Acc inv_t) {
     const Acc old_reference = std::isinf(m) ? Acc(0) : m;
     // s == 0 means nothing was counted yet; rescaling it could compute 0 * inf.
     if (m_new != m && s != Acc(0)) s *= exp_nonpositive(old_reference - reference);
-    s += chunk_sum_exp(x, n, inv_t, reference);
+    s += m_new == std::numeric_limits<Acc>::infinity() ? scalar_sum_exp(x, n, inv_t, reference)
+                                                       : chunk_sum_exp(x, n, inv_t, reference);
     m = m_new;
   }
   return {std::isinf(m) ? Acc(0) : m, std::log(s)};
@@ -255,12 +305,17 @@ void dense_backward_rows(const typename Storage<T>::Acc* coef, const T* logits, 
   for (int64_t r = 0; r < n_rows; ++r) {
     const T* row = logits + row_offsets[r];
     T* grad_row = grad_logits + r * vocab;
+    const bool finite = std::isfinite(log_sum[r]);  // else the row's maximum was +inf, or NaN
     Acc in_buffer[kChunk];
     Acc out_buffer[kChunk];
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       const Acc* x = load_chunk<T>(row + start, n, in_buffer);
-      chunk_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], -coef[r] * inv_t, out_buffer);
+      if (finite) {
+        chunk_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], -coef[r] * inv_t, out_buffer);
+      } else {
+        scalar_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], -coef[r] * inv_t, out_buffer);
+      }
       for (int64_t i = 0; i < n; ++i) grad_row[start + i] = Storage<T>::store(out_buffer[i]);
     }
   }
