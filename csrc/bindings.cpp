@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "linear_logprobs.h"
+#include "logit_stats.h"
 #include "reward_attention.h"
 #include "token_logprobs.h"
 
@@ -26,6 +27,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("token_logprobs_fwd_cpu", &alignkern::token_logprobs_fwd_cpu,
         py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd_cpu", &alignkern::token_logprobs_bwd_cpu,
+        py::call_guard<py::gil_scoped_release>());
+  // The five statistic outputs are optional (0: not requested).
+  m.def("logit_stats_cpu", &alignkern::logit_stats_cpu, py::arg("logits"), py::arg("dtype"),
+        py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"), py::arg("temperature"),
+        py::arg("row_max"), py::arg("log_sum"), py::arg("mean_dz") = 0, py::arg("log_sum_sq") = 0,
+        py::arg("sum_z") = 0, py::arg("max_z") = 0, py::arg("argmax") = 0,
         py::call_guard<py::gil_scoped_release>());
   m.def("reward_attention_fwd_cpu", &alignkern::reward_attention_fwd_cpu,
         py::call_guard<py::gil_scoped_release>());

@@ -28,11 +28,14 @@ void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t
                             uintptr_t shift, uintptr_t log_sum, double temperature,
                             int64_t ignore_index);
 
-// The dense part of the backward: grad_logits = -coef * softmax(logits / T) / T, with coef (n_rows,)
-// contiguous in the accumulation type; the caller writes the target columns afterwards.
+// The dense part of the backward: grad_logits = -(coef + entropy_grad (z - shift)) * softmax(z) / T
+// with z = logits / T, coef and entropy_grad (n_rows,) contiguous in the accumulation type
+// (entropy_grad 0: none; linear_logprobs' fused entropy); the caller writes the target columns
+// afterwards. grad_logits may be the logits themselves (each chunk is read before it is written).
 void token_logprobs_bwd_cpu(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
                             int64_t vocab, uintptr_t row_offsets, uintptr_t shift,
-                            uintptr_t log_sum, uintptr_t grad_logits, double temperature);
+                            uintptr_t log_sum, uintptr_t grad_logits, double temperature,
+                            uintptr_t entropy_grad);
 
 #ifdef ALIGNKERN_WITH_CUDA
 void token_logprobs_fwd_cuda(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,

@@ -300,15 +300,31 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(first, second)
 
 
+def _cpu_backward_path(monkeypatch, path: str) -> None:
+    """``"recompute"``: the cpu backend keeps no logits (every tile recomputed in the backward);
+    ``"kept"``: it keeps them and reads them back in narrow vocabulary blocks."""
+    from alignkern.ops import linear_logprobs_cpu
+
+    if path == "recompute":
+        monkeypatch.setenv("ALIGNKERN_CPU_KEEP_LOGITS_MIB", "0")
+    else:
+        monkeypatch.setattr(linear_logprobs_cpu, "SCRATCH_BYTES", 37 * 100 * 4)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
-def test_many_tiles_chunks_and_vocabulary_splits(backend, monkeypatch):
+@pytest.mark.parametrize("cpu_path", ["recompute", "kept"])
+def test_many_tiles_chunks_and_vocabulary_splits(backend, cpu_path, monkeypatch):
     """Shrink the tiles so that the cpu path walks many (rows x vocabulary) tiles and merges their
-    LSEs, the Triton backward many row chunks, and the Triton forward several vocabulary splits."""
+    LSEs (or, keeping the logits, its backward many vocabulary blocks of them), the Triton
+    backward many row chunks, and the Triton forward several vocabulary splits."""
+    if backend != "cpu" and cpu_path == "kept":
+        pytest.skip("the cpu backend's choice")
     from alignkern.ops import linear_logprobs_cpu
     from alignkern.triton_kernels import linear_logprobs as kernels
 
     monkeypatch.setattr(linear_logprobs_cpu, "TILE_BYTES", 8 * 50 * 4)
     monkeypatch.setattr(linear_logprobs_cpu, "MAX_TILE_ROWS", 8)
+    _cpu_backward_path(monkeypatch, cpu_path)
     monkeypatch.setattr(kernels, "_vocab_splits", lambda *args: 3)
     h, w, b, targets = make_inputs((37,), 1029, 3, torch.float32, bias=True)
     leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
@@ -321,6 +337,24 @@ def test_many_tiles_chunks_and_vocabulary_splits(backend, monkeypatch):
     grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse))
     for got, want in zip(grads, reference_grads(h, w, b, targets, grad_out, grad_lse, **kw)):
         assert_close_scaled(got, want, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("cpu_path", ["recompute", "kept"])
+def test_cpu_backward_twice_with_retain_graph(cpu_path, monkeypatch):
+    """The kept logits are only read by the backward: a second backward through the same graph
+    gives the same gradients (and keeping them or not, the same numbers)."""
+    _cpu_backward_path(monkeypatch, cpu_path)
+    h, w, b, targets = make_inputs((37,), 1029, 3, torch.float32, bias=True)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    with alignkern.use_backend("cpu"):
+        result = alignkern.linear_logprobs(*leaves[:2], targets, bias=leaves[2], softcap=4.0,
+                                           stats=("entropy",))
+    upstream = (torch.randn_like(result.logprobs), torch.randn_like(result.entropy))
+    first = torch.autograd.grad((result.logprobs, result.entropy), leaves, upstream,
+                                retain_graph=True)
+    second = torch.autograd.grad((result.logprobs, result.entropy), leaves, upstream)
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
@@ -485,18 +519,18 @@ def test_opcheck(backend):
     h, w, b, targets = make_inputs((4, 3), 50, 2, torch.float32, bias=True)
     leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
     torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
-                          (*leaves[:2], targets, leaves[2], 1.3, 2.0, 0.4, IGNORE, backend))
+                          (*leaves[:2], targets, leaves[2], 1.3, 2.0, 0.4, IGNORE, False, backend))
     torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
-                          (*leaves[:2], targets, None, 1.3, None, 2.5, IGNORE, backend))
+                          (*leaves[:2], targets, None, 1.3, None, 2.5, IGNORE, False, backend))
     torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,
-                          (h, w, targets, None, 1.0, None, 1.0, IGNORE, backend))
+                          (h, w, targets, None, 1.0, None, 1.0, IGNORE, False, backend))
     torch.library.opcheck(torch.ops.alignkern.linear_logprobs.default,  # a lower-precision head
                           (leaves[0], w.bfloat16().requires_grad_(True), targets,
-                           b.bfloat16(), 1.3, 2.0, 0.4, IGNORE, backend))
+                           b.bfloat16(), 1.3, 2.0, 0.4, IGNORE, False, backend))
     for softcap, scale, needs in [(2.0, 0.4, (True, True, True)), (2.0, 0.4, (True, False, False)),
                                   (None, 2.5, (False, True, True))]:
-        out, row_max, log_sum = torch.ops.alignkern.linear_logprobs(h, w, targets, b, 1.3, softcap,
-                                                                    scale, IGNORE, backend)
+        out, row_max, log_sum, _ = torch.ops.alignkern.linear_logprobs(
+            h, w, targets, b, 1.3, softcap, scale, IGNORE, False, backend)
         torch.library.opcheck(
             torch.ops.alignkern.linear_logprobs_backward.default,
             (torch.randn_like(out), torch.randn_like(log_sum), h, w, targets, b, row_max, log_sum,

@@ -13,6 +13,7 @@ from test_linear_logprobs import (
     FORWARD_TOL,
     GRAD_TOL,
     IGNORE,
+    _cpu_backward_path,
     assert_close_scaled,
     make_inputs,
 )
@@ -146,14 +147,19 @@ def test_empty_and_single_rows(backend, lead):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
-def test_many_tiles_and_vocabulary_splits(backend, monkeypatch):
-    """Small tiles: the cpu path merges many vocabulary tiles' partials, the Triton forward
-    several vocabulary splits', with the maximum and ties in different parts."""
+@pytest.mark.parametrize("cpu_path", ["recompute", "kept"])
+def test_many_tiles_and_vocabulary_splits(backend, cpu_path, monkeypatch):
+    """Small tiles: the cpu path merges many vocabulary tiles' partials (or, keeping the logits,
+    reads them back in many vocabulary blocks), the Triton forward several vocabulary splits',
+    with the maximum and ties in different parts."""
+    if backend != "cpu" and cpu_path == "kept":
+        pytest.skip("the cpu backend's choice")
     from alignkern.ops import linear_logprobs_cpu
     from alignkern.triton_kernels import linear_logprobs as kernels
 
     monkeypatch.setattr(linear_logprobs_cpu, "TILE_BYTES", 8 * 50 * 4)
     monkeypatch.setattr(linear_logprobs_cpu, "MAX_TILE_ROWS", 8)
+    _cpu_backward_path(monkeypatch, cpu_path)
     monkeypatch.setattr(kernels, "_vocab_splits", lambda *args: 3)
     h, w, b, targets = make_inputs((37,), 1029, 3, torch.float32, bias=True)
     w[900], b[900] = w[10], b[10]  # a tie between far-apart parts
@@ -250,9 +256,10 @@ def test_opcheck(backend):
                   (False, True, False, True, False), (False, False, False, False, True)]:
         torch.library.opcheck(torch.ops.alignkern.linear_logprobs_stats.default,
                               (*leaves[:2], targets, leaves[2], 1.3, 2.0, 0.4, IGNORE, *flags,
-                               backend))
+                               False, backend))
     out, row_max, log_sum, entropy, *_ = torch.ops.alignkern.linear_logprobs_stats(
-        h, w, targets, b, 1.3, None, 2.5, IGNORE, True, False, False, False, False, backend)
+        h, w, targets, b, 1.3, None, 2.5, IGNORE, True, False, False, False, False, False,
+        backend)
     torch.library.opcheck(
         torch.ops.alignkern.linear_logprobs_backward.default,
         (torch.randn_like(out), None, h, w, targets, b, row_max, log_sum, 1.3, None, 2.5, IGNORE,
@@ -314,8 +321,8 @@ def test_a_scale_over_temperature_beyond_float32_is_refused(call):
 
 def test_backward_op_refuses_an_entropy_gradient_without_the_entropy():
     h, w, _, targets = make_inputs((3,), 20, None, torch.float32)
-    out, row_max, log_sum = torch.ops.alignkern.linear_logprobs(h, w, targets, None, 1.0, None,
-                                                                1.0, IGNORE, "reference")
+    out, row_max, log_sum, _ = torch.ops.alignkern.linear_logprobs(h, w, targets, None, 1.0, None,
+                                                                   1.0, IGNORE, False, "reference")
     with pytest.raises(ValueError, match=r"^linear_logprobs_backward: grad_entropy and entropy "
                                          r"must be given together"):
         torch.ops.alignkern.linear_logprobs_backward(

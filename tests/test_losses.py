@@ -10,6 +10,7 @@ import oracles
 import pytest
 import torch
 from conftest import DEVICE, available_backends
+from test_linear_logprobs import _cpu_backward_path
 
 import alignkern
 from alignkern import losses, reference
@@ -808,11 +809,17 @@ def test_linear_kl_logit_scale_errors():
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
-def test_linear_kl_many_tiles_mask_and_identity(backend, monkeypatch):
+@pytest.mark.parametrize("cpu_path", ["recompute", "kept"])
+def test_linear_kl_many_tiles_mask_and_identity(backend, cpu_path, monkeypatch):
+    """Many tiles in the forward and the recomputing backward, or (cpu, gradient kept) many
+    vocabulary blocks of the kept direction in the backward."""
+    if backend != "cpu" and cpu_path == "kept":
+        pytest.skip("the cpu backend's choice")
     from alignkern.ops import linear_logprobs_cpu
 
     monkeypatch.setattr(linear_logprobs_cpu, "TILE_BYTES", 8 * 50 * 4)
     monkeypatch.setattr(linear_logprobs_cpu, "MAX_TILE_ROWS", 8)
+    _cpu_backward_path(monkeypatch, cpu_path)
     h, w, rh, rw = _kl_inputs(lead=(37,))
     mask = torch.rand(37, device=DEVICE) > 0.3
     x = h.clone().requires_grad_(True)
@@ -834,9 +841,13 @@ def test_linear_kl_opcheck_and_compile(backend, logit_scale):
     h, w, rh, rw = _kl_inputs(lead=(5,), vocab=50)
     torch.library.opcheck(torch.ops.alignkern.linear_kl.default,
                           (h.clone().requires_grad_(True), w.clone().requires_grad_(True), rh, rw,
-                           0.9, logit_scale, backend))
+                           0.9, logit_scale, False, backend))
+    if backend == "cpu":  # the forward keeps the gradient's direction for the backward
+        torch.library.opcheck(torch.ops.alignkern.linear_kl.default,
+                              (h.clone().requires_grad_(True), w.clone().requires_grad_(True), rh,
+                               rw, 0.9, logit_scale, True, backend))
     kl, row_max, log_sum, expect, *_ = torch.ops.alignkern.linear_kl(h, w, rh, rw, 0.9,
-                                                                     logit_scale, backend)
+                                                                     logit_scale, False, backend)
     for need in (True, False):
         torch.library.opcheck(torch.ops.alignkern.linear_kl_backward.default,
                               (torch.randn_like(kl), h, w, rh, rw, row_max, log_sum, expect, 0.9,

@@ -51,14 +51,14 @@ def _linear_logprobs_cases(backend):
     options = dict(temperature=0.9, softcap=20.0, logit_scale=0.5, ignore_index=-100)
     dims = dict(hidden=("N", "H"), weight=("V", "H"), targets=("N", "K"), bias=("V",))
     forward = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
-                        backend=backend), dims)
-    out, row_max, log_sum = torch.ops.alignkern.linear_logprobs(hidden, weight, targets, bias,
-                                                                *options.values(), "reference")
+                        keep_logits=False, backend=backend), dims)
+    out, row_max, log_sum, _ = torch.ops.alignkern.linear_logprobs(
+        hidden, weight, targets, bias, *options.values(), False, "reference")
     stats = Case(dict(hidden=hidden, weight=weight, targets=targets, bias=bias, **options,
                       entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True,
-                      max_logits=True, backend=backend), dims)
+                      max_logits=True, keep_logits=False, backend=backend), dims)
     entropy = torch.ops.alignkern.linear_logprobs_stats(
-        hidden, weight, targets, bias, *options.values(), True, False, False, False, False,
+        hidden, weight, targets, bias, *options.values(), True, False, False, False, False, False,
         "reference")[3]
     backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(log_sum),
                          hidden=hidden, weight=weight, targets=targets, bias=bias,
@@ -76,9 +76,10 @@ def _linear_kl_cases(backend):
                  ref_hidden=torch.randn(N, H_REF), ref_weight=torch.randn(V, H_REF))
     dims = dict(hidden=("N", "H"), weight=("V", "H"), ref_hidden=("N", "Hr"),
                 ref_weight=("V", "Hr"))
-    forward = Case(dict(**sides, temperature=1.2, logit_scale=0.5, backend=backend), dims)
+    forward = Case(dict(**sides, temperature=1.2, logit_scale=0.5, keep_gradient=False,
+                        backend=backend), dims)
     _, row_max, log_sum, expect, *_ = torch.ops.alignkern.linear_kl(*sides.values(), 1.2, 0.5,
-                                                                    "reference")
+                                                                    False, "reference")
     backward = Case(dict(grad_kl=torch.randn(N), **sides, row_max=row_max, log_sum=log_sum,
                          expect=expect, temperature=1.2, logit_scale=0.5, need_weight_grad=True,
                          backend=backend),

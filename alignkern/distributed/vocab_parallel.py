@@ -552,7 +552,7 @@ def _local_linear(fn, hidden, weight, local_ids, bias, temperature, softcap, log
         outputs = _linear_op._call(fn, _CopyToShards.apply(hidden, group), weight, local_ids,
                                    bias, temperature, softcap, logit_scale, _LOCAL_IGNORE,
                                    check_ids=False, stats=stats)
-    return _Local(*outputs)
+    return _Local(*outputs[:-1])  # the kept logits stay with the op's autograd
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -905,8 +905,10 @@ class _ShardedKL(torch.autograd.Function):
                 group):
         from ..ops.linear_kl import kl_from_parts
 
-        _, row_max, log_sum, expect_r, ref_row_max, ref_log_sum = torch.ops.alignkern.linear_kl(
-            hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend)
+        # (keep_gradient=False: the backward needs the global E, which the shard's kept
+        # direction p (z - y - E_r) does not carry)
+        _, row_max, log_sum, expect_r, ref_row_max, ref_log_sum, _ = torch.ops.alignkern.linear_kl(
+            hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, False, backend)
         top, ref_top = _global_max(torch.stack([row_max, ref_row_max]),
                                    torch.stack([log_sum, ref_log_sum]), group)
         scaled = torch.exp((row_max - top) + log_sum)

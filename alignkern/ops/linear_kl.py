@@ -107,15 +107,20 @@ def kl_from_parts(expect, row_max, log_sum, ref_row_max, ref_log_sum) -> torch.T
     return (expect - (row_max - ref_row_max)) - (log_sum - ref_log_sum)
 
 
-def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
+def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc, keep=False):
     """Per tile: each side's log-sum-exp in two parts and E_tile = sum softmax_tile(z) (z - y);
     merged across tiles (``_logit_stats.merge_parts``) with weights exp(lse_tile - lse). After the
     GEMMs: one C++ LSE read of each tile, then the gap and the softmax in place (the C++ kernel)
-    and one dot (z and y already carry 1/T). Returns the op's six outputs, ``(N,)`` each."""
+    and one dot (z and y already carry 1/T). Returns the op's six outputs, ``(N,)`` each, and
+    with ``keep`` (one tile of all the rows and the whole vocabulary) the backward's direction
+    ``p (z - y - E)`` ``(N, V)`` (else None)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     outputs = tuple(torch.empty(n_rows, dtype=acc) for _ in range(6))
     kl, row_max, log_sum, expect, ref_row_max, ref_log_sum = outputs
-    for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
+    kept = None
+    tiles = ([(slice(0, n_rows), [slice(0, vocab)])] if keep
+             else _tiles_cpu._tiles(n_rows, vocab, acc.itemsize))
+    for rows, blocks in tiles:
         h, rh = _scaled_rows(hidden, ref_hidden, rows, temperature, acc)
         z_parts, y_parts, e_parts = [], [], []
         for block in blocks:
@@ -124,7 +129,7 @@ def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
             z_parts.append(z_part)
             y_parts.append(_tiles_cpu.tile_lse(y, 1.0))
             gap = y.neg_().add_(z)
-            p = _tokens.dense_gradient_(z, -torch.ones_like(z_part[0]), *z_part, 1.0)
+            p = _tokens.dense_gradient(z, -torch.ones_like(z_part[0]), *z_part, 1.0, out=z)
             e_parts.append(torch.bmm(p[:, None, :], gap[:, :, None]).reshape(-1))
         z_max, z_log_sum = (torch.stack(column) for column in zip(*z_parts))
         row_max[rows], log_sum[rows] = _logit_stats.merge_parts(z_max, z_log_sum)
@@ -132,30 +137,60 @@ def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc):
             *(torch.stack(column) for column in zip(*y_parts)))
         weights = torch.exp((z_max - row_max[rows]) + z_log_sum - log_sum[rows])
         expect[rows] = (weights * torch.stack(e_parts)).sum(0)
+        if keep:  # the gradient's direction, while the one tile's p and gap are at hand
+            kept = gap.sub_(expect[rows, None]).mul_(p)
     kl.copy_(kl_from_parts(expect, row_max, log_sum, ref_row_max, ref_log_sum))
-    return outputs
+    return outputs, kept
 
 
 def _cpu_backward(grad, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect,
-                  temperature, need_weight, acc):
-    """``dz = g p (z - y - E) / T`` tile by tile, in place, into two GEMMs; no atomics."""
+                  temperature, need_weight, acc, kept=None):
+    """``dz = g p (z - y - E) / T`` into two GEMMs per piece (no temporaries, no atomics): from
+    the forward's ``kept`` direction ``p (z - y - E)`` in vocabulary blocks through a scratch
+    buffer, or else tile by tile, recomputed and turned into ``dz`` in place."""
     n_rows, (vocab, hidden_size) = hidden.shape[0], weight.shape
-    grad_hidden = torch.zeros((n_rows, hidden_size), dtype=acc)
-    grad_weight = torch.zeros((vocab, hidden_size), dtype=acc) if need_weight else None
+    grad_hidden = torch.empty((n_rows, hidden_size), dtype=acc)
+    grad_weight = torch.empty((vocab, hidden_size), dtype=acc) if need_weight else None
+    written_rows, written_blocks = set(), set()
+    for rows, h, block, dz in _dz_pieces(grad, hidden, weight, ref_hidden, ref_weight, row_max,
+                                         log_sum, expect, temperature, acc, kept):
+        _tiles_cpu._accumulate_mm(grad_hidden[rows], dz, weight[block].to(acc),
+                                  first=_tiles_cpu._first_visit(written_rows, rows))
+        if need_weight:
+            _tiles_cpu._accumulate_mm(grad_weight[block], dz.T, h,
+                                      first=_tiles_cpu._first_visit(written_blocks, block))
+    if n_rows == 0:
+        for result in (grad_hidden, grad_weight):
+            if result is not None:
+                result.zero_()
+    return grad_hidden, grad_weight
+
+
+def _dz_pieces(grad, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect,
+               temperature, acc, kept):
+    """``(rows, hidden rows in acc, vocabulary block, dz)`` for each piece of the backward."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    scale = grad / temperature
+    if kept is not None:
+        width = max(1, min(vocab, _tiles_cpu.SCRATCH_BYTES // max(1, n_rows * acc.itemsize)))
+        scratch = torch.empty(n_rows * width, dtype=acc)
+        rows, h = slice(0, n_rows), hidden.to(acc)
+        for start in range(0, vocab, width):
+            block = slice(start, min(start + width, vocab))
+            out = scratch[: n_rows * (block.stop - block.start)].view(n_rows, -1)
+            yield rows, h, block, torch.mul(kept[:, block], scale[:, None], out=out)
+        return
     for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
         h, rh = _scaled_rows(hidden, ref_hidden, rows, temperature, acc)
+        unscaled = hidden[rows].to(acc)
         for block in blocks:
             z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
             centred_gap = y.neg_().add_(z).sub_(expect[rows, None])
             # z becomes g p / T (one pass of the C++ softmax kernel), then dz = g p (z - y - E) / T
-            dz = _tokens.dense_gradient_(z, grad[rows] / -temperature, row_max[rows],
-                                         log_sum[rows], 1.0).mul_(centred_gap)
+            dz = _tokens.dense_gradient(z, -scale[rows], row_max[rows], log_sum[rows], 1.0,
+                                        out=z).mul_(centred_gap)
             del centred_gap, y
-            grad_hidden[rows] += dz @ weight[block].to(acc)
-            if need_weight:
-                # h holds hidden / T: multiply back so dW = dz^T hidden.
-                grad_weight[block] += (dz.T @ h).mul_(temperature)
-    return grad_hidden, grad_weight
+            yield rows, unscaled, block, dz
 
 
 # ----------------------------------------------------------------------------- triton
@@ -207,22 +242,42 @@ def _matrices(hidden, weight, ref_hidden, ref_weight):
 @torch.library.custom_op("alignkern::linear_kl", mutates_args=())
 def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
                   ref_weight: torch.Tensor, temperature: float, logit_scale: float,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                         torch.Tensor, torch.Tensor]:
-    temperature, logit_scale = _check_inputs("linear_kl", hidden, weight, ref_hidden, ref_weight,
+                  keep_gradient: bool, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor]:
+    fn = "linear_kl"
+    temperature, logit_scale = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight,
                                              temperature, logit_scale)
-    backend = _backend.backend_for("linear_kl", backend, hidden.device)
+    backend = _backend.backend_for(fn, backend, hidden.device)
+    _checks.boolean(fn, "keep_gradient", keep_gradient)
+    if keep_gradient and backend != "cpu":
+        raise ValueError(f"{fn}: keep_gradient=True is for the cpu backend (its backward reads "
+                         f"it), got backend {backend!r}")
     acc = _accumulation_dtype(hidden.dtype)
     lead = hidden.shape[:-1]
+    nothing_kept = hidden.new_empty((0,), dtype=acc)
     if backend == "reference":
         kl = reference.linear_kl(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale)
         z, y = _reference_logits(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale)
         expect = (torch.softmax(z, -1) * (z - y)).sum(-1)
-        return (kl, *reference.shifted_logsumexp(z), expect, *reference.shifted_logsumexp(y))
+        return (kl, *reference.shifted_logsumexp(z), expect, *reference.shifted_logsumexp(y),
+                nothing_kept)
     # z = s x / T = x / (T / s): the kernels see the scale as part of the temperature.
     args = (*_matrices(hidden, weight, ref_hidden, ref_weight), temperature / logit_scale, acc)
-    outputs = _cpu_forward(*args) if backend == "cpu" else _triton_forward(*args)
-    return tuple(t.reshape(lead) for t in outputs)
+    if backend == "cpu":
+        outputs, kept = _cpu_forward(*args, keep=keep_gradient)
+    else:
+        outputs, kept = _triton_forward(*args), None
+    return (*(t.reshape(lead) for t in outputs), nothing_kept if kept is None else kept)
+
+
+def _keeps_gradient(backend: str, hidden, weight) -> bool:
+    """Whether the cpu backend keeps this call's gradient direction for its backward: a backward
+    will follow and the ``(N, V)`` buffer fits ``linear_logprobs_cpu.keep_budget()``."""
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return (backend == "cpu" and wants_grad
+            and _tiles_cpu.keeps_logits(math.prod(hidden.shape[:-1]), weight.shape[0],
+                                        _accumulation_dtype(hidden.dtype)))
 
 
 def _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, **others) -> None:
@@ -237,10 +292,13 @@ def _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, **others) -> None:
 
 
 @_linear_kl_op.register_fake
-def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend):
+def _linear_kl_fake(hidden, weight, ref_hidden, ref_weight, temperature, logit_scale,
+                    keep_gradient, backend):
     _fake_checks("linear_kl", hidden, weight, ref_hidden, ref_weight)
     acc = _accumulation_dtype(hidden.dtype)
-    return tuple(hidden.new_empty(hidden.shape[:-1], dtype=acc) for _ in range(6))
+    kept = (math.prod(hidden.shape[:-1]), weight.shape[0]) if keep_gradient else (0,)
+    return (*(hidden.new_empty(hidden.shape[:-1], dtype=acc) for _ in range(6)),
+            hidden.new_empty(kept, dtype=acc))
 
 
 @torch.library.custom_op("alignkern::linear_kl_backward", mutates_args=())
@@ -248,13 +306,15 @@ def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: 
                            ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
                            row_max: torch.Tensor, log_sum: torch.Tensor, expect: torch.Tensor,
                            temperature: float, logit_scale: float, need_weight_grad: bool,
-                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                           backend: str, kept_gradient: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     fn = "linear_kl_backward"
     temperature, logit_scale = _check_inputs(fn, hidden, weight, ref_hidden, ref_weight,
                                              temperature, logit_scale)
     _check_saved(fn, hidden, grad_kl=grad_kl, row_max=row_max, log_sum=log_sum, expect=expect)
     _checks.boolean(fn, "need_weight_grad", need_weight_grad)
     backend = _backend.backend_for(fn, backend, hidden.device)
+    kept = _check_kept_gradient(fn, kept_gradient, hidden, weight, backend)
     acc = _accumulation_dtype(hidden.dtype)
     h, w, rh, rw = _matrices(hidden, weight, ref_hidden, ref_weight)
     grad, row_max, log_sum, expect = (t.reshape(-1).to(acc).contiguous()
@@ -266,17 +326,36 @@ def _linear_kl_backward_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: 
         dx = dz * (logit_scale / temperature)
         grad_hidden, grad_weight = dx @ w.to(acc), (dx.T @ h.to(acc) if need_weight_grad else None)
     else:
-        implementation = _cpu_backward if backend == "cpu" else _triton_backward
-        grad_hidden, grad_weight = implementation(grad, h, w, rh, rw, row_max, log_sum, expect,
-                                                  temperature / logit_scale, need_weight_grad,
-                                                  acc)
+        args = (grad, h, w, rh, rw, row_max, log_sum, expect, temperature / logit_scale,
+                need_weight_grad, acc)
+        grad_hidden, grad_weight = (_cpu_backward(*args, kept=kept) if backend == "cpu"
+                                    else _triton_backward(*args))
     return (grad_hidden.to(hidden.dtype).reshape(hidden.shape),
             grad_weight.to(weight.dtype) if grad_weight is not None else hidden.new_empty((0,)))
 
 
+def _check_kept_gradient(fn, kept_gradient, hidden, weight, backend):
+    """``kept_gradient``: None, 0 elements, or (cpu backend) the forward's ``(N, V)`` direction in
+    the accumulation dtype; returns it, or None for none."""
+    if kept_gradient is None:
+        return None
+    _checks.tensor(fn, "kept_gradient", kept_gradient, dtypes=(_accumulation_dtype(hidden.dtype),))
+    if kept_gradient.numel() == 0:
+        return None
+    _checks.shape(fn, "kept_gradient", kept_gradient,
+                  (math.prod(hidden.shape[:-1]), weight.shape[0]),
+                  "(N, V): what the forward kept, or 0 elements")
+    _checks.same_device(fn, hidden=hidden, kept_gradient=kept_gradient)
+    if backend != "cpu":
+        raise ValueError(f"{fn}: kept_gradient is read by the cpu backend only, got backend "
+                         f"{backend!r}")
+    return kept_gradient
+
+
 @_linear_kl_backward_op.register_fake
 def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, row_max, log_sum,
-                             expect, temperature, logit_scale, need_weight_grad, backend):
+                             expect, temperature, logit_scale, need_weight_grad, backend,
+                             kept_gradient=None):
     fn = "linear_kl_backward"
     _fake_checks(fn, hidden, weight, ref_hidden, ref_weight, grad_kl=grad_kl, row_max=row_max,
                  log_sum=log_sum, expect=expect)
@@ -289,19 +368,22 @@ def _linear_kl_backward_fake(grad_kl, hidden, weight, ref_hidden, ref_weight, ro
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, backend = inputs
-    ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, *output[1:4])
+    hidden, weight, ref_hidden, ref_weight, temperature, logit_scale, _keep, backend = inputs
+    ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, *output[1:4], output[6])
     ctx.mark_non_differentiable(*output[1:])
     ctx.scalars, ctx.backend = (temperature, logit_scale), backend
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the kept (N, V) output
 
 
 def _backward(ctx, grad_kl, *_internal):
-    hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect = ctx.saved_tensors
+    hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect, kept = ctx.saved_tensors
+    if grad_kl is None:
+        return (None,) * 8
     need_weight = ctx.needs_input_grad[1]
     grad_hidden, grad_weight = _linear_kl_backward_op(
         grad_kl, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, expect, *ctx.scalars,
-        need_weight, ctx.backend)
-    return grad_hidden, grad_weight if need_weight else None, None, None, None, None, None
+        need_weight, ctx.backend, kept)
+    return grad_hidden, grad_weight if need_weight else None, None, None, None, None, None, None
 
 
 _linear_kl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -337,6 +419,7 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
                                                  temperature, logit_scale)
         _check_mask(fn, mask, hidden)
         backend = _backend.resolve_backend(hidden.device)
+    keep = False if torch.compiler.is_compiling() else _keeps_gradient(backend, hidden, weight)
     kl = _linear_kl_op(hidden, weight, ref_hidden.detach(), ref_weight.detach(), temperature,
-                       logit_scale, backend)[0]
+                       logit_scale, keep, backend)[0]
     return kl if mask is None else torch.where(mask.to(torch.bool), kl, 0.0)

@@ -337,46 +337,53 @@ def _fold_scale(temperature, softcap, logit_scale):
 
 
 def _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
-                 backend, stats=frozenset()):
-    """``(logprobs, row_max, log_sum, LogitStats)`` shaped like ``targets`` and
-    ``hidden.shape[:-1]``."""
+                 backend, stats=frozenset(), keep=False):
+    """``(logprobs, row_max, log_sum, LogitStats, kept)`` shaped like ``targets`` and
+    ``hidden.shape[:-1]``; ``kept``: with ``keep`` (cpu backend only) the call's logits ``(N, V)``
+    for the backward (``linear_logprobs_cpu``), else a 0-element tensor."""
+    no_logits = hidden.new_empty((0,), dtype=_accumulation_dtype(hidden.dtype))
     if backend == "reference" and not stats:
         return (*reference.linear_logprobs(hidden, weight, targets, bias, temperature, softcap,
-                                           ignore_index, logit_scale), _logit_stats.LogitStats())
+                                           ignore_index, logit_scale), _logit_stats.LogitStats(),
+                no_logits)
     if backend == "reference":
         out, row_max, log_sum, ref_stats = reference.linear_logprobs_stats(
             hidden, weight, targets, bias, temperature, softcap, ignore_index, logit_scale)
         return out, row_max, log_sum, _logit_stats.LogitStats(
-            *(ref_stats[name] if name in stats else None for name in _logit_stats.STATS))
+            *(ref_stats[name] if name in stats else None for name in _logit_stats.STATS)), \
+            no_logits
     temperature, logit_scale = _fold_scale(temperature, softcap, logit_scale)
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
-    valid, out_of_range = _targets.target_masks(ids, w.shape[0], ignore_index)
+    kept = None
     if backend == "cpu":
-        z, row_max, log_sum, row_stats = _cpu.forward(h, w, ids, valid, bias, temperature, softcap,
-                                                      logit_scale, acc, stats)
+        out, row_max, log_sum, row_stats, kept = _cpu.forward(
+            h, w, ids, bias, temperature, softcap, logit_scale, acc, ignore_index, stats, keep)
     else:
+        valid, out_of_range = _targets.target_masks(ids, w.shape[0], ignore_index)
         parts = _gpu_forward(h, w, bias, temperature, softcap, logit_scale, backend, acc, stats)
         row_max, log_sum = _logit_stats.merge_parts(parts.row_max, parts.log_sum)
         row_stats = (_logit_stats.merge(parts, row_max, log_sum, w.shape[0], ids, valid) if stats
                      else _logit_stats.LogitStats())
         z = _target_logits(h, w, bias, ids, softcap, logit_scale, acc) * (1.0 / temperature)
-    # A log-probability is at most 0; on the GPU path z and the LSE come from different
-    # summation orders, so z can exceed the LSE by a rounding error where p is close to 1.
-    out = ((z - row_max[:, None]) - log_sum[:, None]).clamp_(max=0.0)
-    out = out.masked_fill_(~valid, 0.0).masked_fill_(out_of_range, math.nan)
+        # A log-probability is at most 0; on the GPU path z and the LSE come from different
+        # summation orders, so z can exceed the LSE by a rounding error where p is close to 1.
+        out = ((z - row_max[:, None]) - log_sum[:, None]).clamp_(max=0.0)
+        out = out.masked_fill_(~valid, 0.0).masked_fill_(out_of_range, math.nan)
     lead = hidden.shape[:-1]
     row_stats = _logit_stats.LogitStats(*(
         None if x is None or name not in stats
         else x.reshape(targets.shape if name == "is_top1" else lead)
         for name, x in zip(_logit_stats.STATS, row_stats)))
-    return out.reshape(targets.shape), row_max.reshape(lead), log_sum.reshape(lead), row_stats
+    return (out.reshape(targets.shape), row_max.reshape(lead), log_sum.reshape(lead), row_stats,
+            no_logits if kept is None else kept)
 
 
 def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum,
                   temperature, softcap, logit_scale, ignore_index, need_hidden, need_weight,
-                  need_bias, backend, grad_entropy=None, entropy=None):
+                  need_bias, backend, grad_entropy=None, entropy=None, kept_logits=None,
+                  kept_are_probs=False):
     h, w, ids = _as_matrix(hidden), _as_matrix(weight), _target_rows(targets, hidden)
     bias = None if bias is None else bias.contiguous()
     acc = _accumulation_dtype(hidden.dtype)
@@ -396,10 +403,13 @@ def _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, row_max, lo
             # d entropy / d z_v = -p_v ((z_v - row_max) - log_sum + H): the row constant joins
             # coef, the kernels add the (z_v - row_max) term
             coef = coef + grad_entropy * (entropy.reshape(-1).to(acc) - log_sum)
-        implementation = _cpu.backward if backend == "cpu" else _triton_backward
-        grads = implementation(g, coef, h, w, ids, valid, bias, row_max, log_sum, temperature,
-                               softcap, logit_scale, need_hidden, need_weight, need_bias, acc,
-                               grad_entropy)
+        args = (g, coef, h, w, ids, valid, bias, row_max, log_sum, temperature, softcap,
+                logit_scale, need_hidden, need_weight, need_bias, acc, grad_entropy)
+        if backend == "cpu":
+            kept = kept_logits if kept_logits is not None and kept_logits.numel() else None
+            grads = _cpu.backward(*args, kept=kept, kept_are_probs=kept_are_probs)
+        else:
+            grads = _triton_backward(*args)
     grad_hidden, grad_weight, grad_bias = grads
     return (
         _empty(hidden) if grad_hidden is None else grad_hidden.to(hidden.dtype).reshape(hidden.shape),
@@ -424,15 +434,32 @@ def _linear_logprobs_op(
     softcap: float | None,
     logit_scale: float,
     ignore_index: int,
+    keep_logits: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = "linear_logprobs"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     backend = _check_backend(backend, hidden)
+    _check_keep(fn, keep_logits, backend)
     _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
-    return _run_forward(hidden, weight, targets, bias, temperature, softcap, logit_scale,
-                        ignore_index, backend)[:3]
+    out, row_max, log_sum, _, kept = _run_forward(hidden, weight, targets, bias, temperature,
+                                                  softcap, logit_scale, ignore_index, backend,
+                                                  keep=keep_logits)
+    return out, row_max, log_sum, kept
+
+
+def _check_keep(fn: str, keep_logits, backend: str) -> None:
+    """``keep_logits`` is a bool, and True only where the backend keeps them (cpu)."""
+    _checks.boolean(fn, "keep_logits", keep_logits)
+    if keep_logits and backend != "cpu":
+        raise ValueError(f"{fn}: keep_logits=True is for the cpu backend (its backward reads "
+                         f"them), got backend {backend!r}")
+
+
+def _kept_shape(hidden, weight, keep_logits: bool) -> tuple:
+    """The shape of the kept-logits output: ``(N, V)``, or ``(0,)`` when not kept."""
+    return (math.prod(hidden.shape[:-1]), weight.shape[0]) if keep_logits else (0,)
 
 
 def _fake_checks(fn, hidden, weight, targets, **others) -> None:
@@ -459,12 +486,13 @@ def _fake_checks(fn, hidden, weight, targets, **others) -> None:
 
 @_linear_logprobs_op.register_fake
 def _linear_logprobs_fake(hidden, weight, targets, bias, temperature, softcap, logit_scale,
-                          ignore_index, backend):
+                          ignore_index, keep_logits, backend):
     _fake_checks("linear_logprobs", hidden, weight, targets, bias=bias)
     acc = _accumulation_dtype(hidden.dtype)
     lead = hidden.shape[:-1]
     return (hidden.new_empty(targets.shape, dtype=acc), hidden.new_empty(lead, dtype=acc),
-            hidden.new_empty(lead, dtype=acc))
+            hidden.new_empty(lead, dtype=acc),
+            hidden.new_empty(_kept_shape(hidden, weight, keep_logits), dtype=acc))
 
 
 @torch.library.custom_op("alignkern::linear_logprobs_backward", mutates_args=())
@@ -487,6 +515,8 @@ def _linear_logprobs_backward_op(
     backend: str,
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    kept_logits: torch.Tensor | None = None,
+    kept_are_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = "linear_logprobs_backward"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
@@ -497,16 +527,40 @@ def _linear_logprobs_backward_op(
                        ("need_weight_grad", need_weight_grad), ("need_bias_grad", need_bias_grad)):
         _checks.boolean(fn, arg, value)
     backend = _check_backend(backend, hidden, fn)
+    _check_kept_logits(fn, kept_logits, hidden, weight, backend)
+    _checks.boolean(fn, "kept_are_probs", kept_are_probs)
+    if kept_are_probs and (softcap is not None or grad_entropy is not None):
+        raise ValueError(f"{fn}: kept_are_probs=True (kept_logits holds the softmax) takes no "
+                         f"softcap and no entropy gradient, whose derivatives need the logits; got "
+                         f"softcap={softcap}, grad_entropy={_described(grad_entropy)}")
     return _run_backward(grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum,
                          temperature, softcap, logit_scale, ignore_index, need_hidden_grad,
-                         need_weight_grad, need_bias_grad, backend, grad_entropy, entropy)
+                         need_weight_grad, need_bias_grad, backend, grad_entropy, entropy,
+                         kept_logits, kept_are_probs)
+
+
+def _check_kept_logits(fn, kept_logits, hidden, weight, backend) -> None:
+    """``kept_logits``: None, 0 elements, or (cpu backend) the forward's ``(N, V)`` logits in the
+    accumulation dtype on hidden's device."""
+    if kept_logits is None:
+        return
+    _checks.tensor(fn, "kept_logits", kept_logits, dtypes=(_accumulation_dtype(hidden.dtype),))
+    if kept_logits.numel() == 0:
+        return
+    _checks.shape(fn, "kept_logits", kept_logits, _kept_shape(hidden, weight, True),
+                  "(N, V): the logits the forward kept, or 0 elements")
+    _checks.same_device(fn, hidden=hidden, kept_logits=kept_logits)
+    if backend != "cpu":
+        raise ValueError(f"{fn}: kept_logits are read by the cpu backend only, got backend "
+                         f"{backend!r}")
 
 
 @_linear_logprobs_backward_op.register_fake
 def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, bias, row_max,
                                    log_sum, temperature, softcap, logit_scale, ignore_index,
                                    need_hidden_grad, need_weight_grad, need_bias_grad, backend,
-                                   grad_entropy=None, entropy=None):
+                                   grad_entropy=None, entropy=None, kept_logits=None,
+                                   kept_are_probs=False):
     fn = "linear_logprobs_backward"
     _fake_checks(fn, hidden, weight, targets, bias=bias, grad_out=grad_out, grad_lse=grad_lse,
                  row_max=row_max, log_sum=log_sum, grad_entropy=grad_entropy, entropy=entropy)
@@ -523,28 +577,34 @@ def _linear_logprobs_backward_fake(grad_out, grad_lse, hidden, weight, targets, 
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, *options, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2])
-    ctx.mark_non_differentiable(output[1])
+    hidden, weight, targets, bias, *options, _keep, backend = inputs
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[3])
     ctx.options = tuple(options)  # temperature, softcap, logit_scale, ignore_index
     ctx.backend = backend
+    ctx.kept_are_probs = _cpu.keep_kind(options[1], frozenset()) == "probs"
+    # No zero-filled gradients for the outputs nobody differentiates (the kept logits' would be
+    # as large as the logits).
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_row_max, grad_log_sum):
-    hidden, weight, targets, bias, row_max, log_sum = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_row_max, grad_log_sum, _grad_kept):
+    hidden, weight, targets, bias, row_max, log_sum, kept = ctx.saved_tensors
     return _input_gradients(ctx, grad_out, grad_log_sum, hidden, weight, targets, bias, row_max,
-                            log_sum)
+                            log_sum, kept_logits=kept)
 
 
 def _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum,
-                     grad_entropy=None, entropy=None):
+                     grad_entropy=None, entropy=None, kept_logits=None):
     """The gradients of the forward op's inputs (both ops' autograd), from the backward op."""
     if grad_out is None:
         grad_out = torch.zeros(targets.shape, dtype=log_sum.dtype, device=log_sum.device)
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    kept_are_probs = ctx.kept_are_probs and kept_logits is not None and kept_logits.numel() > 0
     grad_hidden, grad_weight, grad_bias = _linear_logprobs_backward_op(
         grad_out, grad_lse, hidden, weight, targets, bias, row_max, log_sum, *ctx.options,
-        need_hidden, need_weight, need_bias, ctx.backend, grad_entropy, entropy,
+        need_hidden, need_weight, need_bias, ctx.backend, grad_entropy, entropy, kept_logits,
+        kept_are_probs,
     )
     return (
         grad_hidden if need_hidden else None,
@@ -555,7 +615,7 @@ def _input_gradients(ctx, grad_out, grad_lse, hidden, weight, targets, bias, row
 
 
 _linear_logprobs_op.register_autograd(
-    lambda ctx, *grads: _backward(ctx, *grads) + (None,) * 5, setup_context=_setup_context)
+    lambda ctx, *grads: _backward(ctx, *grads) + (None,) * 6, setup_context=_setup_context)
 _autocast.register("linear_logprobs", ("hidden", "weight", "bias"))
 _autocast.register("linear_logprobs_backward")
 
@@ -600,11 +660,13 @@ def _linear_logprobs_stats_op(
     mean_logits: bool,
     is_top1: bool,
     max_logits: bool,
+    keep_logits: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+           torch.Tensor, torch.Tensor, torch.Tensor]:
     """``linear_logprobs`` (``out, row_max, log_sum``) plus the statistics flagged on, from the
-    same pass over the vocabulary; a statistic not asked for comes back with 0 elements."""
+    same pass over the vocabulary (a statistic not asked for comes back with 0 elements), and
+    the kept logits last (as ``linear_logprobs``')."""
     fn = "linear_logprobs_stats"
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         fn, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
@@ -612,13 +674,15 @@ def _linear_logprobs_stats_op(
     for arg, value in zip(_logit_stats.STATS, flags):
         _checks.boolean(fn, arg, value)
     backend = _check_backend(backend, hidden, fn)
+    _check_keep(fn, keep_logits, backend)
     _tokens._check_target_ids(targets, weight.shape[0], ignore_index, fn)
     stats = _stats_wanted(*flags)
-    out, row_max, log_sum, row_stats = _run_forward(hidden, weight, targets, bias, temperature,
-                                                    softcap, logit_scale, ignore_index, backend,
-                                                    stats)
+    out, row_max, log_sum, row_stats, kept = _run_forward(
+        hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, backend,
+        stats, keep_logits)
     return (out, row_max, log_sum) + tuple(_unrequested(name, hidden) if x is None else x
-                                           for name, x in zip(_logit_stats.STATS, row_stats))
+                                           for name, x in zip(_logit_stats.STATS, row_stats)) + (
+        kept,)
 
 
 def _unrequested(name: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -629,7 +693,7 @@ def _unrequested(name: str, hidden: torch.Tensor) -> torch.Tensor:
 @_linear_logprobs_stats_op.register_fake
 def _linear_logprobs_stats_fake(hidden, weight, targets, bias, temperature, softcap, logit_scale,
                                 ignore_index, entropy, log_sum_sq_probs, mean_logits, is_top1,
-                                max_logits, backend):
+                                max_logits, keep_logits, backend):
     _fake_checks("linear_logprobs_stats", hidden, weight, targets, bias=bias)
     acc = _accumulation_dtype(hidden.dtype)
     lead = hidden.shape[:-1]
@@ -641,16 +705,18 @@ def _linear_logprobs_stats_fake(hidden, weight, targets, bias, temperature, soft
             hidden.new_empty(lead, dtype=acc),
             row_stat(entropy), row_stat(log_sum_sq_probs), row_stat(mean_logits),
             hidden.new_empty(targets.shape if is_top1 else (0,), dtype=torch.bool),
-            row_stat(max_logits))
+            row_stat(max_logits),
+            hidden.new_empty(_kept_shape(hidden, weight, keep_logits), dtype=acc))
 
 
 def _stats_setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, *options = inputs[:8]
     wants_entropy = inputs[8]
     ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2],
-                          output[3] if wants_entropy else None)
+                          output[3] if wants_entropy else None, output[-1])
     ctx.options = tuple(options)
     ctx.backend = inputs[-1]
+    ctx.kept_are_probs = _cpu.keep_kind(options[1], _stats_wanted(*inputs[8:13])) == "probs"
     ctx.mark_non_differentiable(output[1], *output[4:])
     # An entropy computed for logging only gets no gradient: None, not zeros, so the backward
     # skips its term.
@@ -658,12 +724,12 @@ def _stats_setup_context(ctx, inputs, output):
 
 
 def _stats_backward(ctx, grad_out, _grad_row_max, grad_log_sum, grad_entropy, *_):
-    hidden, weight, targets, bias, row_max, log_sum, entropy = ctx.saved_tensors
+    hidden, weight, targets, bias, row_max, log_sum, entropy, kept = ctx.saved_tensors
     if entropy is None or grad_entropy is None:
         grad_entropy = entropy = None
     grads = _input_gradients(ctx, grad_out, grad_log_sum, hidden, weight, targets, bias, row_max,
-                             log_sum, grad_entropy, entropy)
-    return grads + (None,) * 10
+                             log_sum, grad_entropy, entropy, kept)
+    return grads + (None,) * 11
 
 
 _linear_logprobs_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -677,7 +743,8 @@ def _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale
           check_ids=True, stats=None):
     """The public functions' path into the op: validation in ``name``'s words (ids too, unless
     the caller has checked them itself), then the registered op (the statistics op when ``stats``
-    is a set of names, whose flags follow ``_logit_stats.STATS``)."""
+    is a set of names, whose flags follow ``_logit_stats.STATS``); its outputs, the kept logits
+    (0 elements unless kept: ``_keeps_logits``) last."""
     if stats is None:
         op, flags = _linear_logprobs_op, ()
     else:
@@ -686,16 +753,27 @@ def _call(name, hidden, weight, targets, bias, temperature, softcap, logit_scale
         # Tensors are checked by the fake kernel now and by the op when the graph runs; the
         # backend is resolved then too.
         scalars = _check_scalars(name, temperature, softcap, logit_scale, ignore_index)
-        return op(hidden, weight, targets, bias, *scalars, *flags, "auto")
+        return op(hidden, weight, targets, bias, *scalars, *flags, False, "auto")
     hidden, weight, bias = _autocast.cast_operands(hidden, weight, bias)
     temperature, softcap, logit_scale, ignore_index = _check_inputs(
         name, hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
     backend = _check_backend("auto", hidden, name)
     if check_ids:
         _tokens._check_target_ids(targets, weight.shape[0], ignore_index, name)
+    keep = _keeps_logits(backend, hidden, weight, bias)
     with _tokens.ids_already_checked():
         return op(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
-                  *flags, backend)
+                  *flags, keep, backend)
+
+
+def _keeps_logits(backend: str, hidden, weight, bias) -> bool:
+    """Whether the cpu backend keeps this call's logits for its backward: a backward will follow
+    (gradients on, an input that requires one) and the logits fit ``_cpu.keep_budget()``."""
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
+    return (backend == "cpu" and wants_grad
+            and _cpu.keeps_logits(math.prod(hidden.shape[:-1]), weight.shape[0],
+                                  _accumulation_dtype(hidden.dtype)))
 
 
 def _check_stats(fn: str, stats) -> frozenset[str]:
@@ -782,12 +860,12 @@ def linear_logprobs(
     """
     if stats is not None:
         stats = _check_stats("linear_logprobs", stats)
-        out, row_max, log_sum, *row_stats = _call(
+        out, row_max, log_sum, *row_stats, _ = _call(
             "linear_logprobs", hidden, weight, targets, bias, temperature, softcap, logit_scale,
             ignore_index, stats=stats)
         return LinearLogprobsStats(out, row_max + log_sum,
                                    *(x if name in stats else None
                                      for name, x in zip(_logit_stats.STATS, row_stats)))
-    out, row_max, log_sum = _call("linear_logprobs", hidden, weight, targets, bias, temperature,
-                                  softcap, logit_scale, ignore_index)
+    out, row_max, log_sum, _ = _call("linear_logprobs", hidden, weight, targets, bias,
+                                     temperature, softcap, logit_scale, ignore_index)
     return LinearLogprobs(out, row_max + log_sum) if return_lse else out

@@ -199,8 +199,9 @@ def _cpp_forward(rows: _Rows, out, row_max, log_sum, temperature, ignore_index,
 
 
 def _cpp_dense_backward(coef, rows: _Rows, row_max, log_sum, grad, temperature,
-                        on_cuda: bool) -> None:
-    """grad = -coef * softmax(logits / T) / T over every column (no target terms)."""
+                        on_cuda: bool, entropy_grad=None) -> None:
+    """grad = -coef * softmax(logits / T) / T over every column (no target terms); with
+    ``entropy_grad`` (cpu only) -(coef + entropy_grad (z - row_max)) * softmax / T."""
     ext = _backend.extension()
     args = [coef.data_ptr(), rows.logits.data_ptr(), _backend.DTYPE_CODES[rows.logits.dtype],
             rows.targets.shape[0], rows.vocab, rows.offsets.data_ptr()]
@@ -210,23 +211,28 @@ def _cpp_dense_backward(coef, rows: _Rows, row_max, log_sum, grad, temperature,
             ext.token_logprobs_bwd_cuda(*args, int(rows.aligned16), *tail,
                                         _backend.cuda_stream(rows.logits.device))
     else:
-        ext.token_logprobs_bwd_cpu(*args, *tail)
+        ext.token_logprobs_bwd_cpu(*args, *tail,
+                                   0 if entropy_grad is None else entropy_grad.data_ptr())
 
 
-def dense_gradient_(tile: torch.Tensor, coef: torch.Tensor, row_max: torch.Tensor,
-                    log_sum: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In place on a contiguous float32/float64 CPU ``tile (n, b)`` of logits: ``tile =
-    -coef * exp((tile / T - row_max) - log_sum) / T`` (``coef``, ``row_max``, ``log_sum`` ``(n,)``
-    in the tile's dtype), in one pass of the C++ kernel (each chunk is read before it is
-    written)."""
-    n_rows, width = tile.shape
+def dense_gradient(logits: torch.Tensor, coef: torch.Tensor, row_max: torch.Tensor,
+                   log_sum: torch.Tensor, temperature: float, out: torch.Tensor,
+                   entropy_grad: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = -(coef + entropy_grad * d) * exp(d - log_sum) / T`` with ``d = logits / T -
+    row_max`` (``entropy_grad`` None: 0), in one pass of the C++ kernel: ``logits (n, b)``
+    float32/float64 on the CPU with a contiguous last dimension (a block of a wider tile is
+    fine), ``out (n, b)`` contiguous in the same dtype (``logits`` itself is fine: each chunk is
+    read before it is written), ``coef``, ``row_max``, ``log_sum``, ``entropy_grad`` ``(n,)`` in
+    that dtype."""
+    n_rows, width = logits.shape
     if n_rows == 0 or width == 0:
-        return tile
-    rows = _Rows(tile, torch.arange(n_rows, dtype=torch.int64) * width, False, width,
+        return out
+    rows = _Rows(logits, torch.arange(n_rows, dtype=torch.int64) * logits.stride(0), False, width,
                  torch.empty((n_rows, 0), dtype=torch.int64))
-    _cpp_dense_backward(coef.contiguous(), rows, row_max.contiguous(), log_sum.contiguous(), tile,
-                        temperature, on_cuda=False)
-    return tile
+    _cpp_dense_backward(coef.contiguous(), rows, row_max.contiguous(), log_sum.contiguous(), out,
+                        temperature, on_cuda=False,
+                        entropy_grad=None if entropy_grad is None else entropy_grad.contiguous())
+    return out
 
 
 def _poisoned(shape, dtype, device) -> torch.Tensor:

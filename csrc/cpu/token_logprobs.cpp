@@ -14,8 +14,8 @@
 // polynomial keeps its multiply-adds.
 //
 // The float chunk loops are compiled for AVX-512, AVX2 and baseline x86-64 (picked at load time)
-// and use a polynomial exp that the compiler can vectorise; libm's expf cannot be vectorised
-// without -ffast-math, which would break NaN propagation.
+// and use the polynomial exp of vector.h; libm's expf cannot be vectorised without -ffast-math,
+// which would break NaN propagation.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,97 +24,14 @@
 
 #include "common.h"
 #include "token_logprobs.h"
+#include "vector.h"
 
 namespace alignkern {
 namespace {
 
+using namespace vec;
+
 constexpr int64_t kChunk = 2048;
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ALIGNKERN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ALIGNKERN_MULTIVERSION
-#endif
-// Helpers must be inlined into each clone to be compiled for its instruction set.
-#define ALIGNKERN_INLINE inline __attribute__((always_inline))
-
-// Sixteen floats: one AVX-512 register, two AVX2 ones or four SSE ones, depending on the clone
-// (explicit vectors: the auto-vectoriser would not take the polynomial loop reliably).
-typedef float floats __attribute__((vector_size(64)));
-typedef uint32_t uints __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
-
-ALIGNKERN_INLINE floats splat(float v) { return floats{} + v; }
-
-ALIGNKERN_INLINE floats load(const float* p) {
-  floats v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// n < kLanes values, the rest filled with `pad`.
-ALIGNKERN_INLINE floats load_partial(const float* p, int64_t n, float pad) {
-  floats v = splat(pad);
-  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-}
-
-ALIGNKERN_INLINE float lane_sum(floats v) {
-  float result = 0.0f;
-  for (int j = 0; j < kLanes; ++j) result += v[j];
-  return result;
-}
-
-// exp(x) for x <= 0 to ~2 ulp: n = round(x / ln 2) by the 1.5 * 2^23 rounding trick, r = x - n ln 2
-// in [-ln 2 / 2, ln 2 / 2], e^r by a degree-5 polynomial 1 + r + c2 r^2 + ... + c5 r^5 fitted for
-// relative error (1.1e-7; 1.8e-7 evaluated in float32; exp(0) is exactly 1), and 2^n added to the
-// result's exponent bits (k's low mantissa bits hold n). Exactly 0 below
-// -87.3, where exp leaves float's normal range (-inf included); NaN stays NaN. Positive x is the
-// callers' to avoid: a row whose maximum is +inf takes the scalar path.
-ALIGNKERN_INLINE floats exp_nonpositive(floats x) {
-  const floats magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const floats k = x * splat(1.44269504088896341f) + magic;
-  const floats n = k - magic;
-  const floats r = x - n * splat(0.693147180559945309f);
-  floats p = splat(8.3127e-3f);
-  p = p * r + splat(4.189008e-2f);
-  p = p * r + splat(1.6667113e-1f);
-  p = p * r + splat(4.9999232e-1f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  const floats y = (floats)((uints)p + ((uints)k << 23));  // vector casts reinterpret the bits
-  return x < splat(-87.3f) ? splat(0.0f) : y;
-}
-
-inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
-
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_assoc_barrier)
-#define ALIGNKERN_HAS_ASSOC_BARRIER 1
-#endif
-#endif
-
-// x * inv_t, rounded before anything is added to it (never contracted into a multiply-add).
-template <typename V, typename S>
-ALIGNKERN_INLINE V scaled(V x, S inv_t) {
-#ifdef ALIGNKERN_HAS_ASSOC_BARRIER
-  return __builtin_assoc_barrier(x * inv_t);
-#else
-  V z = x * inv_t;
-  asm("" : "+m"(z));  // through memory: rounded, and opaque to the multiply-add fusion
-  return z;
-#endif
-}
-
-// x * inv_t - shift; at the usual T = 1 the product is skipped (it is exact then).
-template <bool kUnscaled>
-ALIGNKERN_INLINE floats shifted(floats x, float inv_t, float shift) {
-  if constexpr (kUnscaled) {
-    return x - shift;
-  } else {
-    return scaled(x, inv_t) - shift;
-  }
-}
 
 ALIGNKERN_MULTIVERSION
 float chunk_max(const float* x, int64_t n) {
@@ -155,32 +72,53 @@ float chunk_sum_exp(const float* x, int64_t n, float inv_t, float shift) {
   return inv_t == 1.0f ? sum_exp<true>(x, n, inv_t, shift) : sum_exp<false>(x, n, inv_t, shift);
 }
 
-// out_i = coef * exp((x_i * inv_t - shift) - log_sum) = (coef / s) * exp(x_i * inv_t - shift)
-template <bool kUnscaled>
+// out_i = (coef + slope * d_i) * exp(d_i - log_sum), d_i = x_i * inv_t - shift: the dense part of
+// a log-probability gradient (slope = 0), with an entropy gradient's term proportional to d_i
+// (kSlope). exp(d - log_sum) is computed as exp(d) * exp(-log_sum): one multiply per element
+// instead of a subtraction in the exponent (the product rounds once more: an ulp of p).
+template <bool kUnscaled, bool kSlope>
+ALIGNKERN_INLINE floats softmax_term(floats x, float inv_t, float shift, float factor, float coef,
+                                     float slope) {
+  const floats d = shifted<kUnscaled>(x, inv_t, shift);
+  const floats e = exp_nonpositive(d);
+  if constexpr (kSlope) {  // e == 0 where d = -inf: 0, not 0 * inf
+    return (factor * e) * (e == splat(0.0f) ? splat(0.0f) : coef + slope * d);
+  } else {
+    return (coef * factor) * e;
+  }
+}
+
+template <bool kUnscaled, bool kSlope>
 ALIGNKERN_INLINE void scaled_softmax(const float* x, int64_t n, float inv_t, float shift,
-                                     float factor, float* out) {
+                                     float factor, float coef, float slope, float* out) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const floats v = factor * exp_nonpositive(shifted<kUnscaled>(load(x + i), inv_t, shift));
+    const floats v = softmax_term<kUnscaled, kSlope>(load(x + i), inv_t, shift, factor, coef,
+                                                     slope);
     std::memcpy(out + i, &v, sizeof(v));
   }
   if (i < n) {
     const floats tail = load_partial(x + i, n - i, -std::numeric_limits<float>::infinity());
-    const floats v = factor * exp_nonpositive(shifted<kUnscaled>(tail, inv_t, shift));
+    const floats v = softmax_term<kUnscaled, kSlope>(tail, inv_t, shift, factor, coef, slope);
     for (int64_t j = 0; i + j < n; ++j) out[i + j] = v[j];
   }
 }
 
 ALIGNKERN_MULTIVERSION
 void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float shift, float log_sum,
-                          float coef, float* out) {
-  // coef * exp(-log_sum) = coef / s: one multiply per element instead of a subtraction in the
-  // exponent; the product rounds once more (at most an ulp of p).
-  const float factor = coef * std::exp(-log_sum);
-  if (inv_t == 1.0f) {
-    scaled_softmax<true>(x, n, inv_t, shift, factor, out);
+                          float coef, float slope, float* out) {
+  const float factor = std::exp(-log_sum);
+  const bool unscaled = inv_t == 1.0f;
+  if (slope != 0.0f) {
+    if (unscaled) {
+      scaled_softmax<true, true>(x, n, inv_t, shift, factor, coef, slope, out);
+    } else {
+      scaled_softmax<false, true>(x, n, inv_t, shift, factor, coef, slope, out);
+    }
+  } else if (unscaled) {
+    scaled_softmax<true, false>(x, n, inv_t, shift, factor, coef, slope, out);
   } else {
-    scaled_softmax<false>(x, n, inv_t, shift, factor, out);
+    scaled_softmax<false, false>(x, n, inv_t, shift, factor, coef, slope, out);
   }
 }
 
@@ -198,9 +136,20 @@ double chunk_sum_exp(const double* x, int64_t n, double inv_t, double shift) {
   return s;
 }
 
+// (the kernels of the two-pass scalar path: double rows, and rows whose maximum is +inf)
+template <typename Acc>
+void scalar_scaled_softmax(const Acc* x, int64_t n, Acc inv_t, Acc shift, Acc log_sum, Acc coef,
+                           Acc slope, Acc* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc d = scaled(x[i], inv_t) - shift;
+    const Acc p = std::exp(d - log_sum);
+    out[i] = p == Acc(0) ? Acc(0) : (coef + slope * d) * p;
+  }
+}
+
 void chunk_scaled_softmax(const double* x, int64_t n, double inv_t, double shift, double log_sum,
-                          double coef, double* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp((scaled(x[i], inv_t) - shift) - log_sum);
+                          double coef, double slope, double* out) {
+  scalar_scaled_softmax(x, n, inv_t, shift, log_sum, coef, slope, out);
 }
 
 // The slow, exact path for a row whose maximum is +inf (its sum is kept relative to 0, so terms
@@ -210,12 +159,6 @@ Acc scalar_sum_exp(const Acc* x, int64_t n, Acc inv_t, Acc shift) {
   Acc s = 0;
   for (int64_t i = 0; i < n; ++i) s += std::exp(scaled(x[i], inv_t) - shift);
   return s;
-}
-
-template <typename Acc>
-void scalar_scaled_softmax(const Acc* x, int64_t n, Acc inv_t, Acc shift, Acc log_sum, Acc coef,
-                           Acc* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = coef * std::exp((scaled(x[i], inv_t) - shift) - log_sum);
 }
 
 // Returns a pointer to the chunk as Acc values: the row itself for float/double storage, else the
@@ -290,14 +233,15 @@ void forward_rows(const T* logits, int64_t n_rows, int64_t vocab, const int64_t*
   }
 }
 
-// The dense part of the gradient, grad_logits_v = -coef * softmax(z)_v / temperature with
-// softmax(z)_v = exp((z_v - shift) - log_sum); the caller then writes the target columns
-// (alignkern/ops/_targets.py), once each.
+// The dense part of the gradient, grad_logits_v = -(coef + entropy_grad (z_v - shift)) *
+// softmax(z)_v / temperature with softmax(z)_v = exp((z_v - shift) - log_sum) (entropy_grad may be
+// null: 0); the caller then writes the target columns (alignkern/ops/_targets.py), once each.
 template <typename T>
 void dense_backward_rows(const typename Storage<T>::Acc* coef, const T* logits, int64_t n_rows,
                          int64_t vocab, const int64_t* row_offsets,
                          const typename Storage<T>::Acc* shift,
-                         const typename Storage<T>::Acc* log_sum, T* grad_logits,
+                         const typename Storage<T>::Acc* log_sum,
+                         const typename Storage<T>::Acc* entropy_grad, T* grad_logits,
                          double temperature) {
   using Acc = typename Storage<T>::Acc;
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
@@ -306,15 +250,17 @@ void dense_backward_rows(const typename Storage<T>::Acc* coef, const T* logits, 
     const T* row = logits + row_offsets[r];
     T* grad_row = grad_logits + r * vocab;
     const bool finite = std::isfinite(log_sum[r]);  // else the row's maximum was +inf, or NaN
+    const Acc row_coef = -coef[r] * inv_t;
+    const Acc slope = entropy_grad == nullptr ? Acc(0) : -entropy_grad[r] * inv_t;
     Acc in_buffer[kChunk];
     Acc out_buffer[kChunk];
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       const Acc* x = load_chunk<T>(row + start, n, in_buffer);
       if (finite) {
-        chunk_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], -coef[r] * inv_t, out_buffer);
+        chunk_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], row_coef, slope, out_buffer);
       } else {
-        scalar_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], -coef[r] * inv_t, out_buffer);
+        scalar_scaled_softmax(x, n, inv_t, shift[r], log_sum[r], row_coef, slope, out_buffer);
       }
       for (int64_t i = 0; i < n; ++i) grad_row[start + i] = Storage<T>::store(out_buffer[i]);
     }
@@ -339,14 +285,17 @@ void token_logprobs_fwd_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t
 
 void token_logprobs_bwd_cpu(uintptr_t coef, uintptr_t logits, int dtype, int64_t n_rows,
                             int64_t vocab, uintptr_t row_offsets, uintptr_t shift,
-                            uintptr_t log_sum, uintptr_t grad_logits, double temperature) {
+                            uintptr_t log_sum, uintptr_t grad_logits, double temperature,
+                            uintptr_t entropy_grad) {
   check_token_logprobs_args(vocab, temperature);
   dispatch_dtype(to_dtype(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Storage<T>::Acc;
     dense_backward_rows<T>(as_ptr<const Acc>(coef), as_ptr<const T>(logits), n_rows, vocab,
                            as_ptr<const int64_t>(row_offsets), as_ptr<const Acc>(shift),
-                           as_ptr<const Acc>(log_sum), as_ptr<T>(grad_logits), temperature);
+                           as_ptr<const Acc>(log_sum),
+                           entropy_grad == 0 ? nullptr : as_ptr<const Acc>(entropy_grad),
+                           as_ptr<T>(grad_logits), temperature);
   });
 }
 

@@ -1,0 +1,221 @@
+// The fused statistics of a tile of logits on the CPU (linear_logprobs(..., stats=...)'s cpu
+// backend): for each row of z = x / T, in the pass that gives its log-sum-exp, the partials that
+// alignkern/ops/_logit_stats.py merges across tiles. One OpenMP task per row; per L1-sized chunk a
+// max pass, then one pass that folds every statistic. Everything is kept relative to the running
+// reference point ref (the row maximum, 0 where infinite), as the log-sum-exp is:
+//   s  = sum exp(z - ref)                      -> log_sum = log s
+//   xd = sum exp(z - ref) (z - ref)            -> mean_dz = xd / s (entropy = log_sum - mean_dz)
+//   sq = sum exp(2 (z - ref))                  -> log_sum_sq = log sq - 2 log s
+//   zsum = sum z                               -> sum_z
+//   the first index of the maximum of z        -> argmax; max_z = max z
+// A move of ref to ref' rescales s by alpha = exp(ref - ref'), sq by alpha^2 and turns xd into
+// alpha (xd + (ref - ref') s). Rows whose maximum is +inf (their terms can be positive) take libm's
+// exp. z = x * inv_t is rounded as the token_logprobs kernel rounds it (vector.h, scaled()).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common.h"
+#include "logit_stats.h"
+#include "vector.h"
+
+namespace alignkern {
+namespace {
+
+using namespace vec;
+
+constexpr int64_t kChunk = 2048;
+
+template <typename Acc>
+struct Sums {
+  Acc s = 0, xd = 0, sq = 0, zsum = 0;
+};
+
+ALIGNKERN_MULTIVERSION
+float chunk_max(const float* x, int64_t n) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  floats m = splat(neg_inf);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const floats v = load(x + i);
+    m = v > m ? v : m;
+  }
+  const floats tail = load_partial(x + i, n - i, neg_inf);
+  m = tail > m ? tail : m;
+  float result = m[0];
+  for (int j = 1; j < kLanes; ++j) result = m[j] > result ? m[j] : result;
+  return result;
+}
+
+double chunk_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+template <bool kUnscaled>
+ALIGNKERN_INLINE floats scaled_by(floats x, float inv_t) {
+  if constexpr (kUnscaled) {
+    return x;
+  } else {
+    return scaled(x, inv_t);
+  }
+}
+
+// One vector of z and its padding-free mask folded into the sums (e == 0 where z = -inf: its
+// (z - ref) term is 0, not 0 * -inf).
+ALIGNKERN_INLINE void fold(floats z, floats ref, floats& s, floats& xd, floats& sq) {
+  const floats d = z - ref;
+  const floats e = exp_nonpositive(d);
+  s += e;
+  xd += e * (e == splat(0.0f) ? splat(0.0f) : d);
+  sq += e * e;
+}
+
+template <bool kUnscaled>
+ALIGNKERN_INLINE Sums<float> chunk_sums(const float* x, int64_t n, float inv_t, float ref) {
+  floats s = splat(0.0f), xd = splat(0.0f), sq = splat(0.0f), zsum = splat(0.0f);
+  const floats refs = splat(ref);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    __builtin_prefetch(x + i + 2 * kChunk);  // the chunk after next, while this one is in L1
+    const floats z = scaled_by<kUnscaled>(load(x + i), inv_t);
+    fold(z, refs, s, xd, sq);
+    zsum += z;
+  }
+  Sums<float> out;
+  if (i < n) {  // the tail: -inf padding adds nothing to the exp sums; z summed lane by lane
+    const floats z = scaled_by<kUnscaled>(
+        load_partial(x + i, n - i, -std::numeric_limits<float>::infinity()), inv_t);
+    fold(z, refs, s, xd, sq);
+    for (int64_t j = 0; i + j < n; ++j) out.zsum += z[j];
+  }
+  out.s = lane_sum(s);
+  out.xd = lane_sum(xd);
+  out.sq = lane_sum(sq);
+  out.zsum += lane_sum(zsum);
+  return out;
+}
+
+ALIGNKERN_MULTIVERSION
+Sums<float> chunk_sums(const float* x, int64_t n, float inv_t, float ref) {
+  return inv_t == 1.0f ? chunk_sums<true>(x, n, inv_t, ref) : chunk_sums<false>(x, n, inv_t, ref);
+}
+
+// libm's exp, element by element: double tiles, and rows whose maximum is +inf.
+template <typename Acc>
+Sums<Acc> scalar_sums(const Acc* x, int64_t n, Acc inv_t, Acc ref) {
+  Sums<Acc> out;
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc z = scaled(x[i], inv_t);
+    const Acc d = z - ref;
+    const Acc e = std::exp(d);
+    out.s += e;
+    out.xd += e == Acc(0) ? Acc(0) : e * d;
+    out.sq += e * e;
+    out.zsum += z;
+  }
+  return out;
+}
+
+Sums<double> chunk_sums(const double* x, int64_t n, double inv_t, double ref) {
+  return scalar_sums(x, n, inv_t, ref);
+}
+
+// The first index of the chunk whose z equals `target` (a value some element of it has).
+template <typename Acc>
+int64_t first_index_of(const Acc* x, int64_t n, Acc inv_t, Acc target) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (scaled(x[i], inv_t) == target) return i;
+  }
+  return 0;  // not reached for a target from this chunk (NaN excepted)
+}
+
+template <typename Acc>
+Acc reference_point(Acc m) {
+  return std::isinf(m) ? Acc(0) : m;
+}
+
+template <typename Acc>
+void row_stats(const Acc* row, int64_t vocab, Acc inv_t, const LogitStatsOut<Acc>& out,
+               int64_t r) {
+  Acc m = -std::numeric_limits<Acc>::infinity();  // running max of z
+  Sums<Acc> total;
+  int64_t best = 0;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const Acc* x = row + start;
+    const Acc chunk_m = scaled(chunk_max(x, n), inv_t);
+    if (out.argmax != nullptr && chunk_m > m) best = start + first_index_of(x, n, inv_t, chunk_m);
+    const Acc m_new = chunk_m > m ? chunk_m : m;
+    const Acc ref = reference_point(m_new);
+    // s == 0 means nothing was counted yet; rescaling it could compute 0 * inf.
+    if (m_new != m && total.s != Acc(0)) {
+      const Acc step = reference_point(m) - ref;
+      const Acc alpha = std::exp(step);
+      total.xd = alpha * (total.xd + step * total.s);
+      total.sq *= alpha * alpha;
+      total.s *= alpha;
+    }
+    const Sums<Acc> part = m_new == std::numeric_limits<Acc>::infinity()
+                               ? scalar_sums(x, n, inv_t, ref)
+                               : chunk_sums(x, n, inv_t, ref);
+    total.s += part.s;
+    total.xd += part.xd;
+    total.sq += part.sq;
+    total.zsum += part.zsum;
+    m = m_new;
+  }
+  const Acc log_s = std::log(total.s);
+  out.row_max[r] = reference_point(m);
+  out.log_sum[r] = log_s;
+  if (out.mean_dz != nullptr) out.mean_dz[r] = total.xd / total.s;
+  if (out.log_sum_sq != nullptr) out.log_sum_sq[r] = std::log(total.sq) - 2 * log_s;
+  if (out.sum_z != nullptr) out.sum_z[r] = total.zsum;
+  if (out.max_z != nullptr) out.max_z[r] = m;
+  if (out.argmax != nullptr) out.argmax[r] = best;
+}
+
+template <typename Acc>
+void stats_rows(const Acc* logits, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                double temperature, const LogitStatsOut<Acc>& out) {
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n_rows; ++r) row_stats(logits + r * row_stride, vocab, inv_t, out, r);
+}
+
+template <typename Acc>
+LogitStatsOut<Acc> outputs(uintptr_t row_max, uintptr_t log_sum, uintptr_t mean_dz,
+                           uintptr_t log_sum_sq, uintptr_t sum_z, uintptr_t max_z,
+                           uintptr_t argmax) {
+  auto optional = [](uintptr_t p) { return p == 0 ? nullptr : as_ptr<Acc>(p); };
+  return {as_ptr<Acc>(row_max), as_ptr<Acc>(log_sum), optional(mean_dz), optional(log_sum_sq),
+          optional(sum_z), optional(max_z), argmax == 0 ? nullptr : as_ptr<int64_t>(argmax)};
+}
+
+}  // namespace
+
+void logit_stats_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
+                     int64_t row_stride, double temperature, uintptr_t row_max,
+                     uintptr_t log_sum, uintptr_t mean_dz, uintptr_t log_sum_sq, uintptr_t sum_z,
+                     uintptr_t max_z, uintptr_t argmax) {
+  check_arg(vocab > 0, "logit_stats: the tile must have at least one column");
+  check_arg(row_stride >= vocab, "logit_stats: the row stride must be at least the width");
+  check_arg(temperature > 0, "logit_stats: temperature must be positive");
+  check_arg(row_max != 0 && log_sum != 0, "logit_stats: row_max and log_sum are required");
+  switch (to_dtype(dtype)) {
+    case DType::Float32:
+      stats_rows(as_ptr<const float>(logits), n_rows, vocab, row_stride, temperature,
+                 outputs<float>(row_max, log_sum, mean_dz, log_sum_sq, sum_z, max_z, argmax));
+      break;
+    case DType::Float64:
+      stats_rows(as_ptr<const double>(logits), n_rows, vocab, row_stride, temperature,
+                 outputs<double>(row_max, log_sum, mean_dz, log_sum_sq, sum_z, max_z, argmax));
+      break;
+    default:
+      throw std::invalid_argument("logit_stats: tiles are float32 or float64");
+  }
+}
+
+}  // namespace alignkern
