@@ -34,6 +34,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row_max"), py::arg("log_sum"), py::arg("mean_dz") = 0, py::arg("log_sum_sq") = 0,
         py::arg("sum_z") = 0, py::arg("max_z") = 0, py::arg("argmax") = 0,
         py::call_guard<py::gil_scoped_release>());
+  m.def("kl_tile_stats_cpu", &alignkern::kl_tile_stats_cpu,
+        py::call_guard<py::gil_scoped_release>());
   m.def("reward_attention_fwd_cpu", &alignkern::reward_attention_fwd_cpu,
         py::call_guard<py::gil_scoped_release>());
   m.def("reward_attention_bwd_cpu", &alignkern::reward_attention_bwd_cpu,

@@ -85,10 +85,13 @@ def _check_mask(fn, mask, hidden) -> None:
 # ----------------------------------------------------------------------------- cpu
 
 
-def _cpu_tile(h, w, rh, rw, block, acc):
-    """(z, y) for one tile; ``h`` and ``rh`` come pre-scaled by 1/T, so the GEMMs give z and y."""
-    return (_tiles_cpu._logits_tile(h, w, None, block, None, acc),
-            _tiles_cpu._logits_tile(rh, rw, None, block, None, acc))
+def _cpu_tile(h, w, rh, rw, block, acc, buffers=None):
+    """(z, y) for one tile, into ``buffers`` (two ``_TileBuffer``s) if given; ``h`` and ``rh``
+    come pre-scaled by 1/T, so the GEMMs give z and y."""
+    outs = (None, None) if buffers is None else (
+        b.view(h.shape[0], block.stop - block.start) for b in buffers)
+    return tuple(_tiles_cpu._logits_tile(x, head, None, block, None, acc, out=out)
+                 for x, head, out in zip((h, rh), (w, rw), outs))
 
 
 def _scaled_rows(hidden, ref_hidden, rows, temperature, acc):
@@ -108,37 +111,35 @@ def kl_from_parts(expect, row_max, log_sum, ref_row_max, ref_log_sum) -> torch.T
 
 
 def _cpu_forward(hidden, weight, ref_hidden, ref_weight, temperature, acc, keep=False):
-    """Per tile: each side's log-sum-exp in two parts and E_tile = sum softmax_tile(z) (z - y);
-    merged across tiles (``_logit_stats.merge_parts``) with weights exp(lse_tile - lse). After the
-    GEMMs: one C++ LSE read of each tile, then the gap and the softmax in place (the C++ kernel)
-    and one dot (z and y already carry 1/T). Returns the op's six outputs, ``(N,)`` each, and
-    with ``keep`` (one tile of all the rows and the whole vocabulary) the backward's direction
-    ``p (z - y - E)`` ``(N, V)`` (else None)."""
+    """Per tile, after its two GEMMs, one pass of a C++ kernel (csrc/cpu/logit_stats.cpp) gives
+    each side's log-sum-exp in two parts and E_tile = sum softmax_tile(z) (z - y) (z and y already
+    carry 1/T); the tiles are merged (``_logit_stats.merge_parts``) with weights exp(lse_tile -
+    lse). Returns the op's six outputs, ``(N,)`` each, and with ``keep`` (one tile of all the rows
+    and the whole vocabulary) the backward's direction ``p (z - y - E)`` ``(N, V)``, written over
+    the reference's tile by the same kernel (else None)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     outputs = tuple(torch.empty(n_rows, dtype=acc) for _ in range(6))
     kl, row_max, log_sum, expect, ref_row_max, ref_log_sum = outputs
     kept = None
     tiles = ([(slice(0, n_rows), [slice(0, vocab)])] if keep
              else _tiles_cpu._tiles(n_rows, vocab, acc.itemsize))
+    buffers = None if keep else (_tiles_cpu._TileBuffer(acc), _tiles_cpu._TileBuffer(acc))
     for rows, blocks in tiles:
         h, rh = _scaled_rows(hidden, ref_hidden, rows, temperature, acc)
-        z_parts, y_parts, e_parts = [], [], []
+        parts = []
         for block in blocks:
-            z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
-            z_part = _tiles_cpu.tile_lse(z, 1.0)
-            z_parts.append(z_part)
-            y_parts.append(_tiles_cpu.tile_lse(y, 1.0))
-            gap = y.neg_().add_(z)
-            p = _tokens.dense_gradient(z, -torch.ones_like(z_part[0]), *z_part, 1.0, out=z)
-            e_parts.append(torch.bmm(p[:, None, :], gap[:, :, None]).reshape(-1))
-        z_max, z_log_sum = (torch.stack(column) for column in zip(*z_parts))
+            z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc, buffers)
+            part = tuple(torch.empty(z.shape[0], dtype=acc) for _ in range(5))
+            _backend.extension().kl_tile_stats_cpu(
+                z.data_ptr(), y.data_ptr(), _backend.DTYPE_CODES[acc], z.shape[0], z.shape[1],
+                z.stride(0), *(x.data_ptr() for x in part), y.data_ptr() if keep else 0)
+            parts.append(part)
+            kept = y if keep else None
+        z_max, z_log_sum, y_max, y_log_sum, e_parts = (torch.stack(c) for c in zip(*parts))
         row_max[rows], log_sum[rows] = _logit_stats.merge_parts(z_max, z_log_sum)
-        ref_row_max[rows], ref_log_sum[rows] = _logit_stats.merge_parts(
-            *(torch.stack(column) for column in zip(*y_parts)))
+        ref_row_max[rows], ref_log_sum[rows] = _logit_stats.merge_parts(y_max, y_log_sum)
         weights = torch.exp((z_max - row_max[rows]) + z_log_sum - log_sum[rows])
-        expect[rows] = (weights * torch.stack(e_parts)).sum(0)
-        if keep:  # the gradient's direction, while the one tile's p and gap are at hand
-            kept = gap.sub_(expect[rows, None]).mul_(p)
+        expect[rows] = (weights * e_parts).sum(0)
     kl.copy_(kl_from_parts(expect, row_max, log_sum, ref_row_max, ref_log_sum))
     return outputs, kept
 
@@ -180,11 +181,12 @@ def _dz_pieces(grad, hidden, weight, ref_hidden, ref_weight, row_max, log_sum, e
             out = scratch[: n_rows * (block.stop - block.start)].view(n_rows, -1)
             yield rows, h, block, torch.mul(kept[:, block], scale[:, None], out=out)
         return
+    buffers = (_tiles_cpu._TileBuffer(acc), _tiles_cpu._TileBuffer(acc))
     for rows, blocks in _tiles_cpu._tiles(n_rows, vocab, acc.itemsize):
         h, rh = _scaled_rows(hidden, ref_hidden, rows, temperature, acc)
         unscaled = hidden[rows].to(acc)
         for block in blocks:
-            z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc)
+            z, y = _cpu_tile(h, weight, rh, ref_weight, block, acc, buffers)
             centred_gap = y.neg_().add_(z).sub_(expect[rows, None])
             # z becomes g p / T (one pass of the C++ softmax kernel), then dz = g p (z - y - E) / T
             dz = _tokens.dense_gradient(z, -scale[rows], row_max[rows], log_sum[rows], 1.0,

@@ -45,12 +45,12 @@ from . import token_logprobs as _tokens
 TILE_BYTES = 16 * 2**20
 MAX_TILE_ROWS = 1024
 SCRATCH_BYTES = 2**18
-DEFAULT_KEEP_MIB = 64
+DEFAULT_KEEP_MIB = 256
 
 
 def keep_budget() -> int:
     """Bytes of logits the forward may keep for the backward: ``ALIGNKERN_CPU_KEEP_LOGITS_MIB``
-    (default 64; 0 always recomputes)."""
+    (default 256; 0 always recomputes)."""
     value = os.environ.get("ALIGNKERN_CPU_KEEP_LOGITS_MIB", str(DEFAULT_KEEP_MIB))
     try:
         return max(0, int(float(value) * 2**20))
@@ -169,19 +169,22 @@ def forward(hidden, weight, ids, bias, temperature, softcap, logit_scale, acc, i
     log_sum = _tokens._poisoned((n_rows,), acc, hidden.device)
     kept = torch.empty((n_rows, vocab), dtype=acc) if keep else None
     tiles = [(slice(0, n_rows), [slice(0, vocab)])] if keep else _tiles(n_rows, vocab, acc.itemsize)
+    buffer = kept if keep else _TileBuffer(acc)
     merged, from_picked = [], []
     inv_t = torch.tensor(1.0 / temperature, dtype=acc)  # rounded as the C++ kernel rounds it
     for rows, blocks in tiles:
         h = hidden[rows].to(acc)
         if len(blocks) == 1 and not stats:
-            logits = _logits_tile(h, weight, bias, blocks[0], softcap, acc, logit_scale, out=kept)
+            logits = _logits_tile(h, weight, bias, blocks[0], softcap, acc, logit_scale,
+                                  out=_tile_view(buffer, h, blocks[0]))
             out[rows], row_max[rows], log_sum[rows] = _tokens._run_forward(
                 logits, ids[rows], temperature, ignore_index, "cpu")
             continue
         parts, chunk_picked = [], picked[rows]
         by_block = _targets_by_block(ids[rows], valid[rows], blocks)
         for block, (row, column, slot) in zip(blocks, by_block):
-            logits = _logits_tile(h, weight, bias, block, softcap, acc, logit_scale, out=kept)
+            logits = _logits_tile(h, weight, bias, block, softcap, acc, logit_scale,
+                                  out=_tile_view(buffer, h, block))
             chunk_picked[row, slot] = logits[row, column] * inv_t
             parts.append(tile_partials(logits, temperature, stats, block.start))
         parts = _logit_stats.concat(parts)
@@ -201,6 +204,25 @@ def forward(hidden, weight, ids, bias, temperature, softcap, logit_scale, acc, i
         row_stats = _logit_stats.LogitStats(*(None if column[0] is None else torch.cat(column)
                                               for column in zip(*merged)))
     return out, row_max, log_sum, row_stats, kept
+
+
+class _TileBuffer:
+    """One buffer of ``TILE_BYTES`` that every tile of a call is computed into: allocated (and its
+    pages faulted in) once per call instead of once per tile."""
+
+    def __init__(self, acc: torch.dtype):
+        self.data = torch.empty(TILE_BYTES // acc.itemsize, dtype=acc)
+
+    def view(self, n_rows: int, width: int) -> torch.Tensor:
+        return self.data[: n_rows * width].view(n_rows, width)
+
+
+def _tile_view(buffer, h: torch.Tensor, block: slice) -> torch.Tensor:
+    """Where the tile of rows ``h`` and vocabulary ``block`` goes: the kept logits' own columns
+    (the one tile of a kept call spans them all) or a view of the call's tile buffer."""
+    if isinstance(buffer, _TileBuffer):
+        return buffer.view(h.shape[0], block.stop - block.start)
+    return buffer
 
 
 def _probabilities_(logits, row_max, log_sum, temperature) -> torch.Tensor:
@@ -233,10 +255,12 @@ def _dlogits_blocks(hidden, weight, ids, valid, bias, softcap, logit_scale, acc,
             out = scratch[: n_rows * (block.stop - block.start)].view(n_rows, -1)
             yield rows, h, block, kept[:, block], out, targets
         return
+    buffer = _TileBuffer(acc)
     for rows, blocks in _tiles(n_rows, vocab, acc.itemsize):
         h = hidden[rows].to(acc)
         for block, targets in zip(blocks, _targets_by_block(ids[rows], valid[rows], blocks)):
-            logits = _logits_tile(h, weight, bias, block, softcap, acc, logit_scale)
+            logits = _logits_tile(h, weight, bias, block, softcap, acc, logit_scale,
+                                  out=_tile_view(buffer, h, block))
             yield rows, h, block, logits, logits, targets
 
 

@@ -194,7 +194,165 @@ LogitStatsOut<Acc> outputs(uintptr_t row_max, uintptr_t log_sum, uintptr_t mean_
           optional(sum_z), optional(max_z), argmax == 0 ? nullptr : as_ptr<int64_t>(argmax)};
 }
 
+// ---------------------------------------------------------------------------------- linear_kl
+
+// Per row of two tiles of already scaled logits, z (policy) and y (reference): each side's
+// log-sum-exp kept as (reference point, sum relative to it) and a = sum exp(z - ref_z) (z - y).
+template <typename Acc>
+struct KlSums {
+  Acc s_z = 0, s_y = 0, a = 0;
+};
+
+ALIGNKERN_INLINE void fold_kl(floats z, floats y, floats ref_z, floats ref_y, floats& s_z,
+                              floats& s_y, floats& a) {
+  const floats e_z = exp_nonpositive(z - ref_z);
+  s_z += e_z;
+  a += e_z * (e_z == splat(0.0f) ? splat(0.0f) : z - y);  // 0, not 0 * inf, where z = -inf
+  s_y += exp_nonpositive(y - ref_y);
+}
+
+ALIGNKERN_MULTIVERSION
+KlSums<float> kl_chunk_sums(const float* z, const float* y, int64_t n, float ref_z, float ref_y) {
+  floats s_z = splat(0.0f), s_y = splat(0.0f), a = splat(0.0f);
+  const floats rz = splat(ref_z), ry = splat(ref_y);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    __builtin_prefetch(z + i + 2 * kChunk);
+    __builtin_prefetch(y + i + 2 * kChunk);
+    fold_kl(load(z + i), load(y + i), rz, ry, s_z, s_y, a);
+  }
+  if (i < n) {  // -inf padding adds nothing
+    const float pad = -std::numeric_limits<float>::infinity();
+    fold_kl(load_partial(z + i, n - i, pad), load_partial(y + i, n - i, pad), rz, ry, s_z, s_y, a);
+  }
+  return {lane_sum(s_z), lane_sum(s_y), lane_sum(a)};
+}
+
+template <typename Acc>
+KlSums<Acc> scalar_kl_sums(const Acc* z, const Acc* y, int64_t n, Acc ref_z, Acc ref_y) {
+  KlSums<Acc> out;
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc e_z = std::exp(z[i] - ref_z);
+    out.s_z += e_z;
+    out.a += e_z == Acc(0) ? Acc(0) : e_z * (z[i] - y[i]);
+    out.s_y += std::exp(y[i] - ref_y);
+  }
+  return out;
+}
+
+KlSums<double> kl_chunk_sums(const double* z, const double* y, int64_t n, double ref_z,
+                             double ref_y) {
+  return scalar_kl_sums(z, y, n, ref_z, ref_y);
+}
+
+template <typename Acc>
+void kl_row(const Acc* z, const Acc* y, int64_t width, const KlStatsOut<Acc>& out, int64_t r) {
+  constexpr Acc kInf = std::numeric_limits<Acc>::infinity();
+  Acc m_z = -kInf, m_y = -kInf;
+  KlSums<Acc> total;
+  for (int64_t start = 0; start < width; start += kChunk) {
+    const int64_t n = std::min(kChunk, width - start);
+    const Acc* zc = z + start;
+    const Acc* yc = y + start;
+    const Acc cz = chunk_max(zc, n), cy = chunk_max(yc, n);
+    const Acc mz_new = cz > m_z ? cz : m_z, my_new = cy > m_y ? cy : m_y;
+    const Acc ref_z = reference_point(mz_new), ref_y = reference_point(my_new);
+    // s == 0 means nothing was counted yet; rescaling it could compute 0 * inf.
+    if (mz_new != m_z && total.s_z != Acc(0)) {
+      const Acc alpha = std::exp(reference_point(m_z) - ref_z);
+      total.s_z *= alpha;
+      total.a *= alpha;
+    }
+    if (my_new != m_y && total.s_y != Acc(0)) total.s_y *= std::exp(reference_point(m_y) - ref_y);
+    const bool positive = mz_new == kInf || my_new == kInf;  // terms above 1: libm's exp
+    const KlSums<Acc> part = positive ? scalar_kl_sums(zc, yc, n, ref_z, ref_y)
+                                      : kl_chunk_sums(zc, yc, n, ref_z, ref_y);
+    total.s_z += part.s_z;
+    total.s_y += part.s_y;
+    total.a += part.a;
+    m_z = mz_new;
+    m_y = my_new;
+  }
+  out.row_max[r] = reference_point(m_z);
+  out.log_sum[r] = std::log(total.s_z);
+  out.ref_row_max[r] = reference_point(m_y);
+  out.ref_log_sum[r] = std::log(total.s_y);
+  out.expect[r] = total.a / total.s_z;
+}
+
+// D = p (z - y - E) with p = exp((z - row_max) - log_sum): the direction of KL's gradient.
+ALIGNKERN_MULTIVERSION
+void kl_direction_chunk(const float* z, const float* y, int64_t n, float row_max, float log_sum,
+                        float expect, float* out) {
+  const floats m = splat(row_max), l = splat(log_sum), e = splat(expect);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const floats zv = load(z + i);
+    const floats p = exp_nonpositive((zv - m) - l);
+    const floats v = p * (p == splat(0.0f) ? splat(0.0f) : (zv - load(y + i)) - e);
+    std::memcpy(out + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) {
+    const float p = std::exp((z[i] - row_max) - log_sum);
+    out[i] = p == 0.0f ? 0.0f : p * ((z[i] - y[i]) - expect);
+  }
+}
+
+void kl_direction_chunk(const double* z, const double* y, int64_t n, double row_max,
+                        double log_sum, double expect, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double p = std::exp((z[i] - row_max) - log_sum);
+    out[i] = p == 0.0 ? 0.0 : p * ((z[i] - y[i]) - expect);
+  }
+}
+
+template <typename Acc>
+void kl_rows(const Acc* z, const Acc* y, int64_t n_rows, int64_t width, int64_t row_stride,
+             const KlStatsOut<Acc>& out, Acc* direction) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const Acc* zr = z + r * row_stride;
+    const Acc* yr = y + r * row_stride;
+    kl_row(zr, yr, width, out, r);
+    if (direction == nullptr) continue;
+    const bool finite = std::isfinite(out.log_sum[r]);
+    for (int64_t start = 0; start < width; start += kChunk) {
+      const int64_t n = std::min(kChunk, width - start);
+      Acc* d = direction + r * row_stride + start;
+      if (finite) {
+        kl_direction_chunk(zr + start, yr + start, n, out.row_max[r], out.log_sum[r],
+                           out.expect[r], d);
+      } else {  // a row whose maximum is +inf, or NaN: libm's exp
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc p = std::exp((zr[start + i] - out.row_max[r]) - out.log_sum[r]);
+          d[i] = p == Acc(0) ? Acc(0) : p * ((zr[start + i] - yr[start + i]) - out.expect[r]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void kl_tile_stats_cpu(uintptr_t z, uintptr_t y, int dtype, int64_t n_rows, int64_t width,
+                       int64_t row_stride, uintptr_t row_max, uintptr_t log_sum,
+                       uintptr_t ref_row_max, uintptr_t ref_log_sum, uintptr_t expect,
+                       uintptr_t direction) {
+  check_arg(width > 0, "kl_tile_stats: the tiles must have at least one column");
+  check_arg(row_stride >= width, "kl_tile_stats: the row stride must be at least the width");
+  auto run = [&](auto tag) {
+    using Acc = decltype(tag);
+    kl_rows(as_ptr<const Acc>(z), as_ptr<const Acc>(y), n_rows, width, row_stride,
+            KlStatsOut<Acc>{as_ptr<Acc>(row_max), as_ptr<Acc>(log_sum), as_ptr<Acc>(ref_row_max),
+                            as_ptr<Acc>(ref_log_sum), as_ptr<Acc>(expect)},
+            direction == 0 ? nullptr : as_ptr<Acc>(direction));
+  };
+  switch (to_dtype(dtype)) {
+    case DType::Float32: run(float{}); break;
+    case DType::Float64: run(double{}); break;
+    default: throw std::invalid_argument("kl_tile_stats: tiles are float32 or float64");
+  }
+}
 
 void logit_stats_cpu(uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab,
                      int64_t row_stride, double temperature, uintptr_t row_max,
