@@ -42,7 +42,7 @@ from .. import _backend
 from . import _logit_stats, _targets
 from . import token_logprobs as _tokens
 
-TILE_BYTES = 16 * 2**20
+TILE_BYTES = 4 * 2**20
 MAX_TILE_ROWS = 1024
 SCRATCH_BYTES = 2**18
 DEFAULT_KEEP_MIB = 256
