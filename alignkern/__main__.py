@@ -275,6 +275,10 @@ def _run_demo(args) -> int:
         from alignkern.examples import ica
 
         return ica.main(args.rest[1:])
+    if args.rest[:1] == ["evidence"]:
+        from alignkern.examples import evidence
+
+        return evidence.main(args.rest[1:])
     from alignkern.loops import demo
 
     return demo.main(args.rest)

@@ -9,7 +9,9 @@ the naive way of doing the same work.
 
 ``alignkern demo ica [--quick] [--out DIR]`` runs another demo: in-context alignment's synthetic
 experiment (Wang et al. 2024) with reward_attention in the model (alignkern.examples.ica; its
-options: ``alignkern demo ica --help``).
+options: ``alignkern demo ica --help``). ``alignkern demo evidence [--quick] [--out DIR]``: each
+loop against plain decoding on a small model trained here on a task with checkable answers
+(alignkern.examples.evidence; ``alignkern demo evidence --help``).
 
 Costs are counted in one run (hooks on the decoder and the LM head, and on alignkern's fused
 ops) and timed in another, without hooks. The tiny model writes gibberish: the loops, their
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         from ..examples import ica
 
         return ica.main(argv[1:])
+    if argv[:1] == ["evidence"]:
+        from ..examples import evidence
+
+        return evidence.main(argv[1:])
     parser = argparse.ArgumentParser(prog="alignkern demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
