@@ -5,7 +5,7 @@ The task (``task``): addition of numbers of up to three digits, the sum written 
 reversed and a full stop (``57+968=`` -> ``5201.``), character tokens, a program that checks an
 answer. The model (``training``): a small Llama built from a config and trained on the CPU in
 this process, stopped early so that it is right only part of the time; it also learns, from its
-own outputs, the judgement "right so far? (A) yes (B) no" that the self-evaluating loops read,
+own outputs, the judgement "is it right? (A) yes (B) no" that the self-evaluating loops read,
 how to answer again with its earlier answers and their rewards in context (check-and-correct)
 and how to answer again after its first attempt (SCoRe).
 
@@ -30,11 +30,11 @@ from .cli import main
 from .experiment import FULL, QUICK, Config, Result, run
 from .methods import CSV_COLUMNS, METHODS, Row, StageTwo, wilson
 from .report import format_table, plot, read_csv, write_csv
-from .task import Problem, held_out, is_correct, on_track, parse_problem, tokenizer
+from .task import Problem, held_out, is_correct, parse_problem, tokenizer
 from .training import TrainConfig, build_model, train
 
 __all__ = [
     "CSV_COLUMNS", "FULL", "METHODS", "QUICK", "Config", "Problem", "Result", "Row", "StageTwo",
-    "TrainConfig", "build_model", "format_table", "held_out", "is_correct", "main", "on_track",
+    "TrainConfig", "build_model", "format_table", "held_out", "is_correct", "main",
     "parse_problem", "plot", "read_csv", "run", "tokenizer", "train", "wilson", "write_csv",
 ]

@@ -82,6 +82,10 @@ def run(config: Config = FULL, *, seed: int = 0, model_dir: str | None = None,
         log(description)
         setup = methods.Setup(model, tokenizer, training.judge(model, tokenizer), problems,
                               training.max_answer_tokens(digits), seed)
+        check = methods.judge_check(setup)
+        log(f"the judge on the model's greedy answers: agrees with the checker on "
+            f"{check.accuracy:.1%}; mean score {_mean(check.mean_correct)} on correct answers, "
+            f"{_mean(check.mean_wrong)} on wrong ones")
         rows = []
         for name, fn in (("greedy and sampled decoding", methods.plain),
                          ("best-of-n", lambda s: methods.best_of_n_rows(s, config.ns)),
@@ -95,6 +99,10 @@ def run(config: Config = FULL, *, seed: int = 0, model_dir: str | None = None,
             log(f"{name}: {time.perf_counter() - start:.1f} s, accuracy "
                 + ", ".join(f"{r.accuracy:.3f}" for r in found))
     return Result(rows, seconds, description)
+
+
+def _mean(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
 
 
 def _score(setup: methods.Setup, config: Config, seed: int, log) -> list[Row]:

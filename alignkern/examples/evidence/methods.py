@@ -129,6 +129,27 @@ def _checked(problems: Sequence[task.Problem], texts: Sequence[str]) -> list[boo
     return [task.is_correct(p, t) for p, t in zip(problems, texts)]
 
 
+class JudgeCheck(NamedTuple):
+    """How the judge rates greedy answers to the held-out problems: the share it gets right
+    (score > 0 for a correct answer, <= 0 for a wrong one), its mean score on the correct and on
+    the wrong ones (None where there are none)."""
+
+    accuracy: float
+    mean_correct: float | None
+    mean_wrong: float | None
+
+
+def judge_check(setup: Setup) -> JudgeCheck:
+    """The judge against the checker on the model's greedy answers (a diagnostic, not a row)."""
+    prompts = [p.prompt for p in setup.problems]
+    texts = answers(setup.model, setup.tokenizer, prompts, **greedy(setup.max_new_tokens))
+    right = torch.tensor(_checked(setup.problems, texts))
+    scores = setup.evaluator.score(prompts, texts).score.cpu()
+    accuracy = float(((scores > 0) == right).float().mean())
+    means = [float(scores[mask].mean()) if mask.any() else None for mask in (right, ~right)]
+    return JudgeCheck(accuracy, *means)
+
+
 # ----------------------------------------------------------------------------- best-of-N
 
 
@@ -157,7 +178,7 @@ def best_of_n_rows(setup: Setup, ns: Sequence[int] = (4, 8, 16)) -> list[Row]:
 
 def rain_rows(setup: Setup) -> list[Row]:
     """``rain_generate`` with its defaults on each problem (the answer's token budget aside),
-    the judge scoring the partial answers."""
+    the judge scoring the partial answers as they stand."""
     from alignkern.loops import rain_generate
 
     _seeded(setup, 200)
@@ -173,26 +194,39 @@ def rain_rows(setup: Setup) -> list[Row]:
 # ----------------------------------------------------------------------------- check-and-correct
 
 
+class Checker:
+    """An evaluator for ``check_and_correct`` that is the task's checker, not the model: +1 for a
+    correct answer, -1 otherwise (external feedback, the upper bound of a self-check)."""
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        responses = [responses] if isinstance(responses, str) else list(responses)
+        prompts = [prompts] * len(responses) if isinstance(prompts, str) else list(prompts)
+        return torch.tensor([2.0 * r - 1.0 for r in reward(prompts, responses)])
+
+
 def check_and_correct_rows(setup: Setup, rounds: int = 3, beta: float = 1.0) -> list[Row]:
-    """``check_and_correct`` on each problem: ``rounds`` greedy answers, each checked by the judge,
-    the (problem, answer, reward) triplets so far in the context of the next; the answer is the
-    round with the highest reward. Without and with the reward bias ``beta * reward`` on the
-    keys of each in-context example."""
+    """``check_and_correct`` on each problem: ``rounds`` greedy answers, each rewarded, the
+    (problem, answer, reward) triplets so far in the context of the next; the answer is the
+    round with the highest reward. The reward is the model's self-evaluation (the loop as
+    designed) or the checker (``Checker``); each without and with the reward bias
+    ``beta * reward`` on the keys of each in-context example."""
     from alignkern.loops import check_and_correct
 
     out = []
-    for name, bias in (("off", None), ("on", beta)):
-        _seeded(setup, 300)
-        finals = []
-        with counted(setup.model) as cost:
-            for p in setup.problems:
-                result = check_and_correct(
-                    setup.model, setup.tokenizer, p.prompt, setup.evaluator, rounds=rounds,
-                    template=context_template(), reward_bias=bias,
-                    generation_kwargs=greedy(setup.max_new_tokens))
-                finals.append(result.final)
-        setting = f"rounds={rounds} reward_bias={name}" + ("" if bias is None else f" beta={beta:g}")
-        out.append(row("check-and-correct", setting, _checked(setup.problems, finals), cost))
+    for source, evaluator in (("self_eval", setup.evaluator), ("checker", Checker())):
+        for name, bias in (("off", None), ("on", beta)):
+            _seeded(setup, 300)
+            finals = []
+            with counted(setup.model) as cost:
+                for p in setup.problems:
+                    result = check_and_correct(
+                        setup.model, setup.tokenizer, p.prompt, evaluator, rounds=rounds,
+                        template=context_template(), reward_bias=bias,
+                        generation_kwargs=greedy(setup.max_new_tokens))
+                    finals.append(result.final)
+            setting = (f"rounds={rounds} reward={source} reward_bias={name}"
+                       + ("" if bias is None else f" beta={beta:g}"))
+            out.append(row("check-and-correct", setting, _checked(setup.problems, finals), cost))
     return out
 
 
@@ -203,8 +237,8 @@ class StageTwo(NamedTuple):
     """SCoRe's stage II: steps, rollouts per step, learning rate, shaping bonus, KL weight."""
 
     steps: int = 30
-    batch: int = 32
-    lr: float = 1e-4
+    batch: int = 64
+    lr: float = 2e-5
     alpha: float = 10.0
     beta_kl: float = 0.1
 

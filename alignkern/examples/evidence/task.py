@@ -3,10 +3,9 @@ first, the order in which a carry is computed), then a full stop; and its charac
 
     prompt   "57+968="        answer "5201."      (57 + 968 = 1025)
 
-A program checks an answer exactly (``is_correct``) and a partial answer too (``on_track``: is
-it the beginning of the right answer?), which is what the model's self-evaluation is trained to
-judge. Every text the loops need is written here: the judge's template, the in-context
-correction template, SCoRe's correction instruction.
+A program checks an answer exactly (``is_correct``); the model's self-evaluation is trained to
+make the same judgement. Every text the loops need is written here: the judge's template, the
+in-context correction template, SCoRe's correction instruction.
 """
 
 from __future__ import annotations
@@ -24,8 +23,9 @@ CHARACTERS = tuple(c for c in string.printable if c not in "\t\r\x0b\x0c")
 VOCAB = len(SPECIAL) + len(CHARACTERS)
 
 # The judge (a ``SelfEvaluator``): the problem, the candidate, the two meanings listed in both
-# orders (RAIN's option swap), the answer read at "Answer: (".
-JUDGE_TEMPLATE = "{prompt}{response}\nRight so far? {options}\nAnswer: ("
+# orders (RAIN's option swap: "(A) yes (B) no", then "(A) no (B) yes"), the answer read at
+# "Answer: (".
+JUDGE_TEMPLATE = "{prompt}{response}\nIs it right? {options}\nAnswer: ("
 JUDGE_OPTIONS = ("A", "B")
 JUDGE_DESCRIPTIONS = ("yes", "no")
 
@@ -57,13 +57,6 @@ class Problem(NamedTuple):
 def is_correct(problem: Problem, response: str) -> bool:
     """Whether ``response`` (surrounding whitespace ignored) is exactly the answer."""
     return response.strip() == problem.answer
-
-
-def on_track(problem: Problem, response: str) -> bool:
-    """Whether ``response`` (leading whitespace ignored) is a beginning of the answer: the
-    judgement of a partial answer (a complete one is on track iff it is correct). The empty
-    response is on track."""
-    return problem.answer.startswith(response.lstrip())
 
 
 def parse_problem(prompt: str) -> Problem:

@@ -9,14 +9,16 @@ target tokens only:
    outputs**, re-sampled every ``refresh`` steps from the current model (its greedy answer and
    ``samples`` answers sampled at temperature 1, on training problems):
 
-   * the *judgement* "is this right so far?" on the judge's template (a ``SelfEvaluator``'s
-     texts, both listing orders of "(A) yes / (B) no"), the label from the checker: a complete
-     answer is right iff correct, a prefix (cut at a random point) iff it begins the answer,
-     so that the judge can also score RAIN's partial answers;
+   * the *judgement* "is it right?" on the judge's template (a ``SelfEvaluator``'s texts, both
+     listing orders of "(A) yes / (B) no"), the label from the checker; half the examples are
+     the right answer and half its own wrong ones, so that the problem alone never tells;
    * *in-context correction*: check_and_correct's context (``build_context``) of one or two of
-     its own answers with the judge's own scores of them as rewards, the target the right answer;
-   * *a second attempt*: the prompt, its own first attempt, SCoRe's correction instruction, the
-     target the right answer (SCoRe's stage I supervises the second attempt similarly).
+     its own answers with rewards, the target the right answer; the rewards are the judge's own
+     scores of the answers half of the time, the checker's verdict (a sign, with a random size)
+     the other half;
+   * *a second attempt*: the prompt, its own first attempt (greedy or sampled, as SCoRe's
+     evaluation and training see them), SCoRe's correction instruction, the target the right
+     answer (SCoRe's stage I supervises the second attempt similarly).
 
 Nothing here looks at the held-out problems (``task.training_stream`` excludes them).
 """
@@ -41,17 +43,17 @@ class TrainConfig(NamedTuple):
     """The model's size and its training."""
 
     digits: int = 3
-    hidden: int = 96
-    layers: int = 3
+    hidden: int = 64
+    layers: int = 2
     heads: int = 4
-    answer_steps: int = 700      # stage 1: answers only
-    mixed_steps: int = 600       # stage 2: answers, judgements, corrections on its own outputs
+    answer_steps: int = 1000     # stage 1: answers only
+    mixed_steps: int = 800       # stage 2: answers, judgements, corrections on its own outputs
     batch: int = 64
     lr: float = 3e-3
     refresh: int = 100           # stage 2 re-samples its own outputs every this many steps
     pool_problems: int = 128     # training problems per re-sampling
     samples: int = 3             # sampled answers per problem (besides the greedy one)
-    mix: tuple[int, ...] = (1, 1, 1, 1)  # answers, judgements, corrections, second attempts
+    mix: tuple[int, ...] = (1, 1, 2, 2)  # answers, judgements, corrections, second attempts
 
 
 class Example(NamedTuple):
@@ -95,9 +97,9 @@ def answer_example(tokenizer, problem: task.Problem) -> Example:
 def judge_example(tokenizer, evaluator, problem: task.Problem, response: str,
                   order: int) -> Example:
     """The judge's text for ``response`` in listing ``order`` (0: "(A) yes", 1: "(A) no"),
-    labelled with the letter listed next to the true judgement (``task.on_track``)."""
+    labelled with the letter listed next to the true judgement (``task.is_correct``)."""
     text = evaluator.texts([problem.prompt], [response])[order][0]
-    meaning = 0 if task.on_track(problem, response) else 1  # index into JUDGE_DESCRIPTIONS
+    meaning = 0 if task.is_correct(problem, response) else 1  # index into JUDGE_DESCRIPTIONS
     letter = task.JUDGE_OPTIONS[meaning if order == 0 else 1 - meaning]
     ids = tokenizer(text)["input_ids"]
     target = int(evaluator.option_ids[task.JUDGE_OPTIONS.index(letter)])
@@ -242,30 +244,32 @@ def mixed_examples(tokenizer, evaluator, rng: random.Random, pool: Sequence[OwnO
                                      rng.randrange(2)))
         elif kind == 2:  # round 1 sees the greedy answer; round 2 also a later one
             shown = [0] if rng.random() < 0.5 else [0, rng.randrange(1, len(responses))]
+            checked = rng.random() < 0.5
+            rewards = [checker_reward(rng, own.problem, responses[j]) if checked
+                       else own.scores[j] for j in shown]
             out.append(correction_example(tokenizer, own.problem, [responses[j] for j in shown],
-                                          [own.scores[j] for j in shown]))
+                                          rewards))
         else:
-            out.append(retry_example(tokenizer, own.problem, rng.choice(responses)))
+            first = own.greedy if rng.random() < 0.5 else rng.choice(own.sampled)
+            out.append(retry_example(tokenizer, own.problem, first))
     return out
 
 
 def judged_response(rng: random.Random, own: OwnOutput, responses: Sequence[str]) -> str:
     """A response for the judge to learn from, right or wrong with equal odds for every problem
     (so that the problem alone never predicts the label): the answer, or one of the model's own
-    wrong answers (a random digit of the answer changed when it made none); complete, or half
-    the time cut after a random character (a wrong one after its first wrong character)."""
-    answer = own.problem.answer
+    wrong answers (a random digit of the answer changed when it made none)."""
     if rng.random() < 0.5:
-        response = answer
-        first_wrong = 0
-    else:
-        wrong = [r for r in responses if r and not task.on_track(own.problem, r)]
-        response = rng.choice(wrong) if wrong else _one_digit_changed(rng, answer)
-        first_wrong = next((i for i, (x, y) in enumerate(zip(response, answer)) if x != y),
-                           min(len(response), len(answer)))
-    if rng.random() < 0.5:
-        response = response[:rng.randint(first_wrong + 1, len(response))]
-    return response
+        return own.problem.answer
+    wrong = [r for r in responses if not task.is_correct(own.problem, r)]
+    return rng.choice(wrong) if wrong else _one_digit_changed(rng, own.problem.answer)
+
+
+def checker_reward(rng: random.Random, problem: task.Problem, response: str) -> float:
+    """A reward whose sign is the checker's verdict and whose size is drawn from U(0.2, 1), so
+    that the in-context rewards the model learns from range over what a judge writes."""
+    sign = 1.0 if task.is_correct(problem, response) else -1.0
+    return sign * rng.uniform(0.2, 1.0)
 
 
 def _one_digit_changed(rng: random.Random, answer: str) -> str:
