@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alignkern demo evidence", description=evidence.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a much smaller model, barely trained, and "
+                        help="one-digit problems, a much smaller model barely trained, "
                              f"{QUICK.problems} problems: a smoke test of the pipeline (seconds), "
                              "not a measurement")
     parser.add_argument("--out", metavar="DIR", default="alignkern-evidence",
@@ -83,12 +82,29 @@ def _writable(parser, flag: str, path: Path) -> None:
 
 def _model_folder(parser, path: str) -> None:
     folder = Path(path)
-    if not folder.is_dir():
+    if not folder.exists():
         parser.error(f"--model {path!r}: no such folder (give a local transformers checkpoint: "
                      "config.json, weights and tokenizer files)")
+    if not folder.is_dir():
+        parser.error(f"--model {path!r}: a file, not a folder (give the checkpoint's folder)")
     if not (folder / "config.json").is_file():
         parser.error(f"--model {path!r}: the folder has no config.json, so it is not a "
                      "transformers checkpoint")
+
+
+def _load(parser, path: str):
+    """The checkpoint's model and tokenizer, checked to take the judge's template (its options
+    single tokens); any failure is a one-line error, exit status 2."""
+    from .experiment import load
+    from .training import judge
+
+    try:
+        model, tokenizer = load(path)
+        judge(model, tokenizer)
+    except (OSError, ValueError, TypeError) as exc:  # transformers' errors for a bad checkpoint
+        message = " ".join(str(exc).split())
+        parser.error(f"--model {path!r}: cannot use it ({type(exc).__name__}: {message})")
+    return model, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,20 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     config = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    model, tokenizer = (None, None) if args.model is None else _load(parser, args.model)
     print(f"alignkern demo evidence: each loop against plain decoding on {config.problems} "
           f"held-out addition problems (up to {config.train.digits} digits), seed {args.seed}, "
           f"{torch.get_num_threads()} CPU thread(s), load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    try:
-        result = run(config, seed=args.seed, model_dir=args.model, log=print,
-                     save_model=args.save_model)
-    except (OSError, ValueError) as exc:  # a --model that cannot be loaded or does not fit
-        if args.model is None:
-            raise
-        message = " ".join(str(exc).split())
-        print(f"{parser.prog}: error: --model {args.model!r}: {type(exc).__name__}: {message}",
-              file=sys.stderr)
-        return 2
+    result = run(config, seed=args.seed, model=model, tokenizer=tokenizer,
+                 save_model=args.save_model, log=print)
     print()
     print(report.format_table(result.rows))
     written = [report.write_csv(result.rows, out / "evidence.csv")]

@@ -26,7 +26,7 @@ class Config(NamedTuple):
 
 
 FULL = Config()
-QUICK = Config(train=TrainConfig(hidden=32, layers=2, answer_steps=120, mixed_steps=60,
+QUICK = Config(train=TrainConfig(digits=1, hidden=32, layers=2, answer_steps=150, mixed_steps=60,
                                  refresh=30, pool_problems=32, batch=32),
                problems=12, ns=(4, 8, 16), stage_two=StageTwo(steps=3, batch=8))
 
@@ -59,16 +59,16 @@ def describe(model: nn.Module) -> str:
             f"{config.hidden_size}, vocabulary {config.vocab_size}, {parameters:,} parameters")
 
 
-def run(config: Config = FULL, *, seed: int = 0, model_dir: str | None = None,
+def run(config: Config = FULL, *, seed: int = 0, model: nn.Module | None = None, tokenizer=None,
         save_model: str | None = None, log: Callable[[str], None] | None = None) -> Result:
-    """Train a model on the task (or load ``model_dir``; ``save_model``: where to save the trained
-    one), then run every method on ``config.problems`` held-out problems; seeded from ``seed``
-    (the global RNG is restored)."""
+    """Train a model on the task (or take ``model`` and ``tokenizer``, e.g. from ``load``;
+    ``save_model``: a folder to save the trained one in), then run every method on
+    ``config.problems`` held-out problems; seeded from ``seed`` (the global RNG is restored)."""
     log = log or (lambda _: None)
     digits = config.train.digits
     problems = task.held_out(config.problems, digits, seed)
     with torch.random.fork_rng():
-        if model_dir is None:
+        if model is None:
             log(f"training the model on the CPU ({torch.get_num_threads()} thread(s)):")
             trained = training.train(config.train, problems, seed, log=log)
             model, tokenizer, seconds = trained.model, task.tokenizer(), trained.seconds
@@ -76,7 +76,6 @@ def run(config: Config = FULL, *, seed: int = 0, model_dir: str | None = None,
                 model.save_pretrained(save_model)
                 tokenizer.save_pretrained(save_model)
         else:
-            model, tokenizer = load(model_dir)
             seconds = {}
         description = describe(model)
         log(description)
