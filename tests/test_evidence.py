@@ -28,6 +28,8 @@ def test_the_answer_is_the_sum_reversed_and_the_checker_accepts_only_it():
         assert task.is_correct(problem, answer) and task.is_correct(problem, f"  {answer}\n")
         assert not task.is_correct(problem, answer[:-1])  # no full stop
         assert not task.is_correct(problem, answer + "0")
+        assert task.is_correct(problem, problem.prompt + answer)  # a second attempt's form
+        assert not task.is_correct(problem, f"{problem.a + 1}+{problem.b}=" + answer)
         digit = str((int(answer[0]) + 1) % 10)
         assert not task.is_correct(problem, digit + answer[1:])
 
@@ -108,7 +110,7 @@ def test_correction_and_retry_examples_target_only_the_answer(small):
     assert target[-1] == task.EOS and example.ids[-len(target):] == target
     retry = training.retry_example(tok, problem, "5202.")
     assert tok.decode(retry.ids, skip_special_tokens=True) == \
-        problem.prompt + "5202." + task.CORRECTION + problem.answer
+        problem.prompt + "5202." + task.CORRECTION + problem.prompt + problem.answer
 
 
 def test_the_loss_counts_only_targets_and_weighs_each_example_once(small):
@@ -179,7 +181,7 @@ def test_stage_two_trains_a_copy_and_leaves_the_model_alone(small, monkeypatch):
     torch.manual_seed(0)
     policy = methods.stage_two(model, tok, task.training_stream(1, 0, []),
                                methods.StageTwo(steps=2, batch=4, lr=1e-3),
-                               training.max_answer_tokens(1))
+                               training.max_retry_tokens(1))
     assert policy is not model and not policy.training
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
@@ -218,9 +220,17 @@ def test_quick_run_writes_every_method_s_rows(quick):
         f"rounds=3 reward={source} reward_bias={bias}" for source in ("self_eval", "checker")
         for bias in ("off", "on")]
     score = [s for m, s in settings if m == "score"]
-    assert len(score) == 2 and score[0].startswith("attempt=1 ")
-    assert score[1].startswith("attempt=2 ") and all(
-        key in score[1] for key in ("delta=", "fixed=", "broken="))
+    assert [s.split(" delta=")[0] for s in score] == [
+        "attempt=2 before stage II", "attempt=1 after 3 stage-II steps",
+        "attempt=2 after 3 stage-II steps"]
+    accuracy = {(m, s): float(r["accuracy"]) for r, (m, s) in zip(rows, settings)}
+    firsts = (accuracy[("greedy", "")], accuracy[("score", score[1])])  # the same model's
+    for first, setting in zip(firsts, (score[0], score[2])):
+        stats = dict(part.split("=") for part in setting.split() if part.split("=")[0] in
+                     ("delta", "fixed", "broken"))
+        delta, fixed, broken = (float(stats[k]) for k in ("delta", "fixed", "broken"))
+        assert math.isclose(delta, accuracy[("score", setting)] - first, abs_tol=1e-3)
+        assert math.isclose(delta, fixed - broken, abs_tol=1e-3)
     assert {m for m, _ in settings} == set(methods.METHODS)
     problems = evidence.QUICK.problems
     for r in rows:

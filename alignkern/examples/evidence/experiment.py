@@ -80,7 +80,8 @@ def run(config: Config = FULL, *, seed: int = 0, model: nn.Module | None = None,
         description = describe(model)
         log(description)
         setup = methods.Setup(model, tokenizer, training.judge(model, tokenizer), problems,
-                              training.max_answer_tokens(digits), seed)
+                              training.max_answer_tokens(digits),
+                              training.max_retry_tokens(digits), seed)
         check = methods.judge_check(setup)
         log(f"the judge on the model's greedy answers: agrees with the checker on "
             f"{check.accuracy:.1%}; mean score {_mean(check.mean_correct)} on correct answers, "
@@ -105,10 +106,13 @@ def _mean(value: float | None) -> str:
 
 
 def _score(setup: methods.Setup, config: Config, seed: int, log) -> list[Row]:
-    """SCoRe: the stage-II run on fresh training problems, then both attempts on the held-out
-    ones."""
+    """SCoRe: the second attempt of the model as trained (its first is the greedy row), then
+    the stage-II run on fresh training problems and both attempts of its policy on the held-out
+    problems."""
+    rows = methods.score_rows(setup, setup.model, "before stage II", first=False)
     torch.manual_seed(seed * 1000 + 400)
     stream = task.training_stream(config.train.digits, seed + 1, setup.problems)
     policy = methods.stage_two(setup.model, setup.tokenizer, stream, config.stage_two,
-                               setup.max_new_tokens, log=log)
-    return methods.score_rows(setup, policy, config.stage_two.steps)
+                               setup.retry_tokens, log=log)
+    return rows + methods.score_rows(setup, policy,
+                                     f"after {config.stage_two.steps} stage-II steps")

@@ -93,13 +93,15 @@ def row(method: str, setting: str, correct: Sequence[bool], cost: Cost) -> Row:
 
 class Setup(NamedTuple):
     """What every method needs: the model (eval mode), its tokenizer, the judge (a
-    ``SelfEvaluator``), the held-out problems, the answer's token budget and the seed."""
+    ``SelfEvaluator``), the held-out problems, the token budgets of an answer and of SCoRe's
+    attempts, and the seed."""
 
     model: nn.Module
     tokenizer: object
     evaluator: object
     problems: list[task.Problem]
     max_new_tokens: int
+    retry_tokens: int
     seed: int
 
 
@@ -275,17 +277,22 @@ def stage_two(model: nn.Module, tokenizer, training: Iterator[task.Problem], con
     return policy.eval()
 
 
-def score_rows(setup: Setup, policy: nn.Module, steps: int) -> list[Row]:
-    """The stage-II policy's two attempts on the held-out problems (greedy, one batch each):
-    attempt 1, and attempt 2 with Δ(t1, t2) and the fractions of problems fixed (wrong, then
-    right) and broken (right, then wrong) in its setting. Attempt 1's cost is that of greedy
-    decoding with the policy (the same tokens); attempt 2's the whole rollout."""
+def score_rows(setup: Setup, policy: nn.Module, stage: str, *, first: bool = True) -> list[Row]:
+    """A model's two attempts on the held-out problems (greedy, one batch each; ``stage`` says
+    which model, e.g. "after 30 stage-II steps"): attempt 1 (with ``first``), and attempt 2 with
+    Δ(t1, t2) and the fractions of problems fixed (wrong, then right) and broken (right, then
+    wrong) in its setting. Attempt 1's cost is that of greedy decoding with the model (the same
+    tokens); attempt 2's the whole rollout."""
     from alignkern.loops import two_attempt_rollout
 
     prompts = [p.prompt for p in setup.problems]
-    kwargs = greedy(setup.max_new_tokens)
-    with counted(policy) as first_cost:
-        first = answers(policy, setup.tokenizer, prompts, **kwargs)
+    kwargs = greedy(setup.retry_tokens)
+    out = []
+    if first:
+        with counted(policy) as first_cost:
+            texts = answers(policy, setup.tokenizer, prompts, **kwargs)
+        out.append(row("score", f"attempt=1 {stage}", _checked(setup.problems, texts),
+                       first_cost))
     with counted(policy) as both_cost:
         rollout = two_attempt_rollout(policy, setup.tokenizer, prompts, reward,
                                       correction_instruction=task.CORRECTION,
@@ -294,7 +301,6 @@ def score_rows(setup: Setup, policy: nn.Module, steps: int) -> list[Row]:
     fixed = float((~r1 & r2).float().mean())
     broken = float((r1 & ~r2).float().mean())
     delta = float(r2.float().mean() - r1.float().mean())
-    stage = f"after {steps} stage-II steps"
-    return [row("score", f"attempt=1 {stage}", _checked(setup.problems, first), first_cost),
-            row("score", f"attempt=2 {stage} delta={delta:+.3f} fixed={fixed:.3f} "
-                         f"broken={broken:.3f}", r2.tolist(), both_cost)]
+    out.append(row("score", f"attempt=2 {stage} delta={delta:+.3f} fixed={fixed:.3f} "
+                            f"broken={broken:.3f}", r2.tolist(), both_cost))
+    return out

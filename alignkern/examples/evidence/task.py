@@ -35,8 +35,10 @@ CONTEXT_HEADER = ""
 CONTEXT_EXAMPLE = "{query}{response} reward {reward:+.2f}\n"
 CONTEXT_QUESTION = "{query}"
 
-# SCoRe's instruction between the first attempt and the second.
-CORRECTION = "\nCheck and redo:\n"
+# SCoRe's instruction between the first attempt and the second; the second attempt writes the
+# problem again before its answer ("57+968=5201."), so that the answer follows the problem as in
+# the first attempt.
+CORRECTION = "\nCheck it and write it again:\n"
 
 
 class Problem(NamedTuple):
@@ -55,8 +57,10 @@ class Problem(NamedTuple):
 
 
 def is_correct(problem: Problem, response: str) -> bool:
-    """Whether ``response`` (surrounding whitespace ignored) is exactly the answer."""
-    return response.strip() == problem.answer
+    """Whether ``response`` (surrounding whitespace ignored) is exactly the answer, or the
+    problem written again and then the answer (as a second attempt writes it)."""
+    response = response.strip()
+    return response in (problem.answer, problem.prompt + problem.answer)
 
 
 def parse_problem(prompt: str) -> Problem:

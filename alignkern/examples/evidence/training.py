@@ -17,8 +17,9 @@ target tokens only:
      scores of the answers half of the time, the checker's verdict (a sign, with a random size)
      the other half;
    * *a second attempt*: the prompt, its own first attempt (greedy or sampled, as SCoRe's
-     evaluation and training see them), SCoRe's correction instruction, the target the right
-     answer (SCoRe's stage I supervises the second attempt similarly).
+     evaluation and training see them), SCoRe's correction instruction, the target the problem
+     written again and the right answer (SCoRe's stage I supervises the second attempt
+     similarly).
 
 Nothing here looks at the held-out problems (``task.training_stream`` excludes them).
 """
@@ -118,12 +119,12 @@ def correction_example(tokenizer, problem: task.Problem, responses: Sequence[str
 
 
 def retry_example(tokenizer, problem: task.Problem, first: str) -> Example:
-    """SCoRe's second-attempt context (prompt, first attempt, correction instruction), the answer
-    as target."""
+    """SCoRe's second-attempt context (prompt, first attempt, correction instruction), the
+    problem written again and the answer as target."""
     ids = tokenizer(problem.prompt)["input_ids"] + \
         tokenizer(first, add_special_tokens=False)["input_ids"] + \
         tokenizer(task.CORRECTION, add_special_tokens=False)["input_ids"]
-    return _target(tokenizer, ids, problem.answer)
+    return _target(tokenizer, ids, problem.prompt + problem.answer)
 
 
 def context_template():
@@ -222,6 +223,12 @@ def max_answer_tokens(digits: int) -> int:
     """Room for the longest answer (``digits + 1`` digits and the full stop) and its EOS, plus
     two tokens for a model that runs on."""
     return digits + 4
+
+
+def max_retry_tokens(digits: int) -> int:
+    """Room for a second attempt: the problem written again (``2 digits + 2`` characters) and
+    the answer."""
+    return 2 * digits + 2 + max_answer_tokens(digits)
 
 
 def mixed_examples(tokenizer, evaluator, rng: random.Random, pool: Sequence[OwnOutput],
