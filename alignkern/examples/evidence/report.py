@@ -65,7 +65,7 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("cost: token positions processed by the model (log scale)")
     ax.set_ylabel("accuracy on the held-out problems (95 % Wilson interval)")
-    ax.set_title(title or "Each loop against plain decoding")
+    ax.set_title(title or "Each loop against plain decoding", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -75,5 +75,9 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> Path:
 
 
 def _short(setting: str) -> str:
-    """The setting without SCoRe's statistics (they are in the CSV)."""
-    return setting.split(" after ")[0].replace("reward_bias=", "bias ")
+    """The setting as a short label: without SCoRe's statistics (they are in the CSV) and
+    check-and-correct's round count and beta."""
+    label = setting.split(" delta=")[0].replace(" stage-II steps", " steps")
+    for word in ("rounds=3 ", "reward=", "reward_bias=", " beta=1"):
+        label = label.replace(word, "bias " if word == "reward_bias=" else "")
+    return label
