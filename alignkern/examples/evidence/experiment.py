@@ -72,6 +72,8 @@ def run(config: Config = FULL, *, seed: int = 0, model: nn.Module | None = None,
             log(f"training the model on the CPU ({torch.get_num_threads()} thread(s)):")
             trained = training.train(config.train, problems, seed, log=log)
             model, tokenizer, seconds = trained.model, task.tokenizer(), trained.seconds
+            log(f"trained in {sum(seconds.values()):.1f} s ("
+                + ", ".join(f"{stage} {value:.1f} s" for stage, value in seconds.items()) + ")")
             if save_model is not None:
                 model.save_pretrained(save_model)
                 tokenizer.save_pretrained(save_model)
@@ -112,7 +114,9 @@ def _score(setup: methods.Setup, config: Config, seed: int, log) -> list[Row]:
     rows = methods.score_rows(setup, setup.model, "before stage II", first=False)
     torch.manual_seed(seed * 1000 + 400)
     stream = task.training_stream(config.train.digits, seed + 1, setup.problems)
+    start = time.perf_counter()
     policy = methods.stage_two(setup.model, setup.tokenizer, stream, config.stage_two,
                                setup.retry_tokens, log=log)
+    log(f"  SCoRe stage II trained in {time.perf_counter() - start:.1f} s")
     return rows + methods.score_rows(setup, policy,
                                      f"after {config.stage_two.steps} stage-II steps")
