@@ -91,12 +91,13 @@ def _bench_epilog() -> str:
     from alignkern.bench.report import BOUNDS
 
     lines = ["op families (--ops) and their providers (--providers):"]
+    width = max(map(len, bench.FAMILIES)) + 2  # the longest name, then two spaces
     for op, module in bench.FAMILIES.items():
         gpu_only = set(getattr(module, "GPU_ONLY", ()))
         names = [f"{p} (GPU)" if p in gpu_only else f"{p} (bound)" if p in BOUNDS else p
                  for p in bench.provider_names(module)]
-        lines += textwrap.wrap(", ".join(names), 100, initial_indent=f"  {op:<22}",
-                               subsequent_indent=" " * 24, break_on_hyphens=False)
+        lines += textwrap.wrap(", ".join(names), 100, initial_indent=f"  {op:<{width}}",
+                               subsequent_indent=" " * (2 + width), break_on_hyphens=False)
     lines += ["",
               "alignkern's own rows and the bounds always run; --providers picks the peers.",
               "A bound is not a peer: read-ceiling is one plain read of the input, matmul-floor",
