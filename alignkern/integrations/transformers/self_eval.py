@@ -297,6 +297,7 @@ class SelfEvaluator:
         self._prefix_caches: dict[tuple[int, ...], DynamicCache] = {}
         self._cache_copyable: bool | None = None  # learnt from the first prefix forward
         self._blocks_reusing = 0  # open ``reusing_prefix_across_calls()`` blocks
+        self._share_prefix = True  # False: copy the prefix per row (the benchmark's baseline)
         self._fingerprint = None
         self.forwards = 0
         self.tokens = 0
@@ -504,7 +505,8 @@ class SelfEvaluator:
         ids, mask = _pad([row[length:] for row in rows], self._pad_id, device, left=False)
         mask = torch.cat([mask.new_ones((len(rows), length)), mask], dim=1)
         positions = torch.arange(length, length + ids.shape[1], device=device).expand_as(ids)
-        with continuation_cache(self.model, prefix_cache, len(rows)) as cache:
+        with continuation_cache(self.model, prefix_cache, len(rows),
+                                share=self._share_prefix) as cache:
             out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 **{_cache_argument(self.model.get_decoder()): cache},
                                 use_cache=True)

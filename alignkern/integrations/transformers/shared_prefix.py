@@ -311,13 +311,15 @@ def model_can_share(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def continuation_cache(model: torch.nn.Module, prefix, rows: int) -> Iterator[Cache]:
+def continuation_cache(model: torch.nn.Module, prefix, rows: int, *,
+                       share: bool = True) -> Iterator[Cache]:
     """A cache for ``rows`` rows continuing ``prefix`` (batch G; ``rows`` a multiple of G), for
     the duration of the block. Where the model and the prefix allow it (``model_can_share``,
     ``can_share``), a ``SharedPrefixCache`` with the model on alignkern attention inside the block
     (one copy of the prefix, read once per step for all rows); otherwise a deep copy of the
-    prefix with each of its rows repeated ``rows / G`` times. ``prefix`` is never modified."""
-    if model_can_share(model) and can_share(prefix):
+    prefix with each of its rows repeated ``rows / G`` times (always with ``share=False``).
+    ``prefix`` is never modified."""
+    if share and model_can_share(model) and can_share(prefix):
         with alignkern_attention(model) as switched:
             if switched:
                 yield SharedPrefixCache(prefix, rows)
