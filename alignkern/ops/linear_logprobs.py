@@ -807,6 +807,9 @@ def linear_logprobs(
     ``logit_scale * (hidden @ weight.T + bias)`` without a softcap), computed tile by tile without
     ever materialising the ``(N, V)`` logits.
 
+    Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype first
+    (alignkern/_autocast.py), so any mix of their dtypes is accepted there.
+
     Args:
         hidden: ``(..., H)`` float32, float16, bfloat16 (or float64) hidden states; any strides.
         weight: ``(V, H)`` LM head, in hidden's dtype or a lower precision that it holds exactly
@@ -846,9 +849,6 @@ def linear_logprobs(
             bias shapes, mixed devices, a temperature, softcap or logit_scale that is not
             positive and finite, or whose quotients leave [1e-30, 1e30] (the kernels hold
             ``logit_scale / temperature`` and ``softcap / temperature`` in float32).
-
-    Autocast: under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype
-    first (alignkern/_autocast.py), so any mix of their dtypes is accepted there.
         IndexError: a target id outside ``[0, V)`` that is not ``ignore_index`` (checked unless
             ``ALIGNKERN_VALIDATE=0``; kernels then return NaN for that element).
         RuntimeError: the requested backend cannot run here.
