@@ -8,6 +8,7 @@ from ._backend import BACKENDS, backend_status, use_backend
 from .ops.linear_logprobs import LinearLogprobs, LinearLogprobsStats, linear_logprobs
 from .ops.reward_attention import RewardAttention, reward_attention, segment_bias
 from .ops.scoring import SelfEvalScores, option_logprobs, self_eval_scores, sequence_logprobs
+from .ops.shared_prefix_attention import MergedAttention, merge_attention, shared_prefix_attention
 from .ops.token_logprobs import TokenLogprobs, token_logprobs
 
 __version__ = "0.1.0"
@@ -16,17 +17,20 @@ __all__ = [
     "BACKENDS",
     "LinearLogprobs",
     "LinearLogprobsStats",
+    "MergedAttention",
     "RewardAttention",
     "SelfEvalScores",
     "TokenLogprobs",
     "backend_status",
     "losses",
     "linear_logprobs",
+    "merge_attention",
     "option_logprobs",
     "reward_attention",
     "segment_bias",
     "self_eval_scores",
     "sequence_logprobs",
+    "shared_prefix_attention",
     "token_logprobs",
     "use_backend",
 ]

@@ -376,6 +376,17 @@ def _all_inputs(case: Case) -> bool:
     return all(v not in (False, None, "none") for _, v in case.flags)
 
 
+def _shared_prefix_part(case: Case) -> bool:
+    """What shared_prefix_attention's prefix part runs at a decode or scoring step of a
+    SharedPrefixCache: bfloat16, not causal, a key bias shared by the heads (padding, rewards),
+    no ranks, D = 128; its suffix part is the heaviest variant's causal kernel."""
+    flags = dict(case.flags)
+    return (case.family.startswith("attention") and case.dtype == "bf16"
+            and case.shape == "aligned" and flags.get("D") == 128 and not flags["causal"]
+            and flags["bias"] == "shared" and not flags["ranks"]
+            and not flags.get("bias_grad", False))
+
+
 def _in_core(case: Case, plan, config: int, arch: int) -> bool:
     """The core tier (what the CPU suite compiles, about 2-3 minutes cold on 2 cores):
 
@@ -389,7 +400,8 @@ def _in_core(case: Case, plan, config: int, arch: int) -> bool:
       (every optional input given, aligned) at the benchmark head dimensions 64 and 128; the
       default configuration of the lightest bfloat16 variant with odd sizes (D = 80, padded to
       128); float32 and float64 at D = 64 on sm_80 only (their FMA/DMMA code is the same on both,
-      sm_80 has the smaller shared memory).
+      sm_80 has the smaller shared memory); the default configuration of the variant that
+      shared_prefix_attention's prefix part runs (``_shared_prefix_part``).
 
     ``--all`` adds the rest of the product: the lighter flag combinations, float16 attention and
     attention at D = 16, 32, 256 and 200."""
@@ -412,6 +424,8 @@ def _in_core(case: Case, plan, config: int, arch: int) -> bool:
         return _all_inputs(case)
     if case.dtype == "bf16" and case.heavy:
         return head_dim in (64, 128)
+    if _shared_prefix_part(case):
+        return config == 0
     if case.dtype in ("fp32", "fp64") and case.heavy:
         return head_dim == 64 and arch == 80
     if config != 0:

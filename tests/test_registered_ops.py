@@ -19,6 +19,7 @@ BACKENDS = available_backends()
 # Sizes chosen so that no two symbols are equal and a grown dimension never matches another.
 N, K, V, H, H_REF = 3, 2, 11, 5, 7
 B, HQ, HKV, LQ, LK, D = 2, 4, 2, 5, 6, 8
+G, ROWS, LP = 3, 9, 7  # shared_prefix_attention: ROWS rows in G groups, a prefix of LP keys
 
 
 class Case(NamedTuple):
@@ -103,10 +104,36 @@ def _reward_attention_cases(backend):
     return {"reward_attention": forward, "reward_attention_backward": backward}
 
 
+def _shared_prefix_attention_cases(backend):
+    inputs = dict(q=torch.randn(ROWS, HQ, LQ, D), prefix_k=torch.randn(G, HKV, LP, D),
+                  prefix_v=torch.randn(G, HKV, LP, D), suffix_k=torch.randn(ROWS, HKV, LK, D),
+                  suffix_v=torch.randn(ROWS, HKV, LK, D), prefix_key_bias=torch.randn(G, HQ, LP),
+                  suffix_key_bias=torch.randn(ROWS, LK),
+                  prefix_key_rank=torch.randint(0, 3, (G, LP)),
+                  suffix_key_rank=torch.randint(0, 3, (ROWS, LK)),
+                  query_rank=torch.randint(0, 3, (ROWS, LQ)))
+    dims = dict(q=("N", "Hq", "Lq", "D"), prefix_k=("G", "Hkv", "Lp", "D"),
+                prefix_v=("G", "Hkv", "Lp", "D"), suffix_k=("N", "Hkv", "Ls", "D"),
+                suffix_v=("N", "Hkv", "Ls", "D"), prefix_key_bias=("G", "Hq", "Lp"),
+                suffix_key_bias=("N", "Ls"), prefix_key_rank=("G", "Lp"),
+                suffix_key_rank=("N", "Ls"), query_rank=("N", "Lq"))
+    forward = Case(dict(**inputs, causal=True, scale=0.3, backend=backend), dims)
+    out, lse = torch.ops.alignkern.shared_prefix_attention(*inputs.values(), True, 0.3,
+                                                           "reference")
+    backward = Case(dict(grad_out=torch.randn_like(out), grad_lse=torch.randn_like(lse),
+                         **inputs, out=out, lse=lse, causal=True, scale=0.3,
+                         need_prefix_bias_grad=True, need_suffix_bias_grad=True,
+                         backend=backend),
+                    dict(dims, grad_out=("N", "Hq", "Lq", "D"), grad_lse=("N", "Hq", "Lq"),
+                         out=("N", "Hq", "Lq", "D"), lse=("N", "Hq", "Lq")))
+    return {"shared_prefix_attention": forward, "shared_prefix_attention_backward": backward}
+
+
 def cases(backend: str) -> dict[str, Case]:
     torch.manual_seed(0)
     return {**_token_logprobs_cases(backend), **_linear_logprobs_cases(backend),
-            **_linear_kl_cases(backend), **_reward_attention_cases(backend)}
+            **_linear_kl_cases(backend), **_reward_attention_cases(backend),
+            **_shared_prefix_attention_cases(backend)}
 
 
 def call(name: str, args: dict):
