@@ -41,9 +41,9 @@ def tiny_tokenizer():
     Its vocabulary holds at most ``VOCAB_SIZE`` (512) ids, so every id fits ``tiny_model()``'s
     LM head: ``<pad>`` (0, the padding token), ``<s>`` (1, prepended to every encoded text) and
     ``</s>`` (2, the EOS token), the 256 bytes, then the merges that BPE learns from a few
-    sentences of question answering and self-evaluation (506 ids in all). Any text encodes (unknown words fall back to bytes)
-    and decodes back to itself. It pads on the right, as most tokenizers do; set
-    ``tok.padding_side = "left"`` before batching prompts for ``generate``.
+    sentences of question answering and self-evaluation (506 ids in all). Any text encodes
+    (unknown words fall back to bytes) and decodes back to itself. It pads on the right, as most
+    tokenizers do; set ``tok.padding_side = "left"`` before batching prompts for ``generate``.
 
     Returns:
         A new tokenizer object at each call (a copy of one trained once per process), so
