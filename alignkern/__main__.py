@@ -270,10 +270,11 @@ def _add_demo(sub, name: str, help: str) -> None:
 
 
 def _run_demo(args) -> int:
-    if args.rest[:1] == ["ica"]:  # needs only the ops, not transformers (which loops import)
-        from alignkern.examples import ica
+    from alignkern import _demos
 
-        return ica.main(args.rest[1:])
+    program = _demos.program(args.rest)  # ica needs only the ops, not transformers (loops do)
+    if program is not None:
+        return program(args.rest[1:])
     from alignkern.loops import demo
 
     return demo.main(args.rest)
