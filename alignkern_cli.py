@@ -21,8 +21,8 @@ Run "alignkern <command> --help" for a command's options."""
 COMMANDS = {
     "info": "what is installed and which kernels can run here",
     "bench": "time alignkern's ops against their peers",
-    "demo": "run alignkern's loops end to end on a tiny model and show what they cost, or "
-            "in-context alignment's experiment (alignkern demo --help)",
+    "demo": "run a demo: alignkern's loops end to end on a tiny model, with what they cost and "
+            "a verdict, and the experiments (alignkern demo --help lists them)",
 }
 
 
