@@ -1,7 +1,10 @@
 """The command line: `alignkern info`, `alignkern bench`, `alignkern demo` (also
 `python -m alignkern ...`).
 
-A new subcommand is a function that adds its parser and sets its handler, listed in COMMANDS."""
+The top-level parser (its description, --version, the commands' one-line help) is alignkern_cli's,
+which answers `alignkern --help` and `--version` without importing torch. A new subcommand: its
+name and help in alignkern_cli.COMMANDS, and here a function that adds its parser and sets its
+handler, listed in COMMANDS."""
 
 from __future__ import annotations
 
@@ -66,9 +69,6 @@ def _backend_in_use(device: torch.device) -> str:
     return f"{head} {name} (from {source}; the default is {default})"
 
 
-DESCRIPTION = """alignkern: fused kernels for LLM self-correction and in-context alignment loops.
-Run "alignkern <command> --help" for a command's options."""
-
 BENCH_DESCRIPTION = """Times each alignkern op against its peers (the other ways to compute the same
 thing) on this machine, then prints a table and writes a CSV, a Markdown table, a PNG figure and a
 JSON description of the machine (versions, device, git commit, CPU model, threads) into a new
@@ -91,12 +91,13 @@ def _bench_epilog() -> str:
     from alignkern.bench.report import BOUNDS
 
     lines = ["op families (--ops) and their providers (--providers):"]
+    width = max(map(len, bench.FAMILIES)) + 2  # the longest name, then two spaces
     for op, module in bench.FAMILIES.items():
         gpu_only = set(getattr(module, "GPU_ONLY", ()))
         names = [f"{p} (GPU)" if p in gpu_only else f"{p} (bound)" if p in BOUNDS else p
                  for p in bench.provider_names(module)]
-        lines += textwrap.wrap(", ".join(names), 100, initial_indent=f"  {op:<22}",
-                               subsequent_indent=" " * 24, break_on_hyphens=False)
+        lines += textwrap.wrap(", ".join(names), 100, initial_indent=f"  {op:<{width}}",
+                               subsequent_indent=" " * (2 + width), break_on_hyphens=False)
     lines += ["",
               "alignkern's own rows and the bounds always run; --providers picks the peers.",
               "A bound is not a peer: read-ceiling is one plain read of the input, matmul-floor",
@@ -128,8 +129,8 @@ def _positive(text: str) -> float:
     return value
 
 
-def _add_info(sub) -> None:
-    parser = sub.add_parser("info", help="what is installed and which kernels can run here",
+def _add_info(sub, name: str, help: str) -> None:
+    parser = sub.add_parser(name, help=help,
                             description="Versions of alignkern, torch and triton, the GPU, and "
                                         "which backends can run here (and why not).")
     parser.set_defaults(handler=_run_info)
@@ -140,9 +141,8 @@ def _run_info(args) -> int:
     return 0
 
 
-def _add_bench(sub) -> None:
-    parser = sub.add_parser("bench", help="time alignkern's ops against their peers",
-                            description=BENCH_DESCRIPTION, epilog=_bench_epilog(),
+def _add_bench(sub, name: str, help: str) -> None:
+    parser = sub.add_parser(name, help=help, description=BENCH_DESCRIPTION, epilog=_bench_epilog(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--quick", action="store_true",
@@ -261,43 +261,33 @@ def _run_alone(args, device: torch.device, flag: str, run, format_report, write_
 DEMO_HELP = "run alignkern's loops end to end on a tiny model and show what they cost"
 
 
-def _add_demo(sub) -> None:
+def _add_demo(sub, name: str, help: str) -> None:
     # The demo's own parser (alignkern.loops.demo.add_arguments) is built only when the demo
     # runs, so that `alignkern --help` does not import transformers: this one passes everything
     # after `demo` on to it, --help included.
-    parser = sub.add_parser("demo", help=DEMO_HELP + " (alignkern demo --help)", add_help=False,
-                            description=DEMO_HELP)
+    parser = sub.add_parser(name, help=help, add_help=False, description=DEMO_HELP)
     parser.set_defaults(handler=_run_demo, passes_through=True)
 
 
 def _run_demo(args) -> int:
-    if args.rest[:1] == ["ica"]:  # needs only the ops, not transformers (which loops import)
-        from alignkern.examples import ica
+    from alignkern import _demos
 
-        return ica.main(args.rest[1:])
-    if args.rest[:1] == ["evidence"]:
-        from alignkern.examples import evidence
-
-        return evidence.main(args.rest[1:])
+    program = _demos.program(args.rest)  # ica needs only the ops, not transformers (loops do)
+    if program is not None:
+        return program(args.rest[1:])
     from alignkern.loops import demo
 
     return demo.main(args.rest)
 
 
 # Each subcommand: a function that adds its parser to the subparsers and sets its handler.
-COMMANDS = [_add_info, _add_bench, _add_demo]
+COMMANDS = {"info": _add_info, "bench": _add_bench, "demo": _add_demo}
 
 
 def _parser() -> argparse.ArgumentParser:
-    import alignkern
+    import alignkern_cli
 
-    parser = argparse.ArgumentParser(prog="alignkern", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"alignkern {alignkern.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for add in COMMANDS:
-        add(sub)
-    return parser
+    return alignkern_cli.parser(COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Every check raises a ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device or
 value) whose message names the function, the argument, what was expected and what came, as
-DESIGN.md's error contract asks. The registered ops call these themselves, so a caller that skips
+docs/design.md's error contract asks. The registered ops call these themselves, so a caller that skips
 the Python wrappers (a compiled graph, another library) gets the same errors and never reaches a
 kernel with inconsistent sizes.
 """

@@ -65,7 +65,7 @@ def token_logprobs_backward(
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Gradient of ``token_logprobs`` (DESIGN.md's closed form) in the logits' dtype.
+    """Gradient of ``token_logprobs`` in closed form, in the logits' dtype.
 
     ``dlogits_v = (sum_k g_k [t_k = v] - (sum_{k valid} g_k - g_lse) softmax(z)_v) / temperature``
     with ``softmax(z) = exp((z - row_max) - log_sum)``; a row with an out-of-range id gets NaN.

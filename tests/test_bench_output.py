@@ -160,6 +160,9 @@ def test_bench_help_lists_op_families_and_providers_in_plain_words(capsys):
     for option in ("--quick", "--full", "--out", "--save-results", "--loops", "--budget"):
         assert option in text
     assert "``" not in text and ":func:" not in text  # no raw RST markup
+    listing = text[text.index("op families (--ops)") :]
+    for op in bench.FAMILIES:  # each name stands apart from its first provider
+        assert re.search(rf"^  {op}  +alignkern,", listing, re.M), op
 
 
 def test_version_and_an_unknown_option(capsys):
@@ -467,6 +470,57 @@ def test_table_legend_explains_every_ratio_column():
     assert any(line.startswith("vs best peer:") for line in text.splitlines())
 
 
+def _case(label, ours_ms, peers, ours_mib=None, ours="alignkern", mode="fwd"):
+    """One row: alignkern's time (and peak MiB) and each peer's (provider, ms, MiB)."""
+    rows = [_row(ours, (ours_ms, ours_ms, ours_ms), config=label, mode=mode,
+                 peak_bytes=None if ours_mib is None else int(ours_mib * 2**20))]
+    for provider, ms, mib in peers:
+        rows.append(_row(provider, None if ms is None else (ms, ms, ms), config=label, mode=mode,
+                         peak_bytes=None if mib is None else int(mib * 2**20),
+                         note="" if ms is not None else "missing: needs a GPU"))
+    return rows
+
+
+def test_summary_counts_the_rows_alignkern_wins_on_time_and_on_memory():
+    wide = measure.summarize([1.2, 1.3, 24.0, 1.4, 22.0, 1.25, 23.0, 1.35])  # noisy
+    results = [
+        # faster than every peer, less memory than the leanest (a slower peer's 15 < 20)
+        *_case("a", 1.0, [("torch-eager", 2.0, 20.0), ("torch-compile", 3.0, 15.0)], ours_mib=10.0),
+        # slower than the fastest peer, the same memory as the leanest
+        *_case("b", 3.0, [("torch-eager", 2.0, 5.0)], ours_mib=5.0),
+        # a bound is not a peer: alignkern beats torch-eager though matmul-floor is faster
+        *_case("c", 2.5, [("torch-eager", 3.0, 1.0), (FLOOR, 1.9, 0.5)], ours_mib=2.0),
+        # no peer measured: not a row
+        *_case("d", 1.0, [("torch-eager", None, None)], ours_mib=1.0),
+        # alignkern's peak unknown: a row for time, not for memory
+        *_case("e", 1.0, [("torch-eager", 4.0, 8.0)]),
+    ]
+    noisy = _case("f", 1.0, [("torch-eager", 2.0, None)], ours_mib=3.0)  # no peer peak known
+    noisy[0].ms, noisy[0].samples = wide.as_tuple(), wide.samples
+    results += noisy
+    # two alignkern backends: the fastest one speaks for alignkern
+    results += _case("g", 5.0, [("torch-eager", 2.0, 9.0)], ours_mib=1.0)
+    results += _case("g", 1.0, [], ours_mib=20.0, ours="alignkern-cuda")
+    got = report.summary(results)
+    assert (got.rows, got.ahead, got.ahead_in_noise) == (6, 5, 1)
+    assert (got.memory_rows, got.less_memory, got.same_memory) == (4, 1, 1)
+    assert got.line() == ("Summary: alignkern ahead of every peer in 5 of 6 rows (1 of them within "
+                          "noise); at less peak memory than every peer in 1 of 4 (the same in 1).")
+    assert report.summary([]).line().startswith("Summary: no row")
+    # the Markdown leads with it, and the legend says what it counts
+    md = report.markdown(results, CPU)
+    assert md.splitlines()[2] == f"**{got.line()}**"
+    assert report.SUMMARY_DEFINITION in md
+    assert " ".join(report.SUMMARY_DEFINITION.split()) in " ".join(report.table(results, CPU).split())
+
+
+def test_a_run_ends_with_its_summary_line(tmp_path, capsys):
+    assert main([*TINY, "--no-plot", "--out", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"Summary: alignkern ahead of every peer in \d+ of 2 rows.*\.", last), last
+    assert f"**{last}**" in (tmp_path / "cpu.md").read_text()
+
+
 # ------------------------------------------------------------------------------ the figure
 
 FAMILY_UNITS = {
@@ -506,6 +560,7 @@ def _synthetic(sizes_per_family: int = 1) -> list[Result]:
                             ms=(ms, ms * 0.95, ms * 1.3 if j == 1 else ms * 1.05),
                             samples=10,
                             dtype="float32",
+                            peak_bytes=(4 + j) * (i + 1) * 2**20,
                             **{"bytes_moved": 10**8, **FAMILY_UNITS[kernel]},
                         )
                     )
@@ -532,7 +587,7 @@ def test_figure_is_a_grid_with_one_colour_per_provider(sizes):
     assert len(made) == 1
     _, fig = made[0]
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert len(panels) == 12  # 6 op families x 2 modes
+    assert len(panels) == 24  # 6 op families x 2 modes x (throughput, peak memory)
     width, height = fig.get_size_inches() * fig.dpi
     assert width == report.FIGURE_WIDTH_PX and height <= 2000
     columns = {round(ax.get_position().x0, 2) for ax in panels}
@@ -542,17 +597,96 @@ def test_figure_is_a_grid_with_one_colour_per_provider(sizes):
     assert all(len(c) == 1 for c in colours.values()), colours  # the same in every panel
     assert len({next(iter(c)) for c in colours.values()}) == len(colours)  # and distinct
     for ax in panels:
-        assert "higher is better" in ax.get_ylabel()
+        if ax.get_title().split("\n")[0].endswith("throughput"):
+            assert "higher is better" in ax.get_ylabel()
+        else:
+            assert ax.get_title().split("\n")[0].endswith("peak memory")
+            assert ax.get_ylabel() == "peak MiB  (lower is better)"
         if sizes == 1:  # a single point is a bar on a linear axis, not a dot on a log axis
             assert ax.patches and ax.get_yscale() == "linear"
         else:
             assert ax.get_xscale() == "log" and len(ax.get_xticks()) == sizes
-    pl = [ax for ax in panels if ax.get_title().startswith("plackett_luce_loss")]
-    assert all("candidates/s" in ax.get_ylabel() for ax in pl)
+    pl = [ax for ax in panels if ax.get_title().startswith("plackett_luce_loss")
+          and "throughput" in ax.get_title()]
+    assert len(pl) == 2 and all("candidates/s" in ax.get_ylabel() for ax in pl)
     assert not any("GB/s" in ax.get_ylabel() for ax in pl)
     heading = fig.get_suptitle()
     assert "cpu" in heading and "float32" in heading and f"torch {torch.__version__}" in heading
-    assert "triton" in heading and "higher is better" in heading
+    assert "triton" in heading and "higher is better" in heading and "lower is better" in heading
+
+
+def _legend_handles(fig):
+    (legend,) = fig.legends
+    return dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+
+
+@pytest.mark.parametrize("sizes", [1, 3], ids=["one-point-bars", "swept-lines"])
+def test_each_op_and_mode_has_its_peak_memory_beside_its_throughput(sizes):
+    results = [r for r in _synthetic(sizes) if r.kernel == "linear_kl"]
+    for r in results:
+        r.peak_bytes = (1 + len(r.provider)) * 2**20
+    results[1].peak_bytes = None  # not measured: 'n/a', no bar
+    _, fig = report.figures(results, CPU)[0]
+    titles = [ax.get_title().split("\n")[0] for ax in fig.axes]
+    assert titles == [f"linear_kl · {mode} · {what}" for mode in ("fwd", "fwd+bwd")
+                      for what in ("throughput", "peak memory")]
+    fwd = [r for r in results if r.mode == "fwd" and r.peak_bytes is not None]
+    memory = fig.axes[1]
+    if sizes == 1:
+        heights = {p.get_gid().removeprefix("provider:"): p.get_height() for p in memory.patches
+                   if p.get_gid()}
+        assert heights == {r.provider: pytest.approx(r.peak_bytes / 2**20) for r in fwd}
+        assert "n/a" in [t.get_text() for t in memory.texts]
+    else:
+        drawn = {line.get_gid().removeprefix("provider:"): list(line.get_ydata())
+                 for line in memory.lines if line.get_gid()}
+        assert set(drawn) == {r.provider for r in fwd}
+        for provider, ys in drawn.items():
+            want = sorted((r.x, r.peak_bytes / 2**20) for r in fwd if r.provider == provider)
+            assert ys == pytest.approx([y for _, y in want])
+
+
+def test_legend_marks_are_the_marks_drawn():
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    bars = [r for r in _synthetic(1) if r.kernel == "linear_kl"]
+    lines = [r for r in _synthetic(3) if r.kernel == "token_logprobs"]
+    for results, kind in ((bars, Rectangle), (lines, Line2D)):
+        _, fig = report.figures(results, CPU)[0]
+        handles = _legend_handles(fig)
+        for provider in {r.provider for r in results}:
+            handle = handles[provider]
+            assert type(handle) is kind, (provider, handle)
+            colour = report.provider_style(provider)[0]
+            if kind is Rectangle:  # a filled box of the bar's colour, not a line and a marker
+                assert handle.get_facecolor() == pytest.approx(to_rgba(colour))
+            else:
+                assert handle.get_color() == colour
+                assert handle.get_marker() == report.provider_style(provider)[1]
+        noisy = next(text for text in handles if text.startswith("noisy"))
+        assert ("hatched bar" in noisy) == (kind is Rectangle)
+        assert ("circled point" in noisy) == (kind is Line2D)
+    # bars in some panels and lines in others: each provider gets both marks, side by side
+    entries, labels = report._legend_entries(["alignkern", "torch-eager"], {"bars", "lines"})
+    assert labels[:2] == ["alignkern", "torch-eager"]
+    assert all(isinstance(e, tuple) and [type(a) for a in e] == [Patch, Line2D] for e in entries[:2])
+    assert labels[2].endswith("hatched bar, circled point")
+
+
+@pytest.mark.parametrize("slow_ms, scale", [(400.0, "log"), (50.0, "linear")],
+                         ids=["apart-440x", "apart-55x"])
+def test_bars_that_differ_by_more_than_100x_get_a_log_axis(slow_ms, scale):
+    """A bar of 0.017 beside 7.47 is invisible on a linear axis."""
+    results = [r for r in _synthetic(1) if r.kernel == "linear_kl" and r.mode == "fwd"]
+    results[-1].ms = (slow_ms, slow_ms, slow_ms)  # throughput ~1/slow_ms of the others
+    _, fig = report.figures(results, CPU)[0]
+    throughput = fig.axes[0]
+    assert throughput.get_yscale() == scale
+    heights = [p.get_height() for p in throughput.patches if p.get_gid()]
+    low, high = throughput.get_ylim()
+    assert low < min(heights) and high > max(heights)  # every bar visible, its value above it
 
 
 def test_figure_error_bars_span_p20_to_p80():
@@ -579,7 +713,7 @@ def test_too_many_panels_split_into_one_figure_per_op_family(tmp_path):
         Result(f"op{i}", "alignkern", "fwd", "n=1", 1, bytes_moved=10**6, ms=(1, 1, 1), samples=5)
         for i in range(6)
     ]
-    made = report.figures(results + extra, CPU)
+    made = report.figures(results + extra, CPU)  # 12 op families: more than MAX_ROWS
     assert len(made) == 12 and [name for name, _ in made][:6] == list(PEERS)
     paths = report.write_plots(results, CPU, tmp_path)
     assert [Path(p).name for p in paths] == ["cpu.png"]

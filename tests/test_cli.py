@@ -1,13 +1,18 @@
 """The command line: `alignkern info` and `alignkern bench`."""
 
 import csv
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import DEVICE, HAS_GPU
 
+import alignkern
 from alignkern.__main__ import info, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_info_reports_versions_and_backends():
@@ -174,3 +179,53 @@ def test_demo_seed_outside_torch_range_is_refused_before_loading(monkeypatch, ca
         main(["demo", "score", "--seed", seed])
     assert stop.value.code == 2
     assert f"alignkern demo: error: argument --seed: {why}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the front door
+
+ENTRY_POINT = """
+import importlib, re, sys
+with open("pyproject.toml") as f:  # [project.scripts] alignkern = "module:function"
+    module, function = re.search(r'^alignkern = "(.+)"$', f.read(), re.M)[1].split(":")
+sys.argv = ["alignkern", *sys.argv[1:]]
+try:
+    getattr(importlib.import_module(module), function)()
+except SystemExit as stop:
+    print("exit", stop.code)
+print("imported torch:", "torch" in sys.modules, "alignkern:", "alignkern" in sys.modules)
+"""
+
+
+def _entry_point(*args):
+    """Run the `alignkern` console script's function (as pyproject.toml names it) in a fresh
+    interpreter from the repository root."""
+    return subprocess.run([sys.executable, "-c", ENTRY_POINT, *args], capture_output=True,
+                          text=True, check=True, cwd=REPO).stdout
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], [], ["nope"]],
+                         ids=["version", "help", "no-command", "unknown-command"])
+def test_version_help_and_usage_errors_do_not_import_torch(args):
+    """`alignkern --version` took 3 s: it imported torch (about 2 s) to print a string."""
+    out = _entry_point(*args)
+    assert out.endswith("imported torch: False alignkern: False\n"), out
+    assert ("exit 0" in out) == (args[:1] in (["--version"], ["--help"]))
+    if args == ["--version"]:
+        assert out.startswith(f"alignkern {alignkern.__version__}\n")
+
+
+def test_a_command_runs_through_the_console_script():
+    out = _entry_point("info")
+    assert "backends:" in out and out.endswith("imported torch: True alignkern: True\n")
+
+
+def test_the_front_door_and_the_full_parser_print_the_same_help():
+    import alignkern_cli
+    from alignkern.__main__ import _parser
+
+    assert alignkern_cli.parser().format_help() == _parser().format_help()
+    assert alignkern_cli.version() == alignkern.__version__
+    pyproject = (REPO / "pyproject.toml").read_text()  # one place holds the version
+    assert re.search(r'^dynamic = \["version"\]', pyproject, re.M)
+    assert 'version = { attr = "alignkern._version.__version__" }' in pyproject
+    assert 'py-modules = ["alignkern_cli"]' in pyproject  # the front door is packaged

@@ -298,12 +298,21 @@ def test_bad_arguments_are_one_line_errors_before_any_training(tmp_path, capsys,
 @pytest.mark.parametrize("entry", ["alignkern", "loops.demo"])
 def test_alignkern_demo_evidence_reaches_the_example(monkeypatch, entry):
     from alignkern import __main__ as cli
+    from alignkern.examples.evidence import cli as evidence_cli
     from alignkern.loops import demo
 
     seen = []
-    monkeypatch.setattr(evidence, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(evidence_cli, "main", lambda argv: seen.append(argv) or 0)
     if entry == "alignkern":
         assert cli.main(["demo", "evidence", "--quick", "--seed", "2"]) == 0
     else:
         assert demo.main(["evidence", "--quick", "--seed", "2"]) == 0
     assert seen == [["--quick", "--seed", "2"]]
+
+
+def test_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as stop:
+        evidence.main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "`" not in text and "alignkern demo evidence [--quick]" in text

@@ -210,7 +210,7 @@ def test_backward_random_upstream_gradient(backend, dtype, vocab, k):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_gradients_within_twice_plain_pytorch(backend, dtype):
-    """DESIGN.md's bar: no more than 2x the error of the same computation in plain PyTorch."""
+    """docs/design.md's bar: no more than 2x the error of the same computation in plain PyTorch."""
     h, w, _, targets = make_inputs((64,), 2000, 2, dtype)
     grad_out = torch.randn(targets.shape, device=DEVICE)
     expected = reference_grads(h, w, None, targets, grad_out)

@@ -93,14 +93,17 @@ def test_best_of_n_self_eval_is_one_generate_and_one_batched_scoring_forward(mon
     original = m.generate
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("num_return_sequences"))
+        cache = kwargs.get("cache")
+        calls.append((kwargs.get("num_return_sequences"), type(cache).__name__,
+                      getattr(cache, "rows", None), kwargs["input_ids"].shape[0]))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(m, "generate", spy)
     torch.manual_seed(0)
     got = best_of_n(m, tok, PROMPTS, n=3, evaluator=evaluator,
                     generation_kwargs={"max_new_tokens": 5})
-    assert calls == [3]
+    # one generate of the 2 x 3 rows, the prompts' KV held once for their 3 samples each
+    assert calls == [(None, "SharedPrefixCache", 6, 6)]
     assert evaluator.forwards == 2  # the judge's prefix once, then all 2 x 3 candidates x 2 orders
     flat = [c for row in got.candidates for c in row]
     want = _naive_self_eval(m, evaluator, [p for p in PROMPTS for _ in range(3)], flat)

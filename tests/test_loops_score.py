@@ -154,7 +154,9 @@ def test_demo_runs_a_loop_end_to_end(capsys):
     assert loops_demo.main(["score", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "=== score ===" in out and "full logits + log_softmax + full KL" in out
-    assert "alignkern score_stage2_loss" in out and "same scores: max |difference|" in out
+    assert "alignkern score_stage2_loss" in out
+    assert "verdict: score_stage2_loss against full logits: " in out
+    assert "the same results (max |difference|" in out
 
 
 def test_demo_loads_a_local_checkpoint(tmp_path):

@@ -439,3 +439,20 @@ def test_fake_kernels_check_shapes():
            "prefix_v": torch.zeros(3, 2, 5, 8, device="meta")}
     with pytest.raises(RuntimeError, match="shared_prefix_attention: N must be a multiple of G"):
         torch.ops.alignkern.shared_prefix_attention(*(bad[n] for n in names))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_long_prefix(backend, dtype, head_dim):
+    """A self-evaluation's shape: 32 rows of 40 tokens after a 1,000-token prefix, GQA 4:1,
+    causal within the suffix, a shared key bias over the prefix."""
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} backend unavailable")
+    problem = make_problem(rows=32, groups=1, heads_q=8, heads_kv=2, len_q=40, len_s=40,
+                           len_p=1000, head_dim=head_dim, dtype=dtype, prefix_bias="shared")
+    check_forward_and_backward(backend, problem, True, dtype)

@@ -353,4 +353,5 @@ def run(device: torch.device, *, scope: str = "default", ops: tuple[str, ...] = 
     if output.saved:
         saved = ", ".join(os.path.basename(f) for f in output.saved)
         print(f"Saved as the committed results in {os.path.dirname(output.saved[0])}{os.sep} ({saved})")
+    print(f"\n{report.summary(results).line()}")
     return output

@@ -274,6 +274,7 @@ def run_loops_benchmark(device: str | torch.device | None = None, *, quick: bool
         print_report: print the report.
     """
     from ..loops import tiny
+    from . import shared_prefix
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_values = tuple(n_values or ((8,) if quick else (8, 32)))
@@ -284,6 +285,12 @@ def run_loops_benchmark(device: str | torch.device | None = None, *, quick: bool
     rows += bench_rain_iteration(model, tokenizer, device, 3 if quick else 6)
     rows += bench_best_of_n_scoring(model, device, n_values, 64 if quick else 128,
                                     32 if quick else 64, repeats)
+    rows += shared_prefix.bench_self_eval_prefix(
+        model, tokenizer, device, (8,) if quick else (8, 32, 128),
+        (256,) if quick else (1000, 4000), repeats)
+    rows += shared_prefix.bench_best_of_n_sampling(
+        model, device, (4, 8) if quick else (8, 32), 256 if quick else 1000, 8 if quick else 16,
+        repeats)
     return report_rows(rows, device, out_dir, print_report, format_report)
 
 
@@ -322,7 +329,8 @@ def format_report(rows: list[dict]) -> str:
     """A plain-text table of ``run_loops_benchmark``'s rows and the goals' verdicts."""
     columns = (("provider", "provider"), ("ms", "ms"), ("peak_mib", "peak MiB"),
                ("forwards", "fwd"), ("positions", "positions"), ("head_rows", "head rows"),
-               ("ratio", "ratio"), ("max_abs_diff", "max |diff|"))
+               ("ratio", "ratio"), ("memory_vs_one_at_a_time", "memory / RAIN's"),
+               ("max_abs_diff", "max |diff|"))
     lines = []
     if rows:
         lines.append(f"loop benchmark on {rows[0]['device']}")
@@ -338,6 +346,9 @@ def format_report(rows: list[dict]) -> str:
             lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells]
     lines.append("")
     lines += _verdicts(rows)
+    from .shared_prefix import verdicts
+
+    lines += verdicts(rows)
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ import re
 import subprocess
 import textwrap
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +46,10 @@ SWEPT = {"token_logprobs": ("V", "vocabulary size V"), "linear_logprobs": ("V", 
          "fused_linear_dpo_loss": ("B*T", "tokens B*T"), "linear_kl": ("V", "vocabulary size V"),
          "plackett_luce_loss": ("N", "candidates per list N")}
 MAX_WIDTH = 120  # the terminal table's widest line
-MAX_COLUMNS = 4  # panels per row of the figure
-MAX_ROWS = 4  # rows of panels in one PNG before the figure is split, one PNG per op family
+MAX_COLUMNS = 4  # panels per row of the figure: throughput and peak memory, forward and backward
+MAX_ROWS = 8  # op families (rows of panels) in one PNG before the figure is split, one PNG each
+ROW_HEIGHT_IN = 2.9  # inches per row of panels
+LOG_SPAN = 100  # a panel whose values differ by more than this factor gets a logarithmic axis
 FIGURE_WIDTH_PX = 1600
 DPI = 100
 
@@ -183,6 +186,67 @@ def assess(results: list[Result]) -> dict[int, Verdict]:
         else:  # FLASH: a reference speed, not a hard bound (SDPA's CPU kernels may be slower)
             v.bound = f"{100 * bound.ms[0] / r.ms[0]:.0f}% of flash"
     return verdicts
+
+
+@dataclass
+class Summary:
+    """The verdict of a run in counts. A row is one (op, case, mode) in which alignkern (its
+    fastest backend) and at least one peer (not a bound) have a median time."""
+
+    rows: int = 0
+    ahead: int = 0  # alignkern's median time below every peer's
+    ahead_in_noise: int = 0  # of those, rows whose ratio is doubtful (alignkern or the peer noisy)
+    memory_rows: int = 0  # rows where alignkern's peak memory and at least one peer's are known
+    less_memory: int = 0  # alignkern's peak below every peer's whose peak is known
+    same_memory: int = 0  # alignkern's peak equal to the lowest peer's
+
+    def line(self) -> str:
+        """'alignkern ahead of every peer in X of Y rows ...; at less peak memory in Z of W'."""
+        if not self.rows:
+            return "Summary: no row has both an alignkern time and a peer's time to compare."
+        noise = f" ({self.ahead_in_noise} of them within noise)" if self.ahead_in_noise else ""
+        text = f"Summary: alignkern ahead of every peer in {self.ahead} of {self.rows} rows{noise}"
+        if self.memory_rows:
+            same = f" (the same in {self.same_memory})" if self.same_memory else ""
+            text += (f"; at less peak memory than every peer in {self.less_memory} of "
+                     f"{self.memory_rows}{same}")
+        return text + "."
+
+
+SUMMARY_DEFINITION = (
+    "Summary: a row is one op, shape and mode; alignkern is ahead in it when its fastest backend's "
+    "median time is below the fastest peer's (the 'vs best peer' column above 1x; bounds are not "
+    "peers), and at less peak memory when its peak is below that of every peer whose peak was "
+    "measured.")
+
+
+def summary(results: list[Result]) -> Summary:
+    """Count the rows alignkern wins on time and on peak memory (see Summary)."""
+    verdicts = assess(results)
+    out = Summary()
+    seen: set[tuple[str, str, str]] = set()
+    for r in results:
+        key = (r.kernel, r.config, r.mode)
+        if key in seen or r.ms is None or not is_ours(r.provider):
+            continue
+        ours = min((o for o in results if _same_case(o, r) and o.ms is not None and is_ours(o.provider)),
+                   key=lambda o: o.ms[0])
+        verdict = verdicts[id(ours)]
+        if verdict.speedup is None:  # no peer measured in this row
+            continue
+        seen.add(key)
+        out.rows += 1
+        if verdict.speedup > 1:
+            out.ahead += 1
+            out.ahead_in_noise += verdict.speedup_doubtful or verdict.status == "noisy"
+        peaks = [p.peak_bytes for p in results if _same_case(p, r) and p.ms is not None
+                 and p.peak_bytes is not None and not is_ours(p.provider) and p.provider not in BOUNDS]
+        if ours.peak_bytes is None or not peaks:
+            continue
+        out.memory_rows += 1
+        out.less_memory += ours.peak_bytes < min(peaks)
+        out.same_memory += ours.peak_bytes == min(peaks)
+    return out
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -455,6 +519,7 @@ def _legend(results: list[Result], verdicts: dict[int, Verdict], device: torch.d
     if any(v.speedup is not None for v in verdicts.values()):
         lines.append("vs best peer: the fastest peer's median time / alignkern's; above 1x "
                      "alignkern is faster; '?': one of the two is noisy.")
+        lines.append(SUMMARY_DEFINITION)
     kinds = {v.bound_kind for v in verdicts.values() if v.bound_kind}
     if kinds:
         parts = []
@@ -507,7 +572,7 @@ def markdown(results: list[Result], device: torch.device, env: dict | None = Non
     """The same results as Markdown tables (one per op family), the notes and the legend."""
     verdicts = assess(results)
     notes = _Notes()
-    lines = [title(results, device, env)]
+    lines = [title(results, device, env), "", f"**{summary(results).line()}**"]
     for kernel, rows in _families(results).items():
         columns, factor, unit = _family_columns(rows, verdicts)
         header = ["shape", *columns[:3], "p20-p80 ms", *columns[3:]]
@@ -654,60 +719,108 @@ def _series(r: Result) -> str:
     return re.sub(rf"\s*\b{key}=\d+", "", r.config).strip()
 
 
-def _panels(results: list[Result]) -> dict[tuple[str, str], list[Result]]:
-    """(op, mode) -> its results, in the order the bench ran them."""
-    panels: dict[tuple[str, str], list[Result]] = {}
-    for r in results:
-        panels.setdefault((r.kernel, r.mode), []).append(r)
-    return panels
-
-
 def _provider_order(results: list[Result]) -> list[str]:
     names = list(dict.fromkeys(r.provider for r in results))
     return sorted(names, key=lambda p: (p in BOUNDS, not is_ours(p), names.index(p)))
 
 
 def figures(results: list[Result], device: torch.device, env: dict | None = None):
-    """[(name, matplotlib Figure)]: one grid of panels (one per op and mode) when it fits in
-    MAX_ROWS rows of MAX_COLUMNS, else one figure per op family ('' or the family's name)."""
-    panels = _panels(results)
-    if not panels:
+    """[(name, matplotlib Figure)]: one grid with a row per op family and, for each of its modes,
+    the throughput panel beside the peak-memory panel; when there are more than MAX_ROWS op
+    families, one figure per family ('' or the family's name)."""
+    families = _families(results)
+    if not families:
         return []
-    if math.ceil(len(panels) / MAX_COLUMNS) <= MAX_ROWS:
-        return [("", _figure(results, panels, device, env))]
-    out = []
-    for kernel, rows in _families(results).items():
-        out.append((kernel, _figure(rows, _panels(rows), device, env)))
-    return out
+    if len(families) <= MAX_ROWS:
+        return [("", _figure(results, device, env))]
+    return [(kernel, _figure(rows, device, env)) for kernel, rows in families.items()]
 
 
-def _figure(results, panels, device, env):
+@dataclass(frozen=True)
+class _Metric:
+    """What one panel plots: ``value(r)`` is (value, below, above) for the error bar, or None."""
+
+    name: str  # the panel title's last words: 'throughput', 'peak memory'
+    label: str  # the y axis title
+    value: Callable[[Result], tuple[float, float, float] | None]
+    noisy_marks: bool  # hatch / circle the rows whose time is noisy
+
+
+def _throughput_metric(scaled: tuple[str, float, str]) -> _Metric:
+    unit, factor, label = scaled
+
+    def value(r: Result):
+        return _err(r, factor) if r.ms is not None and r.unit else None
+
+    return _Metric("throughput", f"{label}  (higher is better)" if unit else "no throughput measure",
+                   value, True)
+
+
+def _peak_mib(r: Result):
+    if r.ms is None or r.peak_bytes is None:
+        return None
+    return r.peak_bytes / 2**20, 0.0, 0.0
+
+
+MEMORY = _Metric("peak memory", "peak MiB  (lower is better)", _peak_mib, False)
+
+
+def _figure(results, device, env):
     from matplotlib.figure import Figure
+
+    verdicts = assess(results)
+    families = _families(results)
+    modes = {kernel: list(dict.fromkeys(r.mode for r in rows)) for kernel, rows in families.items()}
+    ncols = 2 * max(len(m) for m in modes.values())
+    nrows = len(families)
+    fig = Figure(figsize=(FIGURE_WIDTH_PX / DPI, 1.6 + ROW_HEIGHT_IN * nrows), dpi=DPI,
+                 layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.12, hspace=0.06, wspace=0.04)
+    order = _provider_order(results)
+    kinds: set[str] = set()
+    for row, (kernel, rows) in enumerate(families.items()):
+        throughput = _throughput_metric(_family_scale(rows))
+        for m, mode in enumerate(modes[kernel]):
+            panel = [r for r in rows if r.mode == mode]
+            for k, metric in enumerate((throughput, MEMORY)):
+                ax = fig.add_subplot(nrows, ncols, row * ncols + 2 * m + k + 1)
+                kinds.add(_draw_panel(ax, kernel, mode, panel, order, verdicts, metric))
+    heading = "\n".join(textwrap.wrap(title(results, device, env), 160))
+    fig.suptitle(f"{heading}\nthroughput from the median time: higher is better; peak memory: lower "
+                 f"is better; error bars: p20-p80 of the timed runs; a log axis where a panel's "
+                 f"values differ by more than {LOG_SPAN}x", fontsize=11)
+    handles, labels = _legend_entries(order, kinds)
+    rows_needed = math.ceil(len(handles) / 9)
+    fig.legend(handles, labels, loc="outside lower center", ncol=math.ceil(len(handles) / rows_needed),
+               fontsize=9, frameon=False, handler_map={tuple: _tuple_handler()})
+    return fig
+
+
+def _tuple_handler():
+    from matplotlib.legend_handler import HandlerTuple
+
+    return HandlerTuple(ndivide=None, pad=0.6)
+
+
+def _legend_entries(order: list[str], kinds: set[str]) -> tuple[list, list[str]]:
+    """One entry per provider drawn as the figure draws it: a filled patch where the panels are
+    bars, a line with its marker where they are lines, both side by side where there are both;
+    then what marks a noisy time."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    verdicts = assess(results)
-    ncols = min(MAX_COLUMNS, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(FIGURE_WIDTH_PX / DPI, 1.2 + 3.5 * nrows), dpi=DPI, layout="constrained")
-    fig.get_layout_engine().set(h_pad=0.12, hspace=0.06, wspace=0.04)
-    order = _provider_order(results)
-    factors = {kernel: _family_scale(rows) for kernel, rows in _families(results).items()}
-    for index, ((kernel, mode), rows) in enumerate(panels.items()):
-        ax = fig.add_subplot(nrows, ncols, index + 1)
-        _draw_panel(ax, kernel, mode, rows, order, verdicts, factors[kernel])
-    heading = "\n".join(textwrap.wrap(title(results, device, env), 160))
-    fig.suptitle(f"{heading}\nthroughput from the median time: higher is better; error bars: "
-                 "p20-p80 of the timed runs", fontsize=11)
-    handles = [Line2D([], [], color=provider_style(p)[0], marker=provider_style(p)[1],
-                      linestyle="-", label=p) for p in order]
-    handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
-                         label=f"noisy (spread > {100 * measure.NOISY_SPREAD:.0f}%): "
-                               "hatched bar, circled point"))
-    rows_needed = math.ceil(len(handles) / 9)
-    fig.legend(handles=handles, loc="outside lower center",
-               ncol=math.ceil(len(handles) / rows_needed), fontsize=9, frameon=False)
-    return fig
+    handles = []
+    for p in order:
+        colour, marker = provider_style(p)
+        patch = Patch(facecolor=colour, edgecolor=colour)
+        line = Line2D([], [], color=colour, marker=marker, linestyle="-")
+        handles.append(patch if kinds == {"bars"} else line if kinds == {"lines"} else (patch, line))
+    marks = [m for kind, m in (("bars", "hatched bar"), ("lines", "circled point")) if kind in kinds]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="///") if "bars" in kinds
+                   else Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="black",
+                               linestyle="none", markersize=9))
+    labels = [*order, f"noisy (spread > {100 * measure.NOISY_SPREAD:.0f}%): {', '.join(marks)}"]
+    return handles, labels
 
 
 def _family_scale(rows: list[Result]) -> tuple[str, float, str]:
@@ -719,30 +832,33 @@ def _family_scale(rows: list[Result]) -> tuple[str, float, str]:
     return unit, factor, label
 
 
-def _draw_panel(ax, kernel, mode, rows, order, verdicts, scaled):
-    unit, factor, label = scaled
+def _draw_panel(ax, kernel, mode, rows, order, verdicts, metric: _Metric) -> str:
+    """Draw one panel: bars when each series has one size, else lines. Returns 'bars' or 'lines'."""
     series = list(dict.fromkeys(_series(r) for r in rows))
     xs_by_series = {s: sorted({r.x for r in rows if _series(r) == s}) for s in series}
-    ax.set_ylabel(f"{label}  (higher is better)" if unit else "no throughput measure",
-                  fontsize=9)
+    ax.set_ylabel(metric.label, fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     providers = [p for p in order if any(r.provider == p for r in rows)]
     if all(len(xs) == 1 for xs in xs_by_series.values()):
-        _bars(ax, rows, providers, series, factor, verdicts)
+        _bars(ax, rows, providers, series, metric, verdicts)
         # no x axis to carry the swept size: the heading names the whole case
         configs = list(dict.fromkeys(r.config for r in rows))
         heading = configs[0] if len(configs) == 1 else ""
-        ax.set_title(f"{kernel} · {mode}" + (f"\n{heading}" if heading else ""), fontsize=10)
+        ax.set_title(f"{kernel} · {mode} · {metric.name}" + (f"\n{heading}" if heading else ""),
+                     fontsize=10)
+        kind = "bars"
     else:
-        _lines(ax, rows, providers, series, factor, verdicts)
+        _lines(ax, rows, providers, series, metric, verdicts)
         not_run = sorted({f"{r.provider} ({r.status})" for r in rows if r.ms is None})
         note = "\n".join(textwrap.wrap("not run: " + ", ".join(not_run), 70)) if not_run else ""
         ax.set_xlabel(_swept(kernel)[1] + (f"\n{note}" if note else ""), fontsize=9)
-        ax.set_title(f"{kernel} · {mode}", fontsize=10)
-    if not unit:
-        ax.text(0.5, 0.5, "no throughput defined", transform=ax.transAxes, ha="center",
+        ax.set_title(f"{kernel} · {mode} · {metric.name}", fontsize=10)
+        kind = "lines"
+    if not any(metric.value(r) for r in rows):
+        ax.text(0.5, 0.5, f"no {metric.name} measured", transform=ax.transAxes, ha="center",
                 fontsize=8, color="#555555")
+    return kind
 
 
 def _err(r: Result, factor: float) -> tuple[float, float, float]:
@@ -751,11 +867,28 @@ def _err(r: Result, factor: float) -> tuple[float, float, float]:
     return value, value - r.throughput(r.ms[2]) / factor, r.throughput(r.ms[1]) / factor - value
 
 
-def _bars(ax, rows, providers, series, factor, verdicts):
+def _value_axis(ax, values: list[float], top: float | None = None) -> None:
+    """Linear from 0, or logarithmic where the positive values differ by more than LOG_SPAN
+    (symmetric-log, linear up to the smallest positive value, when some are 0). ``top``: the
+    highest point drawn (a bar and its error bar), to leave room for the value above it."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > LOG_SPAN:
+        if len(positive) < len(values):
+            ax.set_yscale("symlog", linthresh=min(positive))
+            ax.set_ylim(0, top * 3 if top else None)
+        else:
+            ax.set_yscale("log")
+            ax.set_ylim(min(positive) / 2, top * 3 if top else None)
+    elif top is not None:
+        ax.set_ylim(0, top * 1.18 if top > 0 else 1)
+    else:
+        ax.set_ylim(bottom=0)
+
+
+def _bars(ax, rows, providers, series, metric: _Metric, verdicts):
     """Grouped bars: one group per series (usually one), one bar per provider."""
     width = min(0.8 / max(1, len(providers)), 0.3)
-    ticks, labels = [], []
-    top = 0.0
+    ticks, labels, drawn = [], [], []
     for g, name in enumerate(series):
         for i, provider in enumerate(providers):
             pos = g + (i - (len(providers) - 1) / 2) * width
@@ -763,19 +896,21 @@ def _bars(ax, rows, providers, series, factor, verdicts):
                 ticks.append(pos)
                 labels.append(provider)
             r = next((r for r in rows if r.provider == provider and _series(r) == name), None)
-            if r is None or r.ms is None or not r.unit:
-                if r is not None:
-                    ax.text(pos, 0, r.status, rotation=90, ha="center", va="bottom", fontsize=7,
-                            color="#555555")
+            point = metric.value(r) if r is not None else None
+            if point is None:
+                if r is not None:  # x in data, y in axes coordinates: right for any scale
+                    ax.text(pos, 0.02, r.status if r.ms is None else "n/a", rotation=90,
+                            ha="center", va="bottom", fontsize=7, color="#555555",
+                            transform=ax.get_xaxis_transform())
                 continue
-            value, down, up = _err(r, factor)
-            noisy = verdicts[id(r)].status == "noisy"
+            value, down, up = point
+            noisy = metric.noisy_marks and verdicts[id(r)].status == "noisy"
             colour = provider_style(provider)[0]
             ax.bar(pos, value, width * 0.9, color=colour, edgecolor="black" if noisy else colour,
-                   hatch="///" if noisy else None, yerr=[[down], [up]], capsize=2,
-                   error_kw={"elinewidth": 0.8, "ecolor": "black"}, gid=f"provider:{provider}")
-            ax.text(pos, value + up, fmt_value(value), ha="center", va="bottom", fontsize=7)
-            top = max(top, value + up)
+                   hatch="///" if noisy else None, yerr=[[down], [up]] if down or up else None,
+                   capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "black"},
+                   gid=f"provider:{provider}")
+            drawn.append((pos, value, up))
         if len(series) > 1:
             ticks.append(g)
             labels.append(name)
@@ -783,29 +918,32 @@ def _bars(ax, rows, providers, series, factor, verdicts):
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, rotation=30 if len(series) == 1 else 0,
                        ha="right" if len(series) == 1 else "center", fontsize=8)
-    ax.set_ylim(0, top * 1.18 if top > 0 else 1)
+    _value_axis(ax, [v for _, v, _ in drawn], max((v + up for _, v, up in drawn), default=0.0))
+    for pos, value, up in drawn:
+        ax.text(pos, value + up, fmt_value(value), ha="center", va="bottom", fontsize=7)
 
 
-def _lines(ax, rows, providers, series, factor, verdicts):
+def _lines(ax, rows, providers, series, metric: _Metric, verdicts):
     """One line per (series, provider): colour and marker by provider, line style by series."""
     xs_all = sorted({r.x for r in rows})
+    plotted = []
     for s_index, name in enumerate(series):
         style = _LINESTYLES[s_index % len(_LINESTYLES)]
         for provider in providers:
             points = sorted((r for r in rows if r.provider == provider and _series(r) == name
-                             and r.ms is not None and r.unit), key=lambda r: r.x)
+                             and metric.value(r) is not None), key=lambda r: r.x)
             if not points:
                 continue
             colour, marker = provider_style(provider)
-            values = [_err(r, factor) for r in points]
-            xs = [r.x for r in points]
-            container = ax.errorbar(xs, [v[0] for v in values],
+            values = [metric.value(r) for r in points]
+            plotted += [v[0] for v in values]
+            container = ax.errorbar([r.x for r in points], [v[0] for v in values],
                                     yerr=[[v[1] for v in values], [v[2] for v in values]],
                                     color=colour, marker=marker, linestyle=style, capsize=2,
                                     markersize=5, linewidth=1.4)
             container.lines[0].set_gid(f"provider:{provider}")
             for r, v in zip(points, values):  # noisy points: hollow markers
-                if verdicts[id(r)].status == "noisy":
+                if metric.noisy_marks and verdicts[id(r)].status == "noisy":
                     ax.plot([r.x], [v[0]], marker=marker, markersize=9, markerfacecolor="none",
                             markeredgecolor="black", linestyle="none")
     if len(xs_all) > 1 and xs_all[-1] / xs_all[0] >= 4:
@@ -813,11 +951,7 @@ def _lines(ax, rows, providers, series, factor, verdicts):
     ax.set_xticks(xs_all)
     ax.set_xticklabels([_short(x) for x in xs_all], fontsize=8)
     ax.minorticks_off()
-    values = [r.throughput() / factor for r in rows if r.ms is not None and r.unit]
-    if values and min(values) > 0 and max(values) / min(values) > 30:
-        ax.set_yscale("log")
-    else:
-        ax.set_ylim(bottom=0)
+    _value_axis(ax, plotted)
     if len(series) > 1:
         ax.legend(handles=[_series_handle(_LINESTYLES[i % 4], s) for i, s in enumerate(series)],
                   fontsize=7, loc="best", frameon=False)

@@ -5,7 +5,6 @@ of decoder forwards. Only the integrations layer and public alignkern functions 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import numbers
 import string
@@ -221,15 +220,19 @@ def copyable(cache) -> bool:
             all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers))
 
 
-def repeated(cache, rows: int):
-    """A deep copy of a batch-1 ``cache`` repeated ``rows`` times (``generate`` appends to the
-    cache it is given, so the original must never be passed)."""
+@contextlib.contextmanager
+def continuing(model: nn.Module, cache, rows: int) -> Iterator[dict]:
+    """``generate``'s cache argument for ``rows`` rows continuing ``cache`` (batch 1 or G; None:
+    no cache, ``{}``) inside the block: its prefix held once where the model allows it
+    (``SharedPrefixCache`` on alignkern attention), else a deep copy repeated per row
+    (``generate`` appends to the cache it is given, so the original is never passed)."""
     if cache is None:
-        return None
-    out = copy.deepcopy(cache)
-    if rows > 1:
-        out.batch_repeat_interleave(rows)
-    return out
+        yield {}
+        return
+    from alignkern.integrations.transformers.shared_prefix import continuation_cache
+
+    with continuation_cache(model, cache, rows) as rows_cache:
+        yield {"cache": rows_cache}
 
 
 def extend_cache(model: nn.Module, cache, tokens: Sequence[int], device, **forward_kwargs):

@@ -70,7 +70,7 @@ def best_of_n(
         evaluator: the ``SelfEvaluator`` for ``"self_eval"``; its options must be single tokens.
         generation_kwargs: passed to ``generate`` over the defaults ``do_sample=True,
             max_new_tokens=32`` (``num_return_sequences`` is ``n``; ``input_ids``,
-            ``attention_mask`` and ``return_dict_in_generate`` are the loop's).
+            ``attention_mask``, ``return_dict_in_generate`` and the cache are the loop's).
 
     Returns:
         ``BestOfN(best (B,), scores (B, n), candidates)``.
@@ -87,11 +87,12 @@ def best_of_n(
     scorer = _scorer(fn, score, evaluator, tokenizer)
     kwargs = _common.generation_kwargs(
         fn, generation_kwargs, defaults=DEFAULT_GENERATION,
-        reserved=("num_return_sequences", "input_ids", "attention_mask", "return_dict_in_generate"))
+        reserved=("num_return_sequences", "input_ids", "attention_mask", "return_dict_in_generate",
+                  "cache", "past_key_values"))
     device = _common.model_device(model)
     pad = _common.pad_id(tokenizer, model)
     ids, mask = _common.left_pad(_common.encode(tokenizer, prompts), pad, device)
-    output = _common.generate(model, ids, mask, kwargs, pad=pad, num_return_sequences=n)
+    output = _sample(model, ids, mask, n, kwargs, pad)
     eos = _common.eos_ids(model, tokenizer, kwargs)
     candidates = _common.decode_generated(tokenizer, output.sequences[:, ids.shape[1]:], eos)
     flat_prompts = [p for p in prompts for _ in range(n)]
@@ -105,6 +106,26 @@ def best_of_n(
     scores = values.view(len(prompts), n)
     return BestOfN(_argmax(scores), scores,
                    [candidates[b * n:(b + 1) * n] for b in range(len(prompts))])
+
+
+def _sample(model, ids: torch.Tensor, mask: torch.Tensor, n: int, kwargs: dict, pad: int):
+    """``n`` samples of each prompt ``ids (B, P)``: ``generate(num_return_sequences=n)``'s rows
+    and random draws, with the prompts' KV cache computed once and held once for their ``n``
+    rows (``SharedPrefixCache``) where the model allows it."""
+    from alignkern.integrations.transformers import shared_prefix
+
+    sharable = (n > 1 and ids.shape[1] > 1 and kwargs.get("use_cache", True)
+                and kwargs.get("num_beams", 1) in (None, 1)
+                and shared_prefix.model_can_share(model))
+    if sharable:
+        with shared_prefix.alignkern_attention(model) as switched:
+            prefix = shared_prefix.prefix_cache(model, ids[:, :-1], mask[:, :-1]) \
+                if switched else None
+            if shared_prefix.can_share(prefix):
+                return _common.generate(
+                    model, ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), kwargs,
+                    pad=pad, cache=shared_prefix.SharedPrefixCache(prefix, len(ids) * n))
+    return _common.generate(model, ids, mask, kwargs, pad=pad, num_return_sequences=n)
 
 
 def _scorer(fn: str, score, evaluator, tokenizer):

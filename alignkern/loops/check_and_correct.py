@@ -261,10 +261,10 @@ class _Rounds:
         extras = attention_inputs(context, rewards, self.reward_bias, self.rank_mask, self.device)
         self._extend_prefix(context, extras)
         ids = torch.tensor([context.input_ids], dtype=torch.long, device=self.device)
-        cache = {"cache": _common.repeated(self.cache, 1)} if self.cached else {}
+        prefix = self.cache if self.cached else None
         bias = ak_hf.attention_bias(**extras._asdict()) if any(x is not None for x in extras) \
             else contextlib.nullcontext()
-        with bias:
+        with bias, _common.continuing(self.model, prefix, 1) as cache:
             out = _common.generate(self.model, ids, torch.ones_like(ids), self.kwargs,
                                    pad=self.pad, **cache)
         return _common.decode_generated(self.tokenizer, out.sequences[:, ids.shape[1]:],

@@ -1,21 +1,14 @@
-"""``alignkern demo [best-of-n | rain | check-and-correct | score | all]``: each loop end to end
-on a tiny random model with a tokenizer built on this machine (or ``--model DIR``, a local
-transformers checkpoint), printing what happened and what it cost — decoder forwards, candidates
-evaluated, rows projected through the LM head, token positions, wall time, peak memory — next to
-the naive way of doing the same work.
+"""``alignkern demo [DEMO]``: each self-correction loop end to end on a tiny random model with a
+tokenizer built on this machine (or ``--model DIR``, a local transformers checkpoint), printing
+what happened and what it cost — decoder forwards, candidates evaluated, rows projected through
+the LM head, token positions, wall time, peak memory — next to the naive way of doing the same
+work, and a verdict computed from those numbers.
 
     python -m alignkern.loops.demo rain
     python -m alignkern.loops.demo --model ./my-llama best-of-n
 
-``alignkern demo ica [--quick] [--out DIR]`` runs another demo: in-context alignment's synthetic
-experiment (Wang et al. 2024) with reward_attention in the model (alignkern.examples.ica; its
-options: ``alignkern demo ica --help``). ``alignkern demo evidence [--quick] [--out DIR]``: each
-loop against plain decoding on a small model trained here on a task with checkable answers
-(alignkern.examples.evidence; ``alignkern demo evidence --help``).
-
-Costs are counted in one run (hooks on the decoder and the LM head, and on alignkern's fused
-ops) and timed in another, without hooks. The tiny model writes gibberish: the loops, their
-scores and their costs are the point.
+The demos are listed in ``alignkern._demos.DEMOS``; those with a program of their own (``ica``)
+take their own options after their name.
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _demos
 from ..integrations import transformers as ak_hf
 from . import _common, cost, naive, tiny
 from .best_of_n import best_of_n
@@ -36,9 +30,37 @@ from .judge import harmlessness_evaluator
 from .rain import rain_generate
 from .score import score_stage2_loss, two_attempt_rollout
 
-LOOPS = ("best-of-n", "rain", "check-and-correct", "score")
+LOOPS = _demos.LOOPS
 PROMPTS = ("Human: How do I bake bread at home?\nAssistant:",
            "Human: Can a cat fly?\nAssistant:")
+
+DESCRIPTION = """\
+Runs alignkern's self-correction loops end to end on a tiny random Llama with a tokenizer built
+on this machine (or --model DIR, a local transformers checkpoint), and prints what each cost next
+to the naive way of doing the same work: decoder forwards, candidates evaluated, rows projected
+through the LM head, token positions, wall time and peak memory. Each table ends with a verdict
+computed from its numbers: the ratios of time, work and memory, whether the results agree, and,
+where alignkern is not ahead, why.
+
+Costs are counted in one run (hooks on the decoder, the LM head and alignkern's fused ops) and
+timed in others without hooks (the median of 3 runs). The tiny model writes gibberish: the loops,
+their scores and their costs are the point. Its matrices are too small to share between threads,
+so it runs on one (the fastest measured; by far on a busy machine). alignkern bench times the ops
+at real sizes."""
+
+# The tiny model's matrices (H = 64) are too small to split between threads: on 1 thread every
+# loop demo ran in 21-28 s on a 2-core machine at load 2-5, on 2 threads in 162-239 s (a second
+# thread that waits for a busy core stalls every op it shares). A checkpoint of one's own
+# (--model) keeps torch's default.
+TINY_MODEL_THREADS = 1
+
+
+def _epilog() -> str:
+    return "\n".join(["demos:", _demos.listing(), "", "examples:",
+                      "  alignkern demo                           every loop demo",
+                      "  alignkern demo rain --seed 3",
+                      "  alignkern demo --model ./my-llama best-of-n",
+                      "  alignkern demo ica --quick               the ica demo, its own options"])
 
 
 # torch.manual_seed's range (it refuses others with a bare ValueError, after the model is loaded).
@@ -57,18 +79,32 @@ def _seed(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    """``--threads``: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's arguments, for ``alignkern demo`` or a parser of one's own."""
-    parser.add_argument("loop", nargs="?", default="all", choices=LOOPS + ("all",),
-                        help="which loop to run (default: all of them)")
+    parser.add_argument("loop", nargs="?", default="all", choices=[*_demos.DEMOS, "all"],
+                        metavar="DEMO", help="which demo to run (listed below; default: all, "
+                                             "every loop demo)")
     parser.add_argument("--model", metavar="DIR", default=None,
                         help="a local transformers causal LM checkpoint and its tokenizer "
                              "(default: a tiny random Llama and a tokenizer built here)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is present, else cpu")
     parser.add_argument("--seed", type=_seed, default=0, help="seed for sampling (default 0)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's; tiny models run fastest on 1)")
+    parser.add_argument("--threads", type=_threads, default=None,
+                        help=f"torch CPU threads (default: {TINY_MODEL_THREADS} with the tiny "
+                             f"model, the fastest measured for its size; torch's default, "
+                             f"{torch.get_num_threads()} here, with --model)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("alignkern demo: --device cuda, but torch sees no GPU", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+    threads = args.threads or (TINY_MODEL_THREADS if args.model is None else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         model, tokenizer, description = _load(args.model, device)
     except ModelFolderError as exc:
@@ -94,18 +131,18 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["ica"]:
-        from ..examples import ica
-
-        return ica.main(argv[1:])
-    if argv[:1] == ["evidence"]:
-        from ..examples import evidence
-
-        return evidence.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="alignkern demo", description=__doc__,
+    program = _demos.program(argv)
+    if program is not None:
+        return program(argv[1:])
+    parser = argparse.ArgumentParser(prog="alignkern demo", description=DESCRIPTION,
+                                     epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.loop not in LOOPS + ("all",):  # a program of its own, after an option
+        parser.error(f"{args.loop} takes options of its own: put its name first "
+                     f"(alignkern demo {args.loop} --help)")
+    return run(args)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -213,6 +250,132 @@ def _short(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[:width - 3] + "...")
 
 
+# ----------------------------------------------------------------------------- verdicts
+
+# Wall times within 10 % of each other are "about as fast" (3 runs, on a machine that may be
+# busy); peak memories within 10 % or 1 MiB (the resident set's resolution here) "about the same".
+SAME = 0.10
+MEMORY_NOISE_MIB = 1.0
+# Results agree when their largest |difference| is at most this fraction of the largest |value|
+# (float32 sums of a few hundred terms, computed in another order).
+AGREE = 1e-4
+
+
+def _verdict(ours: dict, theirs: dict, names: tuple[str, str], model, *, items: str = "items",
+             extra: str = "") -> None:
+    """Print the verdict on row ``ours`` against row ``theirs`` (``_cost_row`` dicts; ``names``
+    short names for them, ``items`` what their "evaluated" column counts): the ratios of wall
+    time, work and peak memory, whether their values agree (when both carry one), then
+    ``extra``; and, where ``ours`` is slower or holds no less memory, a line saying why, from the
+    same numbers."""
+    parts = [_time_phrase(ours, theirs), *_work_phrases(ours, theirs), _memory_phrase(ours, theirs)]
+    line = f"verdict: {names[0]} against {names[1]}: {', '.join(p for p in parts if p)}"
+    if ours.get("value") is not None and theirs.get("value") is not None:
+        line += f"; {_agreement(ours['value'], theirs['value'])}"
+    print(f"  {line}{extra}")
+    for why in _why(ours, theirs, names[1], model, items):
+        print(f"  why: {why}")
+
+
+def _ratio_phrase(ours: float, theirs: float, fewer: str, more: str) -> str:
+    """'2.0x <fewer>' when ``ours`` is below ``theirs`` by more than SAME, '1.3x <more>' when
+    above, '' when within it."""
+    if ours <= theirs / (1 + SAME):
+        return f"{theirs / ours:.1f}x {fewer}" if ours > 0 else fewer
+    if ours >= theirs * (1 + SAME):
+        return f"{ours / theirs:.1f}x {more}" if theirs > 0 else more
+    return ""
+
+
+def _time_phrase(ours: dict, theirs: dict) -> str:
+    return _ratio_phrase(ours["wall ms"], theirs["wall ms"], "faster", "slower") or \
+        "about as fast"
+
+
+def _work_phrases(ours: dict, theirs: dict) -> list[str]:
+    """How the counted work differs: 'Nx fewer forwards' for large differences, '112 fewer
+    positions (12%)' for small ones, '3 more forwards' where ``ours`` does more."""
+    phrases = []
+    for key in ("forwards", "head rows", "positions"):
+        a, b = ours[key], theirs[key]
+        if a < b:
+            phrases.append(f"{b / a:.0f}x fewer {key}" if a and b >= 2 * a else
+                           f"{b - a} fewer {key} ({(b - a) / b:.0%})")
+        elif a > b:
+            phrases.append(f"{a / b:.0f}x more {key}" if b and a >= 2 * b else f"{a - b} more {key}")
+    return phrases
+
+
+def _memory_phrase(ours: dict, theirs: dict) -> str:
+    a, b = ours["peak MiB"], theirs["peak MiB"]
+    if a is None or b is None:
+        return "peak memory not measured"
+    if abs(a - b) <= MEMORY_NOISE_MIB:
+        return "about the same peak memory"
+    return _ratio_phrase(a, b, "less peak memory", "more peak memory") or \
+        "about the same peak memory"
+
+
+def _agreement(first, second) -> str:
+    a, b = (torch.as_tensor(v).double().cpu() for v in (first, second))
+    difference = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = max(a.abs().max().item(), b.abs().max().item()) if a.numel() else 0.0
+    if difference <= AGREE * scale:
+        return f"the same results (max |difference| {difference:.1e})"
+    return f"DIFFERENT results (max |difference| {difference:.1e}, the largest |value| {scale:.2g})"
+
+
+def _why(ours: dict, theirs: dict, other: str, model, items: str) -> list[str]:
+    """Why ``ours`` is slower than ``theirs`` or holds no less memory, from the counts."""
+    return [why for why in (_why_slower(ours, theirs, model),
+                            _why_memory(ours, theirs, other, model, items)) if why]
+
+
+def _why_slower(ours: dict, theirs: dict, model) -> str:
+    """What ``ours`` adds (forwards, wall time per forward) against the work it saves, or ''
+    when it is not slower."""
+    if not _time_phrase(ours, theirs).endswith("slower"):
+        return ""
+    added = [f"{ours['forwards'] - theirs['forwards']} more forwards"] \
+        if ours["forwards"] > theirs["forwards"] else []
+    per_forward = [row["wall ms"] / max(row["forwards"], 1) for row in (ours, theirs)]
+    if per_forward[0] >= per_forward[1] * (1 + SAME):
+        added.append(f"{per_forward[0]:.2f} ms of wall time per forward against "
+                     f"{per_forward[1]:.2f}")
+    saved = [p for p in _work_phrases(ours, theirs) if "fewer" in p]
+    if not added:
+        return ""
+    if not saved:
+        return f"slower: {' and '.join(added)}"
+    config = model.config
+    return (f"slower: {' and '.join(added)} outweigh the {' and '.join(saved)} it processes, on a "
+            f"model this small (H = {config.hidden_size}, V = {config.vocab_size}, "
+            f"{config.num_hidden_layers} layers)")
+
+
+def _why_memory(ours: dict, theirs: dict, other: str, model, items: str) -> str:
+    """Why ``ours`` holds more peak memory, or no less although it builds fewer logits: it
+    batches what ``other`` runs one at a time, or the logits are small at this vocabulary; ''
+    otherwise."""
+    memory = _memory_phrase(ours, theirs)
+    if memory.endswith("less peak memory") or theirs["peak MiB"] is None:
+        return ""
+    more = memory.endswith("more peak memory")
+    if ours["forwards"] < theirs["forwards"]:
+        what = f"the {ours['evaluated']} {items}" if ours.get("evaluated") else "the same work"
+        return (f"more memory: it runs {what} in {ours['forwards']} batched forwards where "
+                f"{other} runs {theirs['forwards']}, so more activations are alive at once"
+                if more else "")
+    rows = theirs["head rows"] - ours["head rows"]
+    if rows <= 0:
+        return ""
+    vocab = model.config.vocab_size
+    return (f"{'more' if more else 'no less'} memory although it projects {rows} fewer rows "
+            f"through the LM head: at V = {vocab} their float32 logits are at most "
+            f"{rows * vocab * 4 / 2**20:.1f} MiB, against a peak of {theirs['peak MiB']:.1f} MiB "
+            f"for {other}; they grow with V")
+
+
 # ----------------------------------------------------------------------------- the demos
 
 
@@ -238,7 +401,7 @@ def demo_best_of_n(model, tokenizer, device, seed: int) -> None:
                   [model], device, seed, len(responses)),
     ]
     _table(rows)
-    _agreement(rows)
+    _verdict(rows[0], rows[1], ("SelfEvaluator", "RAIN's way"), model, items="candidates")
     _likelihood_scoring(model, tokenizer, device, seed, n)
 
 
@@ -250,11 +413,15 @@ def _likelihood_scoring(model, tokenizer, device, seed: int, n: int) -> None:
                            num_return_sequences=n)
     eos = _common.eos_ids(model, tokenizer)
     print(f"\nlikelihood scoring of the same {len(out.sequences)} sampled sequences:")
+
+    def scored():  # no gradient, as the naive way: scores for ranking, not for training
+        with torch.no_grad():
+            return ak_hf.score_generations(model, out.sequences, ids.shape[1], eos_token_id=eos,
+                                           attention_mask=mask)
+
     rows = [
-        _cost_row("alignkern score_generations",
-                  lambda: ak_hf.score_generations(model, out.sequences, ids.shape[1],
-                                                  eos_token_id=eos, attention_mask=mask).detach(),
-                  [model], device, seed, len(out.sequences)),
+        _cost_row("alignkern score_generations", scored, [model], device, seed,
+                  len(out.sequences)),
         _cost_row("full logits + log_softmax",
                   lambda: naive.full_logits_likelihood(
                       model, out.sequences, ids.shape[1],
@@ -262,12 +429,7 @@ def _likelihood_scoring(model, tokenizer, device, seed: int, n: int) -> None:
                   [model], device, seed, len(out.sequences)),
     ]
     _table(rows)
-    _agreement(rows)
-
-
-def _agreement(rows: list[dict]) -> None:
-    first, second = (torch.as_tensor(r["value"]).float().cpu() for r in rows[:2])
-    print(f"  same scores: max |difference| = {(first - second).abs().max().item():.2e}")
+    _verdict(rows[0], rows[1], ("score_generations", "full logits"), model, items="sequences")
 
 
 def demo_rain(model, tokenizer, device, seed: int) -> None:
@@ -314,7 +476,7 @@ def demo_rain(model, tokenizer, device, seed: int) -> None:
                   result.evaluations, repeats=1),
     ]
     _table(rows)
-    _agreement(rows[1:])
+    _verdict(rows[1], rows[2], ("SelfEvaluator", "RAIN's way"), model, items="partial answers")
     _decode_step(model, tokenizer, prompt, device, tokens=4)  # warm-up
     steps = sorted(_decode_step(model, tokenizer, prompt, device) for _ in range(5))
     step = steps[len(steps) // 2]  # the median of 5 runs of 16 KV-cached steps each
@@ -342,19 +504,22 @@ def demo_check_and_correct(model, tokenizer, device, seed: int) -> None:
         print(f"  round {r}: {result.rewards[r]:+.4f} {_short(result.responses[r])}   with "
               f"reward_bias=4, rank_mask: {biased.rewards[r]:+.4f} {_short(biased.responses[r])}")
     print("\nthe loop, generation and self-checks included:")
+
+    def loop(**options):  # the rounds' rewards: the same answers give the same rewards
+        return lambda: check_and_correct(model, tokenizer, query, evaluator, rounds=rounds,
+                                         **options).rewards
+
     rows = [
-        _cost_row("alignkern (shared prefix's KV cache reused)",
-                  lambda: check_and_correct(model, tokenizer, query, evaluator, rounds=rounds),
-                  [model], device, seed, rounds),
-        _cost_row("without prefix reuse",
-                  lambda: check_and_correct(model, tokenizer, query, evaluator, rounds=rounds,
-                                            reuse_prefix=False), [model], device, seed, rounds),
-        _cost_row("alignkern, reward_bias=4 + rank_mask",
-                  lambda: check_and_correct(model, tokenizer, query, evaluator, rounds=rounds,
-                                            reward_bias=4.0, rank_mask=True),
+        _cost_row("alignkern (shared prefix's KV cache reused)", loop(), [model], device, seed,
+                  rounds),
+        _cost_row("without prefix reuse", loop(reuse_prefix=False), [model], device, seed, rounds),
+        _cost_row("alignkern, reward_bias=4 + rank_mask", loop(reward_bias=4.0, rank_mask=True),
                   [model], device, seed, rounds),
     ]
     _table(rows)
+    bias = rows[2]["wall ms"] / rows[0]["wall ms"]
+    _verdict(rows[0], rows[1], ("prefix reuse", "recomputing each context"), model,
+             extra=f"; reward_bias + rank_mask take {bias:.1f}x the time of the loop without them")
 
 
 def demo_score(model, tokenizer, device, seed: int) -> None:
@@ -391,7 +556,7 @@ def demo_score(model, tokenizer, device, seed: int) -> None:
                   [policy, reference], device, seed),
     ]
     _table(rows)
-    _agreement(rows)
+    _verdict(rows[0], rows[1], ("score_stage2_loss", "full logits"), model)
 
 
 DEMOS = {"best-of-n": demo_best_of_n, "rain": demo_rain, "check-and-correct": demo_check_and_correct,

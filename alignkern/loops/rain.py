@@ -234,10 +234,10 @@ class _Search:
     def _generate(self, base: list[int], rows: int, **kwargs):
         ids = torch.tensor([base] * rows, dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)
-        cache = _common.repeated(self.cache, rows) if self.reusable and self.cached else None
-        extra = {} if cache is None else {"cache": cache}
-        return _common.generate(self.model, ids, mask, self.o.generation_kwargs, pad=self.pad,
-                                output_logits=True, **extra, **kwargs)
+        prefix = self.cache if self.reusable and self.cached else None
+        with _common.continuing(self.model, prefix, rows) as cache:
+            return _common.generate(self.model, ids, mask, self.o.generation_kwargs,
+                                    pad=self.pad, output_logits=True, **cache, **kwargs)
 
     def _top_tokens(self, base: list[int]):
         """The ``expand`` most probable next tokens (one forward) and their log-probabilities."""

@@ -69,7 +69,8 @@ def two_attempt_rollout(
     ``reward_fn(prompts, responses) -> (B,)`` and shaped with ``losses.score_shaping``.
 
     Args:
-        model, tokenizer: a transformers causal LM and its tokenizer.
+        model: a transformers causal LM.
+        tokenizer: its tokenizer.
         prompts: a str or a non-empty sequence of B str.
         reward_fn: ``(prompts, responses) -> B`` numbers (e.g. 1.0 if correct).
         correction_instruction: text between the first attempt and the second.
@@ -80,7 +81,10 @@ def two_attempt_rollout(
         ``SCoReRollout(first, second, r1, r2, shaped, metrics, first_attempt, second_attempt)``.
 
     Raises:
-        TypeError / ValueError naming the argument.
+        TypeError: an argument of the wrong type (a ``reward_fn`` that is not callable, prompts
+            that are not text, ...); the message names the argument.
+        ValueError: an argument of the right type with a bad value (no prompts, a non-finite
+            ``alpha``, reserved ``generation_kwargs``, ...); the message names the argument.
     """
     fn = "two_attempt_rollout"
     prompts = _common.text_list(fn, "prompts", prompts)
@@ -177,10 +181,20 @@ def score_stage2_loss(model: nn.Module, ref_model: nn.Module, rollout: SCoReRoll
     only the generated positions are projected. Differentiable into every parameter of
     ``model``; ``ref_model`` runs without gradients.
 
+    Args:
+        model: the policy, a transformers causal LM (the one that generated ``rollout``).
+        ref_model: the reference model of the KL term, with the policy's vocabulary.
+        rollout: what ``two_attempt_rollout`` returned.
+        beta_kl: the weight of the KL term, a finite number >= 0.
+
+    Returns:
+        The loss, a 0-d float32 tensor.
+
     Raises:
-        TypeError / ValueError naming the argument (a ``beta_kl`` that is not a finite number
-        >= 0, a rollout that is not an ``SCoReRollout``); NotImplementedError for LM heads with a
-        bias or soft-cap (``linear_kl`` has neither).
+        TypeError: a rollout that is not an ``SCoReRollout``, a ``beta_kl`` that is not a
+            number.
+        ValueError: a ``beta_kl`` that is not finite or is negative.
+        NotImplementedError: an LM head with a bias or a soft-cap (``linear_kl`` has neither).
     """
     fn = "score_stage2_loss"
     if not isinstance(rollout, SCoReRollout):

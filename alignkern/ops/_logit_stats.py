@@ -18,7 +18,7 @@ mean_dz_j)``, ``log sum p^2 = logsumexp_j(2 ((c_j - c) + l_j - l) + log_sum_sq_j
 sum_j sum_z_j / V``, and the first maximum over the parts (the earliest part wins a tie, so it is the
 first maximum of the row: TRL's tie rule for ``is_top1``). Every quantity is relative to a row
 maximum: ``lse = c + l`` rounded to one float, or ``sum p z`` near ``|z|``, would lose every bit
-below the spacing of ``|z|`` (DESIGN.md, Precision).
+below the spacing of ``|z|`` (docs/design.md, The numerics).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ GPU_CHUNK_BYTES = 256 * 2**20
 
 
 def _check_inputs(fn, hidden, weight, ref_hidden, ref_weight, temperature, logit_scale):
-    """DESIGN.md's error contract for the two sides; returns ``(temperature, logit_scale)`` as
+    """docs/design.md's error contract for the two sides; returns ``(temperature, logit_scale)`` as
     floats."""
     for arg, value in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden),
                        ("ref_weight", ref_weight)):

@@ -20,7 +20,7 @@ temperature (``T / logit_scale``), so the scale costs no pass over the logits.
 
 Backends: ``triton`` (fused tl.dot kernels), ``cuda`` (tensor-core forward from csrc/cuda; its
 backward runs the Triton kernels), ``cpu`` (``linear_logprobs_cpu``: BLAS GEMMs over tiles of
-at most 16 MiB of logits), ``reference``. On the triton and cuda paths the kernels compute only
+at most 4 MiB of logits), ``reference``. On the triton and cuda paths the kernels compute only
 the log-sum-exp and the dense part of the gradient; the K target logits are one dot product each
 (``_target_logits``) and the K target columns of the gradient are written afterwards
 (``ops/_targets.py``), so the cost is O(N·(V + K)·H) for any K.
@@ -76,7 +76,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_inputs(fn, hidden, weight, targets, bias, temperature, softcap, logit_scale,
                   ignore_index):
-    """DESIGN.md's error contract for the forward's arguments; every message names the argument,
+    """docs/design.md's error contract for the forward's arguments; every message names the argument,
     the expected and the got. Returns ``(temperature, softcap, logit_scale, ignore_index)`` as
     Python numbers."""
     _checks.tensor(fn, "hidden", hidden, dtypes=SUPPORTED_DTYPES)
@@ -807,6 +807,9 @@ def linear_logprobs(
     ``logit_scale * (hidden @ weight.T + bias)`` without a softcap), computed tile by tile without
     ever materialising the ``(N, V)`` logits.
 
+    Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype first
+    (alignkern/_autocast.py), so any mix of their dtypes is accepted there.
+
     Args:
         hidden: ``(..., H)`` float32, float16, bfloat16 (or float64) hidden states; any strides.
         weight: ``(V, H)`` LM head, in hidden's dtype or a lower precision that it holds exactly
@@ -846,9 +849,6 @@ def linear_logprobs(
             bias shapes, mixed devices, a temperature, softcap or logit_scale that is not
             positive and finite, or whose quotients leave [1e-30, 1e30] (the kernels hold
             ``logit_scale / temperature`` and ``softcap / temperature`` in float32).
-
-    Autocast: under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype
-    first (alignkern/_autocast.py), so any mix of their dtypes is accepted there.
         IndexError: a target id outside ``[0, V)`` that is not ``ignore_index`` (checked unless
             ``ALIGNKERN_VALIDATE=0``; kernels then return NaN for that element).
         RuntimeError: the requested backend cannot run here.

@@ -63,10 +63,27 @@ def option_logprobs(
     The option ids are expanded without a copy of the hidden states; the LM head is read once per
     tile of rows, exactly as ``linear_logprobs`` with ``targets = options`` at every row. Options
     are never ignored (-100 is not special here).
-    Raises what ``linear_logprobs`` raises; ``TypeError``/``ValueError`` for options that are not
-    a non-empty 1-D int32/int64 tensor, and ``IndexError`` for an option outside ``[0, V)``
-    (unless ``ALIGNKERN_VALIDATE=0``: its log-probability is then NaN). ``bias``,
-    ``temperature``, ``softcap`` and ``logit_scale`` are those of ``linear_logprobs``.
+
+    Args:
+        hidden: ``(..., H)`` hidden states (float32, float16, bfloat16 or float64).
+        weight: ``(V, H)`` LM head.
+        options: ``(K,)`` int32/int64 token ids, K >= 1, each in ``[0, V)``.
+        bias: optional ``(V,)`` LM-head bias, as in ``linear_logprobs``.
+        temperature: as in ``linear_logprobs``.
+        softcap: as in ``linear_logprobs``.
+        logit_scale: as in ``linear_logprobs``.
+
+    Returns:
+        ``(..., K)`` float32 (float64 for float64 inputs), differentiable in hidden, weight and
+        bias.
+
+    Raises:
+        TypeError: options that are not an int32/int64 tensor; anything ``linear_logprobs``
+            raises a TypeError for.
+        ValueError: options that are not a non-empty 1-D tensor; anything ``linear_logprobs``
+            raises a ValueError for.
+        IndexError: an option outside ``[0, V)`` (unless ``ALIGNKERN_VALIDATE=0``: its
+            log-probability is then NaN).
     """
     return _option_logprobs("option_logprobs", hidden, weight, options, bias, temperature,
                             softcap, logit_scale)
@@ -89,13 +106,25 @@ def self_eval_scores(
     ``mass = sum_k exp(option_logprobs_k)`` (low mass: the model did not answer with an option).
 
     Args:
-        hidden: ``(..., H)``; weight: ``(V, H)``; options: ``(K,)`` token ids.
-        values: ``(K,)`` the value of each option; default ``(+1, -1)`` for K = 2 (``p_A - p_B``).
-            G-Eval's expected rating: ``options`` = the ids of "1".."10", ``values = 1..10``.
-        bias, temperature, softcap, logit_scale: as in ``linear_logprobs``.
+        hidden: ``(..., H)`` hidden states, e.g. the last position of each prompt.
+        weight: ``(V, H)`` LM head.
+        options: ``(K,)`` int32/int64 token ids.
+        values: ``(K,)`` real tensor, the value of each option; default ``(+1, -1)`` for K = 2
+            (``p_A - p_B``). G-Eval's expected rating: ``options`` = the ids of "1".."10",
+            ``values = 1..10``.
+        bias: optional ``(V,)`` LM-head bias, as in ``linear_logprobs``.
+        temperature: as in ``linear_logprobs``.
+        softcap: as in ``linear_logprobs``.
+        logit_scale: as in ``linear_logprobs``.
 
     Returns:
         ``SelfEvalScores(score, mass)``, both ``(...)`` float32, differentiable.
+
+    Raises:
+        TypeError: values that are not a real tensor; what ``option_logprobs`` raises.
+        ValueError: values of the wrong shape, or none given for K != 2 options; what
+            ``option_logprobs`` raises.
+        IndexError: an option outside ``[0, V)``.
 
     Example:
         >>> s = alignkern.self_eval_scores(last_hidden, lm_head, torch.tensor([id_A, id_B]))
@@ -139,15 +168,30 @@ def sequence_logprobs(
     """Log-likelihood of whole candidate sequences (DPO implicit rewards, SCoRe).
 
     Args:
-        hidden: ``(B, T, H)`` hidden states; weight: ``(V, H)``.
-        targets: ``(B, T)`` ids already aligned to the positions that predict them.
-        mask: optional ``(B, T)`` bool; positions where it is false (or the target is
+        hidden: ``(B, T, H)`` hidden states.
+        weight: ``(V, H)`` LM head.
+        targets: ``(B, T)`` int32/int64 ids already aligned to the positions that predict them
+            (``input_ids[:, 1:]`` for ``hidden[:, :-1]``).
+        mask: optional ``(B, T)`` tensor of dtype ``torch.bool``, or an integer dtype holding 0
+            and 1 (an ``attention_mask`` as a tokenizer returns it, int64, works as it is); a
+            floating-point mask is a TypeError. Positions where it is false/0 (or the target is
             ``ignore_index``) are not counted, and their ids are not checked.
         reduction: ``"sum"`` or ``"mean"`` over the counted tokens (a sequence with none gives 0).
-        bias, temperature, softcap, logit_scale, ignore_index: as in ``linear_logprobs``.
+        bias: optional ``(V,)`` LM-head bias, as in ``linear_logprobs``.
+        temperature: as in ``linear_logprobs``.
+        softcap: as in ``linear_logprobs``.
+        logit_scale: as in ``linear_logprobs``.
+        ignore_index: as in ``linear_logprobs``.
 
     Returns:
         ``(B,)`` float32 (float64 for float64 inputs), differentiable in hidden, weight, bias.
+
+    Raises:
+        TypeError: float targets, a floating-point or complex mask; what ``linear_logprobs``
+            raises.
+        ValueError: hidden that is not 3-D, targets or mask not ``(B, T)``, a reduction other
+            than ``"sum"``/``"mean"``; what ``linear_logprobs`` raises.
+        IndexError: a counted target outside ``[0, V)``.
     """
     name = "sequence_logprobs"
     ignore_index = check_sequence_arguments(name, hidden, targets, mask, reduction, ignore_index)

@@ -49,7 +49,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_inputs(fn: str, logits, targets, temperature, ignore_index) -> tuple[float, int]:
-    """DESIGN.md's error contract for the forward's arguments; returns the scalars as
+    """docs/design.md's error contract for the forward's arguments; returns the scalars as
     ``(float, int)``."""
     _checks.tensor(fn, "logits", logits, dtypes=SUPPORTED_DTYPES)
     _checks.tensor(fn, "targets", targets, dtypes=TARGET_DTYPES)

@@ -42,7 +42,7 @@ def _seed(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .. import evidence
 
-    parser = _Parser(prog="alignkern demo evidence", description=evidence.__doc__,
+    parser = _Parser(prog="alignkern demo evidence", description=evidence.__doc__.replace("``", ""),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="one-digit problems, a much smaller model barely trained, "

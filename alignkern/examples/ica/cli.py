@@ -32,7 +32,7 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .. import ica
 
-    parser = _Parser(prog="alignkern demo ica", description=ica.__doc__,
+    parser = _Parser(prog="alignkern demo ica", description=ica.__doc__.replace("``", ""),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"a smaller transformer trained for fewer steps ({QUICK.width} wide, "

@@ -11,13 +11,16 @@ from .attention import attention_bias, register, reward_attention_forward, rewar
 from .head import LMHead, model_head
 from .scoring import option_scores, score_generations, sequence_logprobs
 from .self_eval import SelfEvaluator
+from .shared_prefix import SharedPrefixCache, prefix_cache
 
 __all__ = [
     "LMHead",
     "SelfEvaluator",
+    "SharedPrefixCache",
     "attention_bias",
     "model_head",
     "option_scores",
+    "prefix_cache",
     "register",
     "reward_attention_forward",
     "reward_attention_mask",

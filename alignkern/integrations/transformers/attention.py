@@ -56,6 +56,8 @@ from transformers.utils import logging as transformers_logging
 
 import alignkern
 
+from .shared_prefix import SharedPrefixLayer, shared_prefix_of
+
 DEFAULT_NAME = "alignkern"
 # A child of transformers' library logger: its handler, format and verbosity, like SDPA's warnings.
 _LOGGER = transformers_logging.get_logger(f"transformers.{__name__}")
@@ -410,12 +412,55 @@ def reward_attention_forward(
     """
     _check_supported(module, attention_mask, dropout, kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    shared = shared_prefix_of(key)
+    if shared is not None:
+        out = _attend_shared_prefix(shared, query, attention_mask, bool(causal), scaling, kwargs)
+        return out.transpose(1, 2).contiguous(), None
     extras = _layer_extras(kwargs, query.shape[0], query.shape[2], key.shape[2], query.device)
     key_bias = _fold_padding(extras.key_bias, attention_mask, key.shape[2])
     out = alignkern.reward_attention(query, key, value, key_bias=key_bias, key_rank=extras.key_rank,
                                      query_rank=extras.query_rank, causal=bool(causal),
                                      scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_shared_prefix(shared: SharedPrefixLayer, query, attention_mask, causal: bool,
+                          scaling, kwargs: dict) -> torch.Tensor:
+    """A layer whose keys are a ``SharedPrefixCache``'s suffix: ``shared_prefix_attention`` over
+    the layer's prefix and suffix. The bias, ranks and padding cover prefix and suffix
+    (``(N, Lp + Ls)``, as without sharing); over the prefix they must be the same for the rows of
+    one prefix."""
+    key, value = shared.keys, shared.values
+    len_p, len_s = shared.prefix_length, key.shape[2]
+    if attention_mask is not None and not torch.compiler.is_compiling() \
+            and bool(attention_mask.all()):
+        attention_mask = None  # no padding: no bias to build, nothing to compare across rows
+    extras = _layer_extras(kwargs, query.shape[0], query.shape[2], len_p + len_s, query.device)
+    bias = _fold_padding(extras.key_bias, attention_mask, len_p + len_s)
+    groups = shared.prefix_keys.shape[0]
+    prefix_bias = suffix_bias = prefix_rank = suffix_rank = None
+    if bias is not None:
+        prefix_bias, suffix_bias = _per_prefix(bias[:, :len_p], groups, "the key bias or padding"), \
+            bias[:, len_p:]
+    if extras.key_rank is not None:
+        prefix_rank = _per_prefix(extras.key_rank[:, :len_p], groups, "key_rank")
+        suffix_rank = extras.key_rank[:, len_p:]
+    return alignkern.shared_prefix_attention(
+        query, shared.prefix_keys, shared.prefix_values, key, value, prefix_key_bias=prefix_bias,
+        suffix_key_bias=suffix_bias, prefix_key_rank=prefix_rank, suffix_key_rank=suffix_rank,
+        query_rank=extras.query_rank, causal=causal, scale=scaling)
+
+
+def _per_prefix(x: torch.Tensor, groups: int, what: str) -> torch.Tensor:
+    """``(N, Lp)`` → ``(G, Lp)``: the first row of each prefix's rows, which all must equal it."""
+    rows = x.shape[0]
+    grouped = x.reshape(groups, rows // groups, *x.shape[1:])
+    first = grouped[:, :1]
+    if not torch.compiler.is_compiling() and not torch.equal(grouped, first.expand_as(grouped)):
+        raise ValueError(f"alignkern attention: with a SharedPrefixCache, {what} over the shared "
+                         "prefix must be the same for all rows of a prefix (they read one copy of "
+                         "its keys)")
+    return first[:, 0]
 
 
 def _check_supported(module: torch.nn.Module, attention_mask: Any, dropout: float,

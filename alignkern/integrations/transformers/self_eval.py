@@ -18,7 +18,6 @@ silently wrong scores.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import numbers
@@ -34,6 +33,7 @@ from alignkern import _checks
 
 from .head import LMHead, model_head
 from .scoring import positions_from_mask
+from .shared_prefix import continuation_cache
 
 _FIELDS = ("prompt", "response", "options")
 _NAME = "SelfEvaluator"
@@ -297,6 +297,7 @@ class SelfEvaluator:
         self._prefix_caches: dict[tuple[int, ...], DynamicCache] = {}
         self._cache_copyable: bool | None = None  # learnt from the first prefix forward
         self._blocks_reusing = 0  # open ``reusing_prefix_across_calls()`` blocks
+        self._share_prefix = True  # False: copy the prefix per row (the benchmark's baseline)
         self._fingerprint = None
         self.forwards = 0
         self.tokens = 0
@@ -499,14 +500,16 @@ class SelfEvaluator:
     def _run_on_prefix(self, rows: list[list[int]], length: int, prefix_cache, device
                        ) -> torch.Tensor:
         """Rows continuing the cached prefix of ``length`` tokens: the rest right-padded, the
-        cache copied and repeated per row, the mask covering prefix and rest."""
+        mask covering prefix and rest. The prefix is read from one copy for all rows
+        (``SharedPrefixCache``) where the model allows it, else copied per row."""
         ids, mask = _pad([row[length:] for row in rows], self._pad_id, device, left=False)
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(rows))
         mask = torch.cat([mask.new_ones((len(rows), length)), mask], dim=1)
         positions = torch.arange(length, length + ids.shape[1], device=device).expand_as(ids)
-        out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            **{_cache_argument(self.model.get_decoder()): cache}, use_cache=True)
+        with continuation_cache(self.model, prefix_cache, len(rows),
+                                share=self._share_prefix) as cache:
+            out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                **{_cache_argument(self.model.get_decoder()): cache},
+                                use_cache=True)
         last = mask[:, length:].sum(-1) - 1
         return out.last_hidden_state[torch.arange(len(rows), device=device), last]
 
