@@ -1,4 +1,4 @@
-"""Every ```python block of docs/**/*.md runs as written.
+"""Every ```python block of README.md and docs/**/*.md runs as written.
 
 Each block is one test and runs in a fresh namespace, in this process: a block is an example a
 reader copies on its own, so it imports everything it uses and builds its own model and
@@ -25,9 +25,7 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# README.md joins this list with its rewrite (issue 25); its current blocks are signatures and
-# fragments, not programs.
-PAGES = sorted((ROOT / "docs").rglob("*.md"))
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 FENCE = re.compile(r"^(?P<indent> *)(?P<ticks>`{3,})(?P<info>[^`\n]*)$")
 SKIP = re.compile(r"^\s*<!--\s*skip:\s*(?P<reason>.*?)\s*-->\s*$")
@@ -146,12 +144,12 @@ def test_python_block_runs_as_written(block: Block):
 
 
 def test_there_are_examples_to_run():
-    """The collection itself: every guide and the home page have runnable blocks, and a block
+    """The collection itself: every guide, the home page and the README have runnable blocks; a block
     inside a list item is found and dedented."""
     runnable = {b.page.relative_to(ROOT).as_posix() for b in PYTHON_BLOCKS if b.skip is None}
     guides = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs" / "guides").glob("*.md")}
     benchmarks = "docs/guides/benchmarks.md"          # commands only: bash blocks
-    assert guides - {benchmarks} <= runnable and "docs/index.md" in runnable, runnable
+    assert guides - {benchmarks} <= runnable and {"docs/index.md", "README.md"} <= runnable, runnable
 
     page = ROOT / "docs" / "index.md"
     listed = blocks_of_text("- an item\n\n    ```python\n    x = 1\n      y = 2\n    ```\n", page)
