@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import _demos
+from .._argtypes import integer, positive_int
 from ..integrations import transformers as ak_hf
 from . import _common, cost, naive, tiny
 from .best_of_n import best_of_n
@@ -69,24 +70,10 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 
 def _seed(text: str) -> int:
     """``--seed``: an integer torch.manual_seed takes."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = integer(text)
     if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
         raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64 - 1] (torch.manual_seed's "
                                          f"range), got {value}")
-    return value
-
-
-def _threads(text: str) -> int:
-    """``--threads``: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -101,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is present, else cpu")
     parser.add_argument("--seed", type=_seed, default=0, help="seed for sampling (default 0)")
-    parser.add_argument("--threads", type=_threads, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help=f"torch CPU threads (default: {TINY_MODEL_THREADS} with the tiny "
                              f"model, the fastest measured for its size; torch's default, "
                              f"{torch.get_num_threads()} here, with --model)")

@@ -10,30 +10,13 @@ from pathlib import Path
 
 import torch
 
+from ..._argtypes import OneLineParser, integer, positive_int
 from . import report
 from .experiment import FULL, QUICK, run
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like the rest of the CLI
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = integer(text)
     if not 0 <= value < 2**31:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**31), got {value}")
     return value
@@ -42,8 +25,9 @@ def _seed(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .. import evidence
 
-    parser = _Parser(prog="alignkern demo evidence", description=evidence.__doc__.replace("``", ""),
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="alignkern demo evidence",
+                           description=evidence.__doc__.replace("``", ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="one-digit problems, a much smaller model barely trained, "
                              f"{QUICK.problems} problems: a smoke test of the pipeline (seconds), "
@@ -60,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                              "formats; see --save-model)")
     parser.add_argument("--save-model", metavar="DIR", default=None,
                         help="also save the trained model and its tokenizer there (for --model)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1, which leaves the other core of a "
                              "shared 2-core machine free; 2 threads trained about 1.3-1.6x "
                              "faster on an idle one). Results are reproducible for a given seed "

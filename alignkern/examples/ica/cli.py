@@ -9,31 +9,18 @@ from pathlib import Path
 
 import torch
 
+from ..._argtypes import OneLineParser, positive_int
 from .data import DIM, EXAMPLES
 from .experiment import FULL, QUICK, format_table, parameter_count, plot, run_experiment, write_csv
 from .model import ROUTES
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like the rest of the CLI
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     from .. import ica
 
-    parser = _Parser(prog="alignkern demo ica", description=ica.__doc__.replace("``", ""),
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="alignkern demo ica",
+                           description=ica.__doc__.replace("``", ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"a smaller transformer trained for fewer steps ({QUICK.width} wide, "
                              f"{QUICK.layers} layers, {QUICK.steps} steps of {QUICK.batch}): a "
@@ -41,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="alignkern-ica",
                         help="where ica.csv and ica.png go (default ./alignkern-ica)")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: the matrices are tiny, and one "
                              "thread was the fastest measured on 2 shared cores); results are "
                              "reproducible for a given seed and thread count")
@@ -49,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="how the rewards reach the trained model's attention: bias "
                              "(default), rank (the reward-ordering mask on half the heads), both, "
                              "or none (rewards only in the tokens)")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"training steps (default {FULL.steps}, --quick {QUICK.steps})")
     parser.add_argument("--no-plot", action="store_true", help="skip ica.png")
     return parser
