@@ -32,28 +32,6 @@ struct Sums {
   Acc s = 0, xd = 0, sq = 0, zsum = 0;
 };
 
-ALIGNKERN_MULTIVERSION
-float chunk_max(const float* x, int64_t n) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  floats m = splat(neg_inf);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const floats v = load(x + i);
-    m = v > m ? v : m;
-  }
-  const floats tail = load_partial(x + i, n - i, neg_inf);
-  m = tail > m ? tail : m;
-  float result = m[0];
-  for (int j = 1; j < kLanes; ++j) result = m[j] > result ? m[j] : result;
-  return result;
-}
-
-double chunk_max(const double* x, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
 template <bool kUnscaled>
 ALIGNKERN_INLINE floats scaled_by(floats x, float inv_t) {
   if constexpr (kUnscaled) {

@@ -27,14 +27,12 @@
 #include "vector.h"
 
 namespace alignkern {
-namespace {
 
 using namespace vec;
 
-constexpr int64_t kChunk = 2048;
-
+// vector.h's chunk_max, defined once here (logit_stats.cpp calls it too).
 ALIGNKERN_MULTIVERSION
-float chunk_max(const float* x, int64_t n) {
+float vec::chunk_max(const float* x, int64_t n) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   floats m = splat(neg_inf);
   int64_t i = 0;
@@ -48,6 +46,17 @@ float chunk_max(const float* x, int64_t n) {
   for (int j = 1; j < kLanes; ++j) result = m[j] > result ? m[j] : result;
   return result;
 }
+
+double vec::chunk_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+namespace {
+
+
+constexpr int64_t kChunk = 2048;
 
 // sum_i exp(x_i * inv_t - shift), every term at most 1 (shift >= the chunk's max of x * inv_t)
 template <bool kUnscaled>
@@ -123,12 +132,6 @@ void chunk_scaled_softmax(const float* x, int64_t n, float inv_t, float shift, f
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
-
-double chunk_max(const double* x, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
 
 double chunk_sum_exp(const double* x, int64_t n, double inv_t, double shift) {
   double s = 0.0;

@@ -96,5 +96,10 @@ ALIGNKERN_INLINE floats shifted(floats x, float inv_t, float shift) {
   }
 }
 
+// The largest element of x[0, n): -inf when n = 0; a NaN may be skipped, so callers catch NaN in
+// their sums. Defined once, in token_logprobs.cpp.
+float chunk_max(const float* x, int64_t n);  // multiversioned where defined
+double chunk_max(const double* x, int64_t n);
+
 }  // namespace vec
 }  // namespace alignkern
