@@ -57,7 +57,7 @@ def _self_eval_prefix_case(model, tokenizer, device, n: int, length: int,
                            repeats: int) -> list[dict]:
     from ..loops import cost, naive
     from ..loops.judge import HARMLESS_TEMPLATE, harmlessness_evaluator
-    from .loops import _config, _mib, _responses, _row
+    from .loops import _config, _mib, _ratio, _responses, _row
 
     template = filler_text(tokenizer, length) + HARMLESS_TEMPLATE
     prompt = "Human: Can a cat fly without help?"
@@ -90,13 +90,9 @@ def _self_eval_prefix_case(model, tokenizer, device, n: int, length: int,
             peak_mib=_mib(m.peak_bytes),
             ratio=None if not mine or copy is None else copy.wall_s / ours.wall_s,
             memory_vs_one_at_a_time=None if not mine or one_at_a_time is None
-            else _over(ours.peak_bytes, one_at_a_time.peak_bytes),
+            else _ratio(ours.peak_bytes, one_at_a_time.peak_bytes),
             max_abs_diff=None if mine else float((m.value - ours.value).abs().max())))
     return rows
-
-
-def _over(a, b) -> float | None:
-    return None if not a or not b else a / b
 
 
 # ----------------------------------------------------------------------------- best-of-N
@@ -114,7 +110,7 @@ def _best_of_n_sampling_case(model, device, n: int, prompt_length: int, new_toke
                              repeats: int) -> list[dict]:
     from ..loops import _common, cost
     from ..loops.best_of_n import _sample
-    from .loops import _config, _mib, _row
+    from .loops import _config, _mib, _ratio, _row
 
     generator = torch.Generator().manual_seed(prompt_length)
     ids = torch.randint(3, model.config.vocab_size, (1, prompt_length), generator=generator)
@@ -137,7 +133,7 @@ def _best_of_n_sampling_case(model, device, n: int, prompt_length: int, new_toke
     return [
         _row("best_of_n_sampling", config, "alignkern (prompt shared)", device,
              ms=a.wall_s * 1e3, peak_mib=_mib(a.peak_bytes), ratio=b.wall_s / a.wall_s,
-             memory_ratio=_over(b.peak_bytes, a.peak_bytes), same_tokens=same),
+             memory_ratio=_ratio(b.peak_bytes, a.peak_bytes), same_tokens=same),
         _row("best_of_n_sampling", config, "generate(num_return_sequences)", device,
              ms=b.wall_s * 1e3, peak_mib=_mib(b.peak_bytes)),
     ]
